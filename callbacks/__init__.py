@@ -1,0 +1,1 @@
+"""Reusable Lightning callbacks for video RL (never imports p2r)."""

@@ -1,0 +1,60 @@
+"""Format rewards Rformat_P and Rformat_R (METHOD.md), each 0 or 1.
+
+METHOD.md says only "the perception text is inside <observation>...</observation>" and "a
+<think>...</think> trace is followed by <answer>...</answer>". How strict is our choice, made so
+that each process is judged on its own segment (``callbacks.segments``) and the template order
+observation -> think -> answer is the only one that scores on both:
+
+- perception: the completion opens (after whitespace) with ``<observation>``, holds exactly one
+  opening and one closing observation tag, in that order, with non-blank text between them and no
+  other tag inside;
+- reasoning: the reasoning segment (the completion with its perception blocks cut out) is exactly
+  ``<think>T</think> <answer>A</answer>``, only whitespace around and between, T and A non-blank
+  and tag-free, one think and one answer. Stray text before ``<think>`` or after ``</answer>`` is
+  reasoning text (METHOD.md) and breaks the reasoning format, as in Video-R1's fullmatch rule.
+
+Tags must be written in lower case here (the template's spelling), while the segment splitter
+and the answer parser accept any case: a ``<Think>`` costs the format reward, not the answer.
+"""
+
+from __future__ import annotations
+
+import re
+
+from callbacks.segments import reasoning_text
+
+_ANY_TAG = re.compile(r"</?(?:observation|think|answer)>", re.IGNORECASE)
+_OBSERVATION_OPEN = re.compile(r"<observation>", re.IGNORECASE)
+_OBSERVATION_CLOSE = re.compile(r"</observation>", re.IGNORECASE)
+_OBSERVATION = re.compile(r"\s*<observation>(.*?)</observation>", re.DOTALL)
+_REASONING = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
+
+
+def _clean(inner: str) -> bool:
+    return bool(inner.strip()) and not _ANY_TAG.search(inner)
+
+
+def perception_format(completion: str) -> float:
+    """1 when the completion opens with one well-formed, non-empty observation block, else 0.
+
+    >>> perception_format("<observation>A red ball.</observation><think>x</think><answer>A</answer>")
+    1.0
+    >>> perception_format("Sure. <observation>A red ball.</observation>")
+    0.0
+    """
+    if len(_OBSERVATION_OPEN.findall(completion)) != 1 or len(_OBSERVATION_CLOSE.findall(completion)) != 1:
+        return 0.0
+    match = _OBSERVATION.match(completion)
+    return 1.0 if match and _clean(match.group(1)) else 0.0
+
+
+def reasoning_format(completion: str) -> float:
+    """1 when the reasoning segment is exactly one think block followed by one answer block, else 0.
+
+    >>> reasoning_format("<observation>o</observation>\\n<think>t</think>\\n<answer>B</answer>")
+    1.0
+    >>> reasoning_format("<think>t</think><answer>B</answer> Hope this helps!")
+    0.0
+    """
+    match = _REASONING.fullmatch(reasoning_text(completion))
+    return 1.0 if match and _clean(match.group(1)) and _clean(match.group(2)) else 0.0

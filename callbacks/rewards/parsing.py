@@ -1,0 +1,273 @@
+"""Parse a model's answer text: the ``<answer>`` block, an option letter, a number.
+
+Every function here accepts any string and never raises; a text it cannot read gives ``None``
+(or, for :func:`extract_answer`, the text itself), which the accuracy rewards score as wrong.
+Tags are matched case-insensitively, like ``p2r.data.records.extract_answer``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
+
+
+def extract_tag(text: str, tag: str) -> str | None:
+    """Inner text of the LAST complete ``<tag>...</tag>`` block, stripped; ``None`` if there is none.
+
+    >>> extract_tag("<think> a </think><think> b </think>", "think")
+    'b'
+    """
+    blocks = re.findall(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", text, re.DOTALL | re.IGNORECASE)
+    return blocks[-1].strip() if blocks else None
+
+
+def extract_answer(text: str) -> str:
+    """The text inside the LAST ``<answer>...</answer>``, stripped; else the whole text stripped.
+
+    One addition to that rule: when the completion was cut inside its final answer
+    (``<answer>B`` with no closing tag), the text after the last ``<answer>`` is taken, because the
+    whole text would hand the observation and the reasoning to the answer parsers.
+
+    >>> extract_answer("<think>3 red, 2 blue</think> <answer> 5 </answer>")
+    '5'
+    >>> extract_answer("B")
+    'B'
+    >>> extract_answer("<think>so</think><answer>C")
+    'C'
+    """
+    blocks = _ANSWER_BLOCK.findall(text)
+    if blocks:
+        return blocks[-1].strip()
+    opens = list(_ANSWER_OPEN.finditer(text))
+    if opens:
+        return text[opens[-1].end():].strip()
+    return text.strip()
+
+
+# --- option letters ----------------------------------------------------------------------------
+# A letter alone, possibly wrapped: "B", "(b)", "[C]", "**D**", "B.", "b)".
+_ALONE = re.compile(r"^[\s(\[{*_\"'`]*([A-Za-z])[\s)\]}*_\"'`.:;,!]*$")
+# A leading letter with a separator, then text: "B. text", "B: text", "B) text", "(B) text".
+_LEADING = re.compile(r"^[\s*_]*(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])[.:)])(?=\s|$|\*)")
+# "answer is B", "answer: b", "answer would be (C)", "answer is option D".
+_ANSWER_PHRASE = re.compile(
+    r"\banswer\b[\s*_]*(?:is|would be|should be|must be|will be|=|:|-)?[\s*_]*(?:option|choice|letter)?"
+    r"[\s*_]*(\(|\[)?([A-Za-z])(?(1)[)\]])(?![A-Za-z0-9'])",
+    re.IGNORECASE,
+)
+# "Option C", "choice (b)", "option: D".
+_OPTION_PHRASE = re.compile(
+    r"\b(?:option|choice)\b[\s*_]*:?[\s*_]*(\(|\[)?([A-Za-z])(?(1)[)\]])(?![A-Za-z0-9'])",
+    re.IGNORECASE,
+)
+# A capital letter standing alone as a word ("B is correct"); not "I'm", "A's", "U.S.".
+_STANDALONE = re.compile(r"(?<![A-Za-z0-9'])([A-Z])(?![A-Za-z0-9'])(?!\.[A-Za-z])")
+_WORD_AFTER = re.compile(r"\s+[a-z]")
+
+
+def _allowed(num_options: int | None) -> str:
+    if num_options is None or num_options <= 0:
+        return OPTION_LETTERS
+    return OPTION_LETTERS[: min(num_options, len(OPTION_LETTERS))]
+
+
+def _plain_letter_ok(text: str, match: re.Match, group: int, bracketed: bool) -> bool:
+    """A lower-case letter counts only when it cannot be a word: wrapped in brackets, or followed
+    by nothing / punctuation ("answer: b", "answer is b."), never by another word ("answer is a car")."""
+    letter = match.group(group)
+    if letter.isupper() or bracketed:
+        return True
+    rest = text[match.end(group):]
+    return not _WORD_AFTER.match(rest)
+
+
+def _normalise_option_text(text: str) -> str:
+    words = re.findall(r"\w+", text.lower())
+    if words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return " ".join(words)
+
+
+def _match_option_text(text: str, options: list[str], allowed: str) -> str | None:
+    """The letter whose option text equals the answer text (case, punctuation, a leading article
+    and an existing "A." prefix ignored), when exactly one option matches."""
+    target = _normalise_option_text(text)
+    if not target:
+        return None
+    hits = []
+    for letter, option in zip(allowed, options):
+        body = re.sub(r"^\s*[(\[]?[A-Za-z][.):\]]\s+", "", option)
+        if _normalise_option_text(body) == target or _normalise_option_text(option) == target:
+            hits.append(letter)
+    return hits[0] if len(hits) == 1 else None
+
+
+def parse_option_letter(text: str, num_options: int | None = None, options: list[str] | None = None) -> str | None:
+    """The option letter a model's answer names, upper-case; ``None`` when it names none or is ambiguous.
+
+    Tiers, first hit wins (letters beyond ``num_options`` never count):
+
+    1. the whole text is one letter, maybe wrapped: ``"B"``, ``"b"``, ``"(B)"``, ``"**C**"``, ``"B."``;
+    2. the text opens with a letter and a separator: ``"B. red"``, ``"B: red"``, ``"B) red"``, ``"(B) red"``;
+    3. an answer phrase: ``"The answer is B"``, ``"answer: b"``, ``"answer is option (C)"``; the LAST
+       one wins, since a model that corrects itself ends with its final choice;
+    4. an option phrase: ``"Option C"``, ``"choice (d)"``; all of them must name the same letter;
+    5. the answer text equals exactly one option's text (needs ``options``): ``"red circle"``;
+    6. capital letters standing alone as words (``"I think B fits"``); all must agree, so listing
+       every letter (``"A B C D"``) gets ``None`` rather than a lucky hit;
+    7. last resort: a text opening with the article-like ``"A "`` (``"A red circle moves"``) gives ``A``.
+
+    In tiers 3-4 a lower-case letter counts only when it cannot be a word (``"answer: b"``, not
+    ``"the answer is a car"``). In tier 6 the capitals ``A`` and ``I`` followed by a lower-case word
+    are read as the article and the pronoun and skipped, which is why ``"A red circle moves"``
+    reaches tier 7 only when nothing else in the text names an option.
+
+    >>> parse_option_letter("(B) The ball")
+    'B'
+    >>> parse_option_letter("The answer is c.")
+    'C'
+    >>> parse_option_letter("A red circle moves left, so the answer is D")
+    'D'
+    >>> parse_option_letter("E", num_options=4) is None
+    True
+    """
+    text = text.strip()
+    if not text:
+        return None
+    allowed = _allowed(num_options)
+
+    match = _ALONE.match(text)
+    if match:
+        letter = match.group(1).upper()
+        return letter if letter in allowed else None
+
+    match = _LEADING.match(text)
+    if match:
+        letter = next(g for g in match.groups() if g).upper()
+        if letter in allowed:
+            return letter
+
+    found = [
+        m.group(2).upper() for m in _ANSWER_PHRASE.finditer(text)
+        if _plain_letter_ok(text, m, 2, m.group(1) is not None) and m.group(2).upper() in allowed
+    ]
+    if found:
+        return found[-1]
+
+    found = [
+        m.group(2).upper() for m in _OPTION_PHRASE.finditer(text)
+        if _plain_letter_ok(text, m, 2, m.group(1) is not None) and m.group(2).upper() in allowed
+    ]
+    if found:
+        return found[0] if len(set(found)) == 1 else None
+
+    if options:
+        letter = _match_option_text(text, options, allowed)
+        if letter:
+            return letter
+
+    found = []
+    for m in _STANDALONE.finditer(text):
+        letter = m.group(1)
+        if letter in "AI" and _WORD_AFTER.match(text[m.end():]):
+            continue
+        if letter in allowed:
+            found.append(letter)
+    if found:
+        return found[0] if len(set(found)) == 1 else None
+
+    if text.startswith("A ") and "A" in allowed:
+        return "A"
+    return None
+
+
+# --- numbers -----------------------------------------------------------------------------------
+_DIGITS = re.compile(
+    r"(?:(?<![\w)\]])(?P<sign>[-+\u2212]))?(?<![\d.,])"
+    r"(?:(?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?P<frac>\.\d*)?|(?P<bare>\.\d+))"
+    r"(?P<exp>[eE][-+]?\d+)?"
+)
+_UNITS = {
+    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+    "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14,
+    "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19,
+}
+_TENS = {
+    "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50,
+    "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90,
+}
+_WORD = r"\b(?:%s)\b" % "|".join((*_UNITS, *_TENS, "hundred"))
+# A run of number words joined by spaces, hyphens or "and": "two hundred and five", "twenty-one".
+_WORD_RUN = re.compile(rf"{_WORD}(?:(?:\s+and\s+|\s+|-){_WORD})*", re.IGNORECASE)
+
+
+def _words_value(run: str) -> float:
+    """Value of the longest prefix of a run of number words that reads as one number.
+
+    "two hundred and five" -> 205, "twenty-one" -> 21, "one two" -> 1 (two numbers: the first).
+    """
+    hundreds, part, state = 0, 0, "start"
+    for word in re.split(r"[\s-]+", run.lower()):
+        if word == "and":
+            continue
+        if word == "hundred":
+            if state == "start":
+                hundreds, state = 100, "hundred"
+            elif state in ("unit", "tens") and hundreds == 0:
+                hundreds, part, state = part * 100, 0, "hundred"
+            else:
+                break
+        elif word in _TENS:
+            if state not in ("start", "hundred"):
+                break
+            part, state = part + _TENS[word], "tens"
+        else:
+            value = _UNITS[word]
+            if state in ("start", "hundred"):
+                part, state = part + value, "unit"
+            elif state == "tens" and 1 <= value <= 9:
+                part, state = part + value, "unit"
+            else:
+                break
+    return float(hundreds + part)
+
+
+def _digits_value(match: re.Match) -> float | None:
+    integer = (match.group("int") or "0").replace(",", "")
+    frac = match.group("frac") or match.group("bare") or ""
+    text = integer + (frac if frac != "." else "") + (match.group("exp") or "")
+    value = float(text)
+    if match.group("sign") in ("-", "\u2212"):
+        value = -value
+    return value if math.isfinite(value) else None
+
+
+def parse_number(text: str) -> float | None:
+    """The first number in ``text``: digits or number words, whichever comes first; ``None`` if none.
+
+    Reads signs ("-3", "\u22123"), decimals ("2.5", ".5", "3."), thousands commas ("1,234"; a comma
+    not followed by exactly three digits ends the number, so "3,4" reads 3), exponents ("1e3")
+    and number words from zero to the hundreds ("twenty-one", "two hundred and five"; "a hundred"
+    reads 100 from "hundred"). Fractions ("3/4") read as their numerator: they are rare in Video-R1
+    answers and "12/05" is as likely a date. A sign counts only when it does not follow a word
+    or a bracket ("frames 3-4" reads 3, not -4). Non-finite values ("1e999") give ``None``.
+
+    >>> parse_number("About 1,250.5 metres")
+    1250.5
+    >>> parse_number("There are twenty-one cars, not 20")
+    21.0
+    >>> parse_number("none") is None
+    True
+    """
+    digit_match = _DIGITS.search(text)
+    word_match = _WORD_RUN.search(text)
+    if word_match and (digit_match is None or word_match.start() < digit_match.start()):
+        return _words_value(word_match.group(0))
+    if digit_match:
+        return _digits_value(digit_match)
+    return None

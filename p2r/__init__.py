@@ -1,0 +1,1 @@
+"""p2r: process-aware video reasoning training (VideoP2R)."""

@@ -1,0 +1,331 @@
+"""The video LVLM behind one small interface: every Hugging Face specific lives in this package.
+
+A backbone owns a model and its processor. It is constructed cheaply (the processor only); the
+weights are built by :meth:`VideoBackbone.build`, which the LightningModules call from
+``configure_model`` so that sharded strategies can build each rank's part. Subclasses say how to
+make the processor and the model (:class:`p2r.backbones.hf.HFBackbone` from a hub id or folder,
+:mod:`p2r.backbones.tiny` from a config with an in-process tokenizer).
+
+Options applied on top of any model: dtype, attention implementation, gradient checkpointing,
+a frozen vision tower, LoRA adapters (peft) and 4/8-bit loading (bitsandbytes), and
+``weights_from``, a Lightning checkpoint of an earlier stage (e.g. the SFT run that PA-GRPO starts
+from) whose ``backbone.*`` weights are loaded after building.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from p2r.data.video import Clip
+
+IGNORE_INDEX = -100
+# Processor outputs that are per-token (padded to the batch length) vs. per-visual (concatenated).
+_SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+_VISUAL_NAMES = ("visual", "vision_tower", "vision_model")
+
+
+@dataclass
+class LoraOptions:
+    """LoRA adapters on the language model (peft); the vision tower never gets adapters."""
+
+    r: int = 16
+    """Rank of the adapters."""
+    alpha: int = 32
+    """Scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the language-model linear layers that get adapters."""
+
+
+class VideoBackbone(nn.Module):
+    """A video LVLM (model + processor) with the options every p2r job shares."""
+
+    def __init__(
+        self,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
+        freeze_vision: bool = False,
+        lora: LoraOptions | None = None,
+        quantization: Literal["4bit", "8bit"] | None = None,
+        weights_from: str | None = None,
+    ) -> None:
+        """
+        Args:
+            dtype: Parameter dtype of the model (use bfloat16 on GPUs; mixed precision is the Trainer's).
+            attn_implementation: "sdpa", "eager" or "flash_attention_2".
+            gradient_checkpointing: Recompute activations in the backward pass to save memory.
+            freeze_vision: Keep the vision tower's weights fixed.
+            lora: Train LoRA adapters instead of the full language model (None: full fine-tuning).
+            quantization: Load the base weights in 4-bit NF4 (QLoRA) or 8-bit via bitsandbytes.
+            weights_from: A Lightning checkpoint whose ``backbone.*`` weights are loaded after building.
+        """
+        super().__init__()
+        self.dtype_name = dtype
+        self.attn_implementation = attn_implementation
+        self.gradient_checkpointing = gradient_checkpointing
+        self.freeze_vision = freeze_vision
+        self.lora = lora
+        self.quantization = quantization
+        self.weights_from = weights_from
+        self.model: nn.Module | None = None
+        self.processor = self._make_processor()
+
+    # --- what subclasses provide -------------------------------------------------------------
+    def _make_processor(self) -> Any:
+        raise NotImplementedError
+
+    def _make_model(self, torch_dtype: torch.dtype, quantization_config: Any) -> nn.Module:
+        raise NotImplementedError
+
+    # --- building ----------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype_name)
+
+    @property
+    def is_built(self) -> bool:
+        return self.model is not None
+
+    def build(self) -> None:
+        """Create the weights and apply the options; a second call does nothing."""
+        if self.is_built:
+            return
+        model = self._make_model(self.torch_dtype, self._quantization_config())
+        if self.freeze_vision:
+            for p in self.vision_tower(model).parameters():
+                p.requires_grad_(False)
+        if self.quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
+        elif self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.lora is not None:
+            model = self._add_lora(model)
+        self.model = model
+        if self.weights_from:
+            self.load_lightning_weights(self.weights_from)
+
+    def _quantization_config(self) -> Any:
+        if self.quantization is None:
+            return None
+        from transformers import BitsAndBytesConfig
+
+        if self.quantization == "4bit":
+            return BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=self.torch_dtype,
+                llm_int8_skip_modules=list(_VISUAL_NAMES) + ["lm_head"],
+            )
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(_VISUAL_NAMES) + ["lm_head"])
+
+    def _add_lora(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=self.lora.r,
+            lora_alpha=self.lora.alpha,
+            lora_dropout=self.lora.dropout,
+            target_modules=self.lora.target_modules,
+            exclude_modules=r".*(" + "|".join(_VISUAL_NAMES) + r").*",
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, cfg)
+
+    @staticmethod
+    def vision_tower(model: nn.Module) -> nn.Module:
+        """The vision encoder submodule, found by the names Hugging Face VLMs use."""
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in _VISUAL_NAMES:
+                return module
+        raise AttributeError(f"{type(model).__name__} has no vision tower named one of {_VISUAL_NAMES}")
+
+    def load_lightning_weights(self, path: str) -> None:
+        """Load the ``backbone.*`` weights of a Lightning checkpoint written by a p2r run."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"weights_from: no checkpoint file at {path!r} (pass the .ckpt an earlier p2r fit wrote)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k[len("backbone.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("backbone.")}
+        if not state:
+            raise ValueError(f"weights_from: {path!r} holds no 'backbone.*' weights (is it a p2r checkpoint?)")
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"weights_from: {path!r} does not match this backbone: {len(missing)} missing keys "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
+                "was it trained with the same backbone config (size, LoRA)?"
+            )
+
+    # --- the interface the modules use ---------------------------------------------------------
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Token ids that end a completion: the chat turn end and the tokenizer's eos."""
+        ids = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        unk = self.tokenizer.unk_token_id
+        return sorted(i for i in ids if i is not None and i != unk)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.eos_token_ids[0]
+
+    def render_prompt(self, user_text: str, data_type: str) -> str:
+        """The chat-formatted prompt (with the media placeholder) that generation continues."""
+        content = [{"type": "image" if data_type == "image" else "video"}, {"type": "text", "text": user_text}]
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+
+    def process_one(self, prompt: str, clip: Clip) -> dict[str, torch.Tensor]:
+        """Processor outputs for one rendered prompt and its clip (batch dimension 1)."""
+        if clip.is_image:
+            out = self.processor(text=[prompt], images=[clip.frames[0]], return_tensors="pt")
+        else:
+            from transformers.video_utils import VideoMetadata
+
+            meta = VideoMetadata(
+                total_num_frames=clip.total_frames,
+                fps=clip.fps,
+                frames_indices=clip.frame_indices,
+                height=clip.frames.shape[1],
+                width=clip.frames.shape[2],
+            )
+            out = self.processor(
+                text=[prompt], videos=[clip.frames], video_metadata=[meta], do_sample_frames=False, return_tensors="pt"
+            )
+        return dict(out)
+
+    def encode(self, prompts: list[str], clips: list[Clip], targets: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Batch model inputs for rendered prompts (+ optional target completions), right-padded.
+
+        With ``targets`` the target text and an end-of-turn token follow each prompt and
+        ``labels`` hold them; every prompt and vision position is IGNORE_INDEX, so the loss is on
+        the assistant's answer only (Video-R1 trained on the prompt too). Targets are tokenized on
+        their own, exactly as generation would produce them after the prompt.
+        """
+        items = [self.process_one(p, c) for p, c in zip(prompts, clips)]
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        seqs, labels = [], []
+        for i, item in enumerate(items):
+            ids = item["input_ids"][0]
+            lab = torch.full_like(ids, IGNORE_INDEX)
+            if targets is not None:
+                tgt = torch.tensor(self.tokenizer(targets[i], add_special_tokens=False)["input_ids"] + [end])
+                ids, lab = torch.cat([ids, tgt]), torch.cat([lab, tgt])
+            seqs.append(ids)
+            labels.append(lab)
+        batch = collate_processor_outputs(items, seqs, self.pad_token_id)
+        if targets is not None:
+            batch["labels"] = pad_right(labels, IGNORE_INDEX)
+        return batch
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        clips: list[Clip],
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[list[int]]:
+        """Completions (token ids, up to and including the end-of-turn token) for a batch of prompts.
+
+        Prompts are left-padded so that every completion starts right after its own prompt.
+        """
+        batch = self.encode(prompts, clips)
+        batch = move_to(left_align(batch), self.model.device, self.model.dtype)
+        kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        out = self.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            **kwargs,
+        )
+        new = out[:, batch["input_ids"].shape[1] :].tolist()
+        return [trim_completion(ids, self.eos_token_ids, self.pad_token_id) for ids in new]
+
+    def forward(self, **inputs: Any) -> torch.Tensor:
+        """Logits (B, L, V) for a batch from :meth:`encode`."""
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        return self.model(**inputs, use_cache=False).logits
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Within this context the model is the base model (LoRA off): the free reference policy."""
+        if self.lora is None:
+            raise RuntimeError("adapters_disabled() needs LoRA; without LoRA the reference is a frozen copy")
+        with self.model.disable_adapter():
+            yield
+
+    def fsdp_block_classes(self) -> set[type[nn.Module]]:
+        """Module classes to shard one by one: decoder layers and vision blocks."""
+        names = ("DecoderLayer", "VisionBlock", "Block", "EncoderLayer")
+        return {type(m) for m in self.model.modules() if type(m).__name__.endswith(names) and m is not self.model}
+
+
+def trim_completion(ids: list[int], eos_ids: list[int], pad_id: int) -> list[int]:
+    """Cut generated ids after the first end token (kept); drop trailing padding."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[: i + 1]
+    while ids and ids[-1] == pad_id:
+        ids = ids[:-1]
+    return ids
+
+
+def left_align(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move each row's padding from the right to the left (per-token tensors only)."""
+    lengths = batch["attention_mask"].sum(1)
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
+        if key in batch:
+            rows = [torch.roll(row, int(row.shape[0] - n)) for row, n in zip(batch[key], lengths)]
+            out[key] = torch.stack(rows)
+    return out
+
+
+def move_to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Move a batch to the model's device; pixel tensors take the model's dtype."""
+    return {k: v.to(device, dtype=dtype if k.startswith("pixel_values") else None) for k, v in batch.items()}
+
+
+def pad_right(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
+    """Stack 1-D tensors of different lengths into (B, L_max), padding on the right."""
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=seqs[0].dtype)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out
+
+
+def collate_processor_outputs(items: list[dict], seqs: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """Merge per-sample processor outputs: token tensors padded, visual tensors concatenated."""
+    batch: dict[str, torch.Tensor] = {"input_ids": pad_right(seqs, pad_id)}
+    batch["attention_mask"] = pad_right([torch.ones_like(s) for s in seqs], 0)
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in items[0]:
+            # Appended target tokens are text (type 0): pad the prompt's types to the sequence length.
+            per = [torch.cat([it[key][0], torch.zeros(len(s) - it[key].shape[1], dtype=it[key].dtype)]) for it, s in zip(items, seqs)]
+            batch[key] = pad_right(per, 0)
+    visual_keys = {k for it in items for k in it} - set(_SEQUENCE_KEYS)
+    for key in sorted(visual_keys):
+        parts = [torch.as_tensor(it[key]) for it in items if key in it]
+        batch[key] = torch.cat(parts, dim=0)
+    return batch

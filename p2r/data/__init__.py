@@ -1,0 +1,1 @@
+"""Data: record schema, video decoding, prompts, shards and the WebDataset DataModule."""

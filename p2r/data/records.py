@@ -1,0 +1,144 @@
+"""The record schema shared by every p2r data path, and its validation.
+
+A record is one question about one video (or image) in the Video-R1 / VideoP2R layout
+(METHOD.md, "Data records"). The RL file stores every value as a string, ``options`` included
+(a stringified Python/JSON list); :func:`parse_record` accepts both that and the native layout.
+
+p2r adds two optional fields: ``id`` (made from the position in the source file when absent) and
+``facts``, the structured ground truth of a synthetic record. ``facts["evidence"]`` is a list of
+groups of phrases: an observation is sufficient to deduce the answer when, for every group, it
+mentions at least one phrase of that group (the rule-based perception judge uses exactly this).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
+DATA_TYPES = ("video", "image")
+REQUIRED_FIELDS = ("problem", "problem_type", "data_type", "path", "solution")
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; the message says which record and what is wrong."""
+
+
+@dataclass
+class VideoRecord:
+    """One question about one video or image, validated."""
+
+    id: str
+    problem: str
+    problem_type: str
+    data_type: str
+    path: str
+    solution: str
+    options: list[str] = field(default_factory=list)
+    observation: str = ""
+    process: str = ""
+    output: str = ""
+    data_source: str = ""
+    facts: dict[str, Any] | None = None
+
+    @property
+    def answer(self) -> str:
+        """The ground-truth answer: the text inside ``<answer>`` of ``solution``, else all of it."""
+        return extract_answer(self.solution)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if out["facts"] is None:
+            del out["facts"]
+        return out
+
+
+def extract_answer(text: str) -> str:
+    """The text of the last ``<answer>...</answer>`` in ``text``, stripped; the whole text if none."""
+    found = _ANSWER_RE.findall(text)
+    return (found[-1] if found else text).strip()
+
+
+def _parse_options(value: Any, where: str) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        # The RL file stores a stringified list: JSON first, then a Python literal (single quotes).
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError) as err:
+                raise RecordError(f"{where}: 'options' is a string that is not a list: {value[:80]!r}") from err
+    if not isinstance(value, (list, tuple)) or not all(isinstance(o, (str, int, float)) for o in value):
+        raise RecordError(f"{where}: 'options' must be a list of strings, got {type(value).__name__}")
+    return [str(o) for o in value]
+
+
+def parse_record(raw: Any, where: str = "record", default_id: str | None = None) -> VideoRecord:
+    """Validate one raw record (a dict from JSON) and return it typed.
+
+    ``where`` names the record in error messages (e.g. ``"train.json[17]"``). Raises
+    :class:`RecordError` naming the missing or bad field; never returns a half-valid record.
+    """
+    if not isinstance(raw, dict):
+        raise RecordError(f"{where}: a record must be a JSON object, got {type(raw).__name__}")
+    missing = [k for k in REQUIRED_FIELDS if raw.get(k) in (None, "")]
+    if missing:
+        raise RecordError(f"{where}: missing field(s) {', '.join(missing)}")
+    problem_type = str(raw["problem_type"]).strip()
+    canonical = {p.lower(): p for p in PROBLEM_TYPES}
+    if problem_type.lower() not in canonical:
+        raise RecordError(f"{where}: unknown problem_type {problem_type!r} (expected one of {', '.join(PROBLEM_TYPES)})")
+    data_type = str(raw["data_type"]).strip().lower()
+    if data_type not in DATA_TYPES:
+        raise RecordError(f"{where}: unknown data_type {data_type!r} (expected video or image)")
+    options = _parse_options(raw.get("options"), where)
+    problem_type = canonical[problem_type.lower()]
+    if problem_type == "multiple choice" and not options:
+        raise RecordError(f"{where}: a multiple choice record needs a non-empty 'options' list")
+    facts = raw.get("facts")
+    if isinstance(facts, str) and facts:
+        facts = json.loads(facts)
+    if facts is not None and not isinstance(facts, dict):
+        raise RecordError(f"{where}: 'facts' must be an object")
+    rec_id = raw.get("id", raw.get("problem_id"))
+    rec_id = str(rec_id) if rec_id not in (None, "") else (default_id or where)
+    return VideoRecord(
+        id=rec_id,
+        problem=str(raw["problem"]),
+        problem_type=problem_type,
+        data_type=data_type,
+        path=str(raw["path"]),
+        solution=str(raw["solution"]),
+        options=options,
+        observation=str(raw.get("observation") or ""),
+        process=str(raw.get("process") or ""),
+        output=str(raw.get("output") or ""),
+        data_source=str(raw.get("data_source") or ""),
+        facts=facts or None,
+    )
+
+
+def target_text(record: VideoRecord) -> str:
+    """The SFT target in the process-aware template: observation, think, answer (METHOD.md).
+
+    Uses ``output`` when it already holds the full tagged trace, else assembles it from
+    ``observation``, ``process`` and the answer. Raises when the record has no CoT to learn from.
+    """
+    if "<observation>" in record.output and "<answer>" in record.output:
+        return record.output.strip()
+    if not record.observation or not record.process:
+        raise RecordError(f"record {record.id}: no 'output' trace and no 'observation'+'process' to build the SFT target")
+    obs = record.observation.strip()
+    if not obs.startswith("<observation>"):
+        obs = f"<observation>{obs}</observation>"
+    think = record.process.strip()
+    if not think.startswith("<think>"):
+        think = f"<think>{think}</think>"
+    return f"{obs}\n{think}\n<answer>{record.answer}</answer>"

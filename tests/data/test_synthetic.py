@@ -1,0 +1,222 @@
+"""The synthetic data set: reproducible, answerable only by looking, and its videos show its facts."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import decord
+import numpy as np
+import pytest
+import webdataset as wds
+
+from p2r.data.records import parse_record, target_text
+from p2r.data.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    OCR_WORDS,
+    QUADRANTS,
+    TASKS,
+    VideoSpec,
+    evidence_satisfied,
+    generate_split,
+    make_synthetic,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SIZES = {"n_train": 40, "n_val": 8, "n_test": 8}
+SPEC = VideoSpec()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(out, **SIZES, seed=3, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def large_split():
+    """Records only (no video): enough of every task to check balance and evidence."""
+    return [record for record, _ in generate_split("train", 600, seed=1, spec=SPEC)]
+
+
+def load(out: Path, split: str) -> list[dict]:
+    return json.loads((out / f"{split}.json").read_text(encoding="utf-8"))
+
+
+def all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_files_other_seed_does_not(dataset, tmp_path):
+    make_synthetic(tmp_path / "again", **SIZES, seed=3, progress=False)
+    assert all_files(tmp_path / "again") == all_files(dataset)
+    make_synthetic(tmp_path / "other", **SIZES, seed=4, progress=False)
+    assert load(tmp_path / "other", "train") != load(dataset, "train")
+
+
+def test_layout_and_records_parse(dataset):
+    for split, n in zip(("train", "val", "test"), SIZES.values()):
+        raw = load(dataset, split)
+        assert len(raw) == n
+        for i, row in enumerate(raw):
+            rec = parse_record(row, where=f"{split}[{i}]")
+            assert (dataset / rec.path).stat().st_size > 0
+            assert rec.path == f"videos/{rec.id}.mp4"
+            assert rec.data_source == "synthetic"
+            assert rec.solution == f"<answer>{rec.answer}</answer>"
+            assert target_text(rec) == rec.output
+            assert rec.output == f"{rec.observation}\n{rec.process}\n<answer>{rec.answer}</answer>"
+    ids = [r["id"] for s in ("train", "val", "test") for r in load(dataset, s)]
+    assert len(set(ids)) == len(ids)
+
+
+def test_shards_hold_every_record_with_its_video(dataset):
+    for split in ("train", "val", "test"):
+        by_id = {r["id"]: r for r in load(dataset, split)}
+        samples = list(wds.WebDataset(str(dataset / "shards" / f"{split}-000000.tar"), shardshuffle=False))
+        assert [json.loads(s["json"])["id"] for s in samples] == list(by_id)
+        for s in samples:
+            meta = json.loads(s["json"])
+            assert meta == by_id[meta["id"]]
+            assert s["mp4"] == (dataset / meta["path"]).read_bytes()
+
+
+def segment_words(text: str, tag: str) -> int:
+    return len(text.removeprefix(f"<{tag}>").removesuffix(f"</{tag}>").split())
+
+
+def test_reference_traces_are_short_and_sufficient(large_split):
+    for rec in large_split:
+        assert evidence_satisfied(rec.observation, rec.facts["evidence"]), rec.id
+        assert 12 <= segment_words(rec.observation, "observation") <= 60, rec.observation
+        assert 12 <= segment_words(rec.process, "think") <= 60, rec.process
+
+
+def test_observation_of_a_different_answer_is_not_sufficient(large_split):
+    """Evidence must pin the answer: the reference observation of any clip of the same task with
+    another answer omits the key fact, so it must fail this clip's evidence."""
+    by_task = defaultdict(list)
+    for rec in large_split:
+        by_task[rec.facts["task"]].append(rec)
+    checked = 0
+    for recs in by_task.values():
+        for rec in recs:
+            others = [o for o in recs if o.facts["answer_text"] != rec.facts["answer_text"]][:25]
+            for other in others:
+                assert not evidence_satisfied(other.observation, rec.facts["evidence"]), (rec.id, other.id)
+                checked += 1
+    assert checked > 5000
+
+
+def test_evidence_needs_the_event_not_just_the_scene(large_split):
+    first = {rec.facts["task"]: rec for rec in reversed(large_split)}
+    motion, count, change = first["motion_direction"], first["count"], first["colour_change"]
+    shape = motion.facts["shapes"][0]
+    assert not evidence_satisfied(f"A {shape['colour']} {shape['shape']} is on a plain background.", motion.facts["evidence"])
+    names = ", ".join(f"a {s['colour']} {s['shape']}" for s in count.facts["shapes"])
+    assert not evidence_satisfied(f"Shapes appear one after another: {names}.", count.facts["evidence"])
+    n = count.facts["count"]
+    assert evidence_satisfied(f"I SEE {n} SHAPES.", count.facts["evidence"])
+    before = change.facts["shapes"][0]["colour"]
+    assert not evidence_satisfied(f"The shape is {before} at first.", change.facts["evidence"])
+
+
+def test_ocr_words_appear_only_in_their_own_clips(large_split):
+    for rec in large_split:
+        if rec.facts["task"] != "ocr":
+            text = f"{rec.problem} {rec.observation} {rec.process} {' '.join(rec.options)}".lower()
+            assert not any(word.lower() in text for word in OCR_WORDS), rec.id
+
+
+def test_answers_are_balanced_and_not_in_the_question(large_split):
+    letters, values = defaultdict(Counter), defaultdict(Counter)
+    for rec in large_split:
+        task = rec.facts["task"]
+        assert rec.facts["answer_text"].lower() not in rec.problem.lower(), rec.id
+        if rec.problem_type == "multiple choice":
+            assert len(rec.options) == 4
+            assert rec.options["ABCD".index(rec.answer)] == f"{rec.answer}. {rec.facts['answer_text']}"
+            letters[task][rec.answer] += 1
+        else:
+            values[task][rec.answer] += 1
+    assert set(letters) == {"motion_direction", "colour_change", "first_appearance", "disappearance"}
+    for counts in letters.values():
+        assert set(counts) == set("ABCD") and max(counts.values()) - min(counts.values()) <= 1
+    for task in ("count", "distance", "ocr"):
+        assert max(values[task].values()) - min(values[task].values()) <= 1
+    assert set(values["count"]) == {"1", "2", "3", "4"}
+
+
+def test_mix_is_mostly_multiple_choice_and_counting(large_split):
+    kinds = Counter(rec.problem_type for rec in large_split)
+    assert set(kinds) == {"multiple choice", "numerical", "OCR", "free-form", "regression"}
+    assert (kinds["multiple choice"] + kinds["numerical"]) / len(large_split) >= 0.7
+    assert Counter(rec.facts["task"] for rec in large_split).keys() == TASKS.keys()
+
+
+def foreground(frame: np.ndarray, background: str) -> np.ndarray:
+    """Mask of pixels that clearly differ from the plain background (codec noise ignored)."""
+    return np.abs(frame.astype(int) - np.array(BACKGROUNDS[background])).sum(-1) > 90
+
+
+def centroid(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()])
+
+
+def decode(dataset: Path, rec: dict) -> np.ndarray:
+    reader = decord.VideoReader(str(dataset / rec["path"]))
+    assert len(reader) == SPEC.frames
+    frames = reader.get_batch(list(range(len(reader)))).asnumpy()
+    assert frames.shape == (SPEC.frames, SPEC.size, SPEC.size, 3)
+    return frames
+
+
+def test_every_video_decodes_to_the_expected_frames(dataset):
+    for split in ("train", "val", "test"):
+        for rec in load(dataset, split):
+            decode(dataset, rec)
+
+
+def test_videos_show_their_facts(dataset):
+    records = load(dataset, "train") + load(dataset, "val") + load(dataset, "test")
+    seen = Counter()
+    for rec in records:
+        facts, task = rec["facts"], rec["facts"]["task"]
+        frames = decode(dataset, rec)
+        first, last = foreground(frames[0], facts["background"]), foreground(frames[-1], facts["background"])
+        if task in ("motion_direction", "description"):
+            step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[facts["direction"]]
+            moved = centroid(last) - centroid(first)
+            assert moved @ np.array(step) > 0.5 * SPEC.size, (rec["id"], moved)
+        elif task == "count":
+            occupied = sum(
+                last[int(fy * SPEC.size) - 4 : int(fy * SPEC.size) + 4, int(fx * SPEC.size) - 4 : int(fx * SPEC.size) + 4].any()
+                for fx, fy in QUADRANTS.values()
+            )
+            assert occupied == facts["count"] and not first.all()
+        elif task == "colour_change":
+            shape = facts["shapes"][0]
+            cx, cy = (int(v) for v in shape["start"])
+            for frame, name in ((frames[0], shape["colour"]), (frames[-1], shape["colour_after"])):
+                patch = frame[cy - 2 : cy + 3, cx - 2 : cx + 3].reshape(-1, 3).mean(0)
+                nearest = min(COLOURS, key=lambda c: np.abs(patch - COLOURS[c]).sum())
+                assert nearest == name, (rec["id"], patch)
+        else:
+            continue
+        seen[task] += 1
+    assert set(seen) >= {"motion_direction", "count", "colour_change"}
+
+
+def test_cli_writes_dataset_and_reports_time(tmp_path, capsys):
+    tool = runpy.run_path(str(REPO / "tools" / "make_synthetic.py"), run_name="make_synthetic")
+    assert tool["main"](["--out", str(tmp_path), "--train", "6", "--val", "2", "--test", "0", "--seed", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "made 8 clips in" in out
+    assert f"shards: {tmp_path / 'shards' / 'train-000000.tar'}" in out
+    assert len(load(tmp_path, "train")) == 6 and load(tmp_path, "test") == []
+    assert len(list((tmp_path / "videos").glob("*.mp4"))) == 8
