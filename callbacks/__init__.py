@@ -1,1 +1,8 @@
-"""Reusable Lightning callbacks for video RL (never imports p2r)."""
+"""Reusable Lightning callbacks for video RL (never imports p2r).
+
+- ``callbacks.rollouts.Rollouts``: the batch of grouped completions that rewards score;
+- ``callbacks.segments``: the perception / reasoning split of a completion and its token mask;
+- ``callbacks.rewards``: reward math as pure functions (parsing, accuracy, format, length, judges);
+- ``callbacks.reward_callbacks``: one Lightning callback per reward, and ``score_all``;
+- ``callbacks.rollout_table.RolloutTableWriter``: sample rollouts as JSONL + HTML.
+"""

@@ -28,7 +28,7 @@ import lightning as L
 
 from callbacks.rewards.accuracy import reasoning_accuracy
 from callbacks.rewards.format import perception_format, reasoning_format
-from callbacks.rewards.judges import Judge, JudgeRequest
+from callbacks.rewards.judges import Judge, JudgeRequest, JudgeResult, RuleBasedJudge
 from callbacks.rewards.length import PERCEPTION_LENGTH_RANGE, REASONING_LENGTH_RANGE, length_reward
 from callbacks.rewards.parsing import extract_answer, parse_option_letter
 from callbacks.rollouts import Rollouts
@@ -250,16 +250,38 @@ class PerceptionJudgeReward(RewardCallback):
     name = "perception/accuracy"
     process = "perception"
 
-    def __init__(self, judge: Judge, failure_policy: Literal["zero", "drop_group"] = "zero") -> None:
+    def __init__(
+        self, judge: Judge, failure_policy: Literal["zero", "drop_group"] = "zero", use_facts: bool = True
+    ) -> None:
         """
         Args:
             judge: the back-end that reads question, answer and observation (OpenAIChatJudge, HFTextJudge, RuleBasedJudge).
             failure_policy: what a failed verdict scores: "zero" (0.0) or "drop_group" (NaN: drop the group).
+            use_facts: records that carry structured ground truth (facts["evidence"], e.g. the synthetic
+                set) are judged by rule against it instead of by ``judge``; False sends every record to ``judge``.
         """
         if failure_policy not in ("zero", "drop_group"):
             raise ValueError(f"PerceptionJudgeReward: failure_policy must be 'zero' or 'drop_group', got {failure_policy!r}")
         self.judge = judge
         self.failure_policy = failure_policy
+        self.use_facts = use_facts
+        self._facts_judge = RuleBasedJudge()
+
+    def _judge_all(self, requests: list[JudgeRequest]) -> list[JudgeResult | None]:
+        """Route each request to the rule judge (has evidence, use_facts) or the configured judge."""
+        has_facts = [self.use_facts and isinstance(r.facts, dict) and bool(r.facts.get("evidence")) for r in requests]
+        results: list[JudgeResult | None] = [None] * len(requests)
+        for judge, wanted in ((self._facts_judge, True), (self.judge, False)):
+            idx = [i for i, f in enumerate(has_facts) if f == wanted]
+            if not idx:
+                continue
+            try:
+                got = judge.judge([requests[i] for i in idx])
+            except Exception:  # Judge.judge never raises; a custom judge might
+                got = []
+            for i, result in zip(idx, got):
+                results[i] = result
+        return results
 
     def score(self, rollouts: Rollouts) -> list[float]:
         return self.score_with_metrics(rollouts)[0]
@@ -270,10 +292,7 @@ class PerceptionJudgeReward(RewardCallback):
             prompt = rollouts.prompt_of(i)
             requests.append(JudgeRequest(question=str(prompt.get("question", "")), answer=judge_answer_text(prompt),
                                          observation=rollouts.observation(i), facts=prompt.get("facts")))
-        try:
-            results = self.judge.judge(requests)
-        except Exception:  # Judge.judge never raises; a custom judge might
-            results = []
+        results = self._judge_all(requests)
         failed_value = 0.0 if self.failure_policy == "zero" else math.nan
         values, failures, latencies, hits = [], 0, [], 0
         for i in range(len(requests)):

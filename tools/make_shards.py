@@ -2,7 +2,7 @@
 
 Every record is validated before anything is written, so one run tells you about all the bad
 records at once; the good ones are then written, and the shard pattern to paste into a config
-is printed last.
+is printed last. Exits 1 when no record is usable, or with --strict when any record is bad.
 
     python tools/make_shards.py --records Video-R1-260k.json --media-root data/Video-R1 --out shards/sft
 """

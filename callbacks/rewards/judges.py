@@ -62,8 +62,11 @@ class JudgeRequest:
     facts: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.question, self.answer, self.observation)
+    def key(self) -> tuple[str, str, str, str]:
+        # The evidence is part of the key: synthetic questions repeat word for word across clips,
+        # and the rule-based verdict depends on each clip's own facts.
+        evidence = self.facts.get("evidence") if isinstance(self.facts, dict) else None
+        return (self.question, self.answer, self.observation, json.dumps(evidence, sort_keys=True))
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,14 @@ class JudgeCache:
     def __len__(self) -> int:
         return len(self._data)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Locks do not pickle; spawn-based launchers and deepcopy pickle the callbacks that hold a judge.
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
 
 class Judge:
     """Base of every back-end: the cache, the empty-observation rule and the never-raise guard.
@@ -161,7 +172,7 @@ class Judge:
     def judge(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
         """One result per request, in order; never raises."""
         results: list[JudgeResult | None] = [None] * len(requests)
-        pending: dict[tuple[str, str, str], list[int]] = {}
+        pending: dict[tuple[str, str, str, str], list[int]] = {}
         for i, request in enumerate(requests):
             if not request.observation.strip():
                 results[i] = JudgeResult(score=0.0)

@@ -3,7 +3,9 @@ held-out accuracy check (greedy answers scored by the reasoning-accuracy and for
 
 The full benchmark evaluation is a callback (callbacks/); this check is what ``p2r validate``
 and ``p2r test`` log when no evaluation callback is configured: ``{stage}/accuracy``,
-``{stage}/format`` and ``{stage}/accuracy/<problem type>``.
+``{stage}/format``, ``{stage}/accuracy/<problem type>`` and, for records with structured facts
+(the synthetic set), ``{stage}/perception``: the share of generated observations from which the
+rule judge can deduce the answer (does the model look at the video?).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 
 from callbacks.rewards.accuracy import reasoning_accuracy
 from callbacks.rewards.format import perception_format, reasoning_format
+from callbacks.rewards.judges import JudgeRequest, RuleBasedJudge
+from callbacks.segments import split_segments
 from p2r.backbones.base import VideoBackbone
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import build_prompt
@@ -32,8 +36,24 @@ class VideoLVLMModule(L.LightningModule):
         warmup_ratio: float = 0.0,
         schedule: Literal["cosine", "linear", "constant"] = "cosine",
         eval_max_new_tokens: int = 256,
+        eval_temperature: float = 0.0,
+        eval_top_p: float = 1.0,
         prompt_template: bool = True,
     ) -> None:
+        """
+        Args:
+            backbone: The video LVLM (``p2r.backbones.*``).
+            lr: Peak learning rate of AdamW.
+            weight_decay: AdamW weight decay (not applied to biases and norms).
+            warmup_ratio: Fraction of the optimizer steps spent warming the learning rate up linearly.
+            schedule: Learning-rate decay after warmup.
+            eval_max_new_tokens: Longest answer generated in validation/test/predict.
+            eval_temperature: Sampling temperature when evaluating; 0 is greedy (the paper's
+                temperature 0.01 / top_p 0.001 is greedy in all but name).
+            eval_top_p: Nucleus mass when evaluating with a temperature above 0.
+            prompt_template: Ask for the observation/think/answer template (False: the bare question,
+                for evaluating base models).
+        """
         super().__init__()
         self.backbone = backbone
         self.lr = lr
@@ -41,14 +61,22 @@ class VideoLVLMModule(L.LightningModule):
         self.warmup_ratio = warmup_ratio
         self.schedule = schedule
         self.eval_max_new_tokens = eval_max_new_tokens
+        self.eval_temperature = eval_temperature
+        self.eval_top_p = eval_top_p
         self.prompt_template = prompt_template
         self.skipped_samples = 0
 
     def configure_model(self) -> None:
         self.backbone.build()
 
+    # Optimizer steps per training batch (PA-GRPO's num_iterations); sizes the schedule.
+    optimizer_steps_per_batch = 1
+
     def configure_optimizers(self) -> Any:
-        total = int(self.trainer.estimated_stepping_batches)
+        if self.trainer.max_steps > 0:
+            total = self.trainer.max_steps  # counts optimizer steps, also under manual optimization
+        else:
+            total = int(self.trainer.estimated_stepping_batches) * self.optimizer_steps_per_batch
         return adamw_with_schedule(self, self.lr, self.weight_decay, self.warmup_ratio, self.schedule, total)
 
     def prompts_of(self, batch: list[Sample]) -> list[str]:
@@ -62,9 +90,27 @@ class VideoLVLMModule(L.LightningModule):
         self.skipped_samples += sum(s.skipped for s in batch)
         self.log("data/skipped_samples", float(self.skipped_samples), batch_size=len(batch))
 
+    def generate_answers(self, batch: list[Sample], prompts: list[str] | None = None) -> list[str]:
+        """Decoded answers for a batch with the evaluation decoding settings.
+
+        ``prompts`` are user texts (an evaluation callback's benchmark-specific prompts); by
+        default the process-aware prompt of each record. Documented hook for callbacks.
+        """
+        user = prompts if prompts is not None else [build_prompt(s.record, self.prompt_template) for s in batch]
+        rendered = [self.backbone.render_prompt(u, s.record.data_type) for u, s in zip(user, batch)]
+        ids = self.backbone.generate(
+            rendered, [s.clip for s in batch], self.eval_max_new_tokens,
+            do_sample=self.eval_temperature > 0, temperature=self.eval_temperature or 1.0, top_p=self.eval_top_p,
+        )
+        return self.backbone.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def _evaluation_callback_present(self) -> bool:
+        return any(getattr(cb, "generates_answers", False) for cb in self.trainer.callbacks)
+
     def _answer_check(self, batch: list[Sample], stage: str) -> None:
-        ids = self.backbone.generate(self.prompts_of(batch), [s.clip for s in batch], self.eval_max_new_tokens)
-        texts = self.backbone.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        if self._evaluation_callback_present():
+            return  # the evaluation callback generates and scores this batch itself
+        texts = self.generate_answers(batch)
         n = len(batch)
         acc = [reasoning_accuracy(t, s.record.solution, s.record.problem_type, s.record.options) for t, s in zip(texts, batch)]
         fmt = [perception_format(t) * reasoning_format(t) for t in texts]
@@ -73,6 +119,14 @@ class VideoLVLMModule(L.LightningModule):
         for kind in sorted({s.record.problem_type for s in batch}):
             vals = [a for a, s in zip(acc, batch) if s.record.problem_type == kind]
             self.log(f"{stage}/accuracy/{kind}", sum(vals) / len(vals), batch_size=len(vals), sync_dist=True)
+        judged = [
+            JudgeRequest(s.record.problem, s.record.answer, split_segments(t).observation, s.record.facts)
+            for t, s in zip(texts, batch)
+            if s.record.facts and s.record.facts.get("evidence")
+        ]
+        if judged:
+            verdicts = [r.score or 0.0 for r in RuleBasedJudge(cache_size=0).judge(judged)]
+            self.log(f"{stage}/perception", sum(verdicts) / len(verdicts), batch_size=len(verdicts), sync_dist=True)
 
     def validation_step(self, batch: list[Sample], batch_idx: int) -> None:
         self._answer_check(batch, "val")
@@ -81,8 +135,7 @@ class VideoLVLMModule(L.LightningModule):
         self._answer_check(batch, "test")
 
     def predict_step(self, batch: list[Sample], batch_idx: int) -> list[dict[str, Any]]:
-        ids = self.backbone.generate(self.prompts_of(batch), [s.clip for s in batch], self.eval_max_new_tokens)
-        texts = self.backbone.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        texts = self.generate_answers(batch)
         return [{"id": s.record.id, "output": t} for s, t in zip(batch, texts)]
 
     def token_count(self, inputs: dict[str, torch.Tensor]) -> int:

@@ -62,9 +62,6 @@ class SFTModule(VideoLVLMModule):
                 log.warning("skipping record for SFT: %s", err)
         return keep, targets
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_start = time.perf_counter()
-
     def training_step(self, batch: list[Sample], batch_idx: int) -> torch.Tensor | None:
         self.count_skipped(batch)
         batch, targets = self._trainable(batch)
@@ -80,7 +77,9 @@ class SFTModule(VideoLVLMModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        elapsed = time.perf_counter() - self._step_start
-        if elapsed > 0 and getattr(self, "_tokens", 0):
-            self.log("train/tokens_per_s", self._tokens / elapsed, prog_bar=True, batch_size=1)
+        # Wall time between batch ends: data wait, forward, backward and optimizer step all count.
+        now = time.perf_counter()
+        if self._step_start and getattr(self, "_tokens", 0):
+            self.log("train/tokens_per_s", self._tokens / (now - self._step_start), prog_bar=True, batch_size=1)
+        self._step_start = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)

@@ -15,6 +15,7 @@ from) whose ``backbone.*`` weights are loaded after building.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -181,6 +182,16 @@ class VideoBackbone(nn.Module):
         return sorted(i for i in ids if i is not None and i != unk)
 
     @property
+    def media_token_ids(self) -> list[int]:
+        """Vision placeholder tokens: a completion must never contain one (the model would look for
+        pixels to put there), so generation suppresses them."""
+        names = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                 getattr(self.tokenizer, "image_token", None), getattr(self.tokenizer, "video_token", None))
+        ids = {self.tokenizer.convert_tokens_to_ids(n) for n in names if n}
+        unk = self.tokenizer.unk_token_id
+        return sorted(i for i in ids if i is not None and i != unk and i >= 0)
+
+    @property
     def pad_token_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.eos_token_ids[0]
@@ -257,6 +268,7 @@ class VideoBackbone(nn.Module):
             max_new_tokens=max_new_tokens,
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
+            suppress_tokens=self.media_token_ids,
             **kwargs,
         )
         new = out[:, batch["input_ids"].shape[1] :].tolist()
@@ -266,6 +278,32 @@ class VideoBackbone(nn.Module):
         """Logits (B, L, V) for a batch from :meth:`encode`."""
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
         return self.model(**inputs, use_cache=False).logits
+
+    def position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Explicit positions for a padded batch: (3, B, L) for mrope models, else (B, L).
+
+        Computed from the whole sequence by the model's ``get_rope_index`` (padding excluded via
+        the attention mask), never from its stateful ``rope_deltas``.
+        """
+        rope = self._rope_index_fn()
+        if rope is None:
+            mask = batch["attention_mask"]
+            return (mask.long().cumsum(-1) - 1).clamp(min=0)
+        params = inspect.signature(rope).parameters
+        kwargs = {k: v for k, v in batch.items() if k in params and k != "input_ids"}
+        return rope(batch["input_ids"], **kwargs)[0]
+
+    @property
+    def cache_kwarg(self) -> str:
+        """Name of the forward argument that takes a KV cache (renamed ``cache`` in transformers 5.2x)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+    def _rope_index_fn(self) -> Any:
+        for module in self.model.modules():
+            if hasattr(module, "get_rope_index") and hasattr(module, "visual"):
+                return module.get_rope_index
+        return None
 
     @contextlib.contextmanager
     def adapters_disabled(self):

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import tarfile
+from pathlib import Path
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ class Sample:
     record: VideoRecord
     clip: Clip
     skipped: int = 0  # malformed/undecodable samples this worker dropped just before this one
+    benchmark: str = ""  # the evaluation set it came from (data.test_sets key), "" in training
 
 
 def decode_sample(raw: dict[str, Any], frames: FrameSampling) -> Sample:
@@ -129,11 +131,12 @@ class ShardStream(IterableDataset):
         for raw in self._raw_samples(slot, slots):
             try:
                 sample = decode_sample(raw, self.frames)
-            except (RecordError, MediaError) as err:
+            except (RecordError, MediaError, OSError) as err:
                 skipped += 1
                 log.warning("skipping sample: %s", err)
                 continue
             sample.skipped, skipped = skipped, 0
+            sample.benchmark = raw.get("__benchmark__", "")
             yield sample
 
     def __iter__(self) -> Iterator[list[Sample]]:
@@ -155,6 +158,59 @@ class ShardStream(IterableDataset):
         self.epoch += 1
 
 
+def _is_records_file(location: str) -> bool:
+    return location.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz"))
+
+
+def _record_file_samples(path: str, media_root: str, benchmark: str, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+    """Raw samples (webdataset layout) from a Video-R1 style records file + media folder.
+
+    Only this worker's records (index % slots == slot) have their media read from disk.
+    """
+    from p2r.data.shards import load_raw_records
+
+    for i, raw in enumerate(load_raw_records(Path(path))):
+        if i % slots != slot:
+            continue
+        sample = {"__key__": str(raw.get("id", raw.get("problem_id", i))) if isinstance(raw, dict) else str(i),
+                  "__url__": f"{path}[{i}]", "__benchmark__": benchmark}
+        if isinstance(raw, dict):
+            raw = {**raw, "id": sample["__key__"]}
+            media = Path(media_root) / str(raw.get("path", ""))
+            ext = media.suffix.lower().lstrip(".")
+            if media.is_file() and ext in VIDEO_EXTS + IMAGE_EXTS:
+                sample[ext] = media.read_bytes()
+        sample["json"] = json.dumps(raw).encode()
+        yield sample
+
+
+class EvalStream(ShardStream):
+    """Every sample of several named evaluation sets exactly once across ranks and workers.
+
+    ``sets`` maps a benchmark name to shards (path, glob, brace pattern, URL) or to a records
+    file (``eval_<name>.json``/``.jsonl``) whose media paths are relative to ``media_root``.
+    Each sample is tagged with its benchmark name.
+    """
+
+    def __init__(self, sets: dict[str, list[str]], media_root: str, frames: FrameSampling, batch_size: int) -> None:
+        super().__init__([u for urls in sets.values() for u in urls], frames, batch_size, train=False)
+        self.sets = sets
+        self.media_root = media_root
+
+    def _raw_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+        index = 0
+        for name, urls in self.sets.items():
+            if len(urls) == 1 and _is_records_file(urls[0]):
+                for raw in _record_file_samples(urls[0], self.media_root, name, slot, slots):
+                    yield raw
+                continue
+            shards = ({"url": u} for u in urls)
+            for raw in wds.tarfile_to_samples(handler=wds.warn_and_continue)(shards):
+                if index % slots == slot:
+                    yield {**raw, "__benchmark__": name}
+                index += 1
+
+
 class VideoDataModule(L.LightningDataModule):
     """Streams WebDataset shards of video/image + JSON records for fit, validate, test and predict."""
 
@@ -171,6 +227,8 @@ class VideoDataModule(L.LightningDataModule):
         epoch_samples: int | None = None,
         shuffle_buffer: int = 256,
         seed: int = 0,
+        test_sets: dict[str, str] | None = None,
+        media_root: str = ".",
     ) -> None:
         """
         Args:
@@ -186,6 +244,10 @@ class VideoDataModule(L.LightningDataModule):
             epoch_samples: Samples in one training epoch over all ranks (default: counted from local shards).
             shuffle_buffer: Samples held for shuffling while training (0: no shuffle beyond shard order).
             seed: Seed of shard order and shuffling.
+            test_sets: Named evaluation sets for test/predict, e.g. {mvbench: data/eval/eval_mvbench.json,
+                synthetic: data/synthetic/shards/test-*.tar}: shards or Video-R1 eval records files.
+                When set, test_shards is ignored.
+            media_root: Folder that the ``path`` of records in test_sets' JSON files is relative to.
         """
         super().__init__()
         self.train_shards = train_shards
@@ -199,6 +261,8 @@ class VideoDataModule(L.LightningDataModule):
         self.epoch_samples = epoch_samples
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.test_sets = test_sets
+        self.media_root = media_root
 
     @staticmethod
     def _expand(pattern: str | None, what: str) -> list[str]:
@@ -211,8 +275,13 @@ class VideoDataModule(L.LightningDataModule):
         urls = []
         for part in pattern.split("::"):
             for url in braceexpand.braceexpand(part):
-                # A local glob (data/train-*.tar) expands to its sorted matches; URLs pass through.
-                matches = sorted(glob.glob(url)) if any(c in url for c in "*?[") else [url]
+                # A local glob (data/train-*.tar) expands to its sorted matches; a local path must
+                # exist (webdataset would skip a missing shard silently); URLs pass through.
+                local = "://" not in url and not url.startswith("pipe:")
+                if any(c in url for c in "*?["):
+                    matches = sorted(glob.glob(url))
+                else:
+                    matches = [url] if not local or Path(url).is_file() else []
                 if not matches:
                     raise FileNotFoundError(f"data.{what}: no file matches {url!r}")
                 urls.extend(matches)
@@ -237,9 +306,12 @@ class VideoDataModule(L.LightningDataModule):
         return self._plain_loader(stream)
 
     def _eval_loader(self, pattern: str | None, what: str) -> DataLoader:
-        urls = self._expand(pattern, what)
-        stream = ShardStream(urls, self.eval_frames, self.eval_batch_size, train=False)
-        return self._plain_loader(stream)
+        if what == "test_shards" and self.test_sets:
+            sets = {name: ([loc] if _is_records_file(loc) else self._expand(loc, f"test_sets.{name}"))
+                    for name, loc in self.test_sets.items()}
+        else:
+            sets = {what.removesuffix("_shards"): self._expand(pattern, what)}
+        return self._plain_loader(EvalStream(sets, self.media_root, self.eval_frames, self.eval_batch_size))
 
     def _plain_loader(self, stream: ShardStream) -> DataLoader:
         return DataLoader(

@@ -103,8 +103,13 @@ def parse_record(raw: Any, where: str = "record", default_id: str | None = None)
     if problem_type == "multiple choice" and not options:
         raise RecordError(f"{where}: a multiple choice record needs a non-empty 'options' list")
     facts = raw.get("facts")
-    if isinstance(facts, str) and facts:
-        facts = json.loads(facts)
+    if facts == "":  # the all-string RL layout writes an absent value as ""
+        facts = None
+    if isinstance(facts, str):
+        try:
+            facts = json.loads(facts)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"{where}: 'facts' is a string that is not JSON ({err})") from err
     if facts is not None and not isinstance(facts, dict):
         raise RecordError(f"{where}: 'facts' must be an object")
     rec_id = raw.get("id", raw.get("problem_id"))

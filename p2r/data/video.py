@@ -68,6 +68,8 @@ def num_frames_to_sample(total_frames: int, video_fps: float, cfg: FrameSampling
     wanted = round(duration * cfg.fps)
     wanted = max(cfg.min_frames, min(cfg.max_frames, wanted))
     wanted = max(cfg.frame_multiple, (wanted // cfg.frame_multiple) * cfg.frame_multiple)
+    if wanted < cfg.min_frames:  # rounding down must not go below min_frames: round up instead
+        wanted += cfg.frame_multiple
     return wanted
 
 

@@ -221,6 +221,16 @@ def test_cache_is_bounded_lru():
     assert cache.get(("b", "", "")) is None and len(cache) == 2
 
 
+def test_judges_pickle_with_their_cache(serve):
+    import pickle
+
+    server = serve([(200, "yes", 0.0)])
+    judge = make_judge(server)
+    judge.judge([REQ])
+    clone = pickle.loads(pickle.dumps(judge))
+    assert clone.judge([REQ])[0].cached and len(server.requests) == 1
+
+
 EVIDENCE = {"evidence": [["three cars", "3 cars"], ["red"]]}
 
 

@@ -120,9 +120,27 @@ def test_evidence_needs_the_event_not_just_the_scene(large_split):
     names = ", ".join(f"a {s['colour']} {s['shape']}" for s in count.facts["shapes"])
     assert not evidence_satisfied(f"Shapes appear one after another: {names}.", count.facts["evidence"])
     n = count.facts["count"]
-    assert evidence_satisfied(f"I SEE {n} SHAPES.", count.facts["evidence"])
+    assert evidence_satisfied(f"I SEE\n{n} SHAPE{'S' if n > 1 else ''}.", count.facts["evidence"])
+    assert not evidence_satisfied(f"I see {n}0 shapes.", count.facts["evidence"])
     before = change.facts["shapes"][0]["colour"]
     assert not evidence_satisfied(f"The shape is {before} at first.", change.facts["evidence"])
+
+
+def test_rule_based_judge_agrees_with_generation_check(large_split):
+    """Training scores these records with the callbacks' RuleBasedJudge: it must give the same
+    verdicts as the check used at generation, on reference and on other clips' observations."""
+    from callbacks.rewards.judges import JudgeRequest, RuleBasedJudge
+
+    pairs = [(rec, obs.observation) for rec, obs in zip(large_split, large_split[1:] + large_split[:1])]
+    pairs += [(rec, rec.observation) for rec in large_split]
+    judge = RuleBasedJudge(cache_size=0)
+    # One call per request: a batch merges requests with equal (question, answer, observation)
+    # even when their facts differ, and here many share a question and an answer letter.
+    scores = [judge.judge([JudgeRequest(rec.problem, rec.answer, text, rec.facts)])[0].score for rec, text in pairs]
+    expected = [float(evidence_satisfied(text, rec.facts["evidence"])) for rec, text in pairs]
+    assert scores == expected
+    assert scores[len(large_split):] == [1.0] * len(large_split)
+    assert 0 < sum(scores[: len(large_split)]) < 0.5 * len(large_split)
 
 
 def test_ocr_words_appear_only_in_their_own_clips(large_split):

@@ -1,0 +1,51 @@
+"""What the evaluation callback asks of a benchmark: the small duck-typed adapter protocol.
+
+The callback knows nothing about any benchmark. For each sample of a test or validation batch it
+asks the adapter registered under the sample's benchmark name four things, and the adapter
+answers from the sample it is handed (``p2r.evaluation`` implements them for the seven video
+benchmarks and the synthetic set; another project writes its own):
+
+- ``includes(sample)``: whether the sample belongs to the benchmark as reported (MMVU and
+  VCR-Bench count their multiple-choice questions only); excluded samples are never generated;
+- ``prompt(sample)``: the user text of the chat turn (the media placeholder is the module's job);
+- ``category(sample)``: the breakdown key (VSI question type, MVBench task, VideoMME duration ...);
+- ``score(sample, output)``: a :class:`Scored` (parsed answer, score in [0, 1], metric family).
+
+and it reads one attribute, ``column``: the header of the benchmark in the summary table.
+
+The only thing the callback reads from a sample itself is ``sample.benchmark`` (the evaluation
+set it came from) and ``sample.record.id`` (unique within that set), to route and to resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+
+class Scored(NamedTuple):
+    """One model output, scored.
+
+    ``metric`` names the family the score belongs to ("accuracy", "mra", ...): a benchmark's
+    figure is the unweighted mean over its families of each family's mean, which for VSI-Bench is
+    the paper's mean of multiple-choice accuracy and MRA, and for a one-family benchmark is the
+    plain mean over samples.
+    """
+
+    parsed: str | float | None  # what the scorer read from the output (None: nothing readable)
+    score: float  # in [0, 1]
+    metric: str = "accuracy"  # the family this score is averaged in
+    truth: str | float | None = None  # the ground truth as the scorer read it, for the predictions file
+
+
+class BenchmarkAdapter(Protocol):
+    """A benchmark as :class:`~callbacks.evaluation.callback.BenchmarkEvaluation` uses it (see module doc)."""
+
+    column: str
+
+    def includes(self, sample: Any) -> bool: ...
+
+    def prompt(self, sample: Any) -> str: ...
+
+    def category(self, sample: Any) -> str: ...
+
+    def score(self, sample: Any, output: str) -> Scored: ...

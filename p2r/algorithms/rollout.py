@@ -1,0 +1,265 @@
+"""Group rollouts: G completions per prompt, the video encoded and the prompt prefilled once.
+
+TRL and Video-R1 put each prompt G times in the generation batch, so the vision encoder and the
+prompt prefill run G times; ``generate(num_return_sequences=G)`` encodes the video once but still
+prefills the prompt G times. Here the B prompts are prefilled together, once each (left-padded),
+the KV cache is repeated G times in place, and one batched decode loop samples all B*G
+completions. Positions are passed explicitly (Qwen's 3-D mrope: computed once from the prompt by
+``get_rope_index``; decode positions continue at last prompt position + 1, + 2, ...), never
+taken from the model's stateful ``rope_deltas``.
+
+The same module builds the training batch for the log-prob passes (prompt left-padded,
+completion right-padded, so every completion starts at the same column and the model only
+computes logits for completion positions) and turns log-probs into per-token tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from callbacks.segments import char_spans_to_token_mask, split_segments
+from p2r.backbones.base import VideoBackbone, move_to
+from p2r.data.video import Clip
+
+
+@dataclass
+class PromptBatch:
+    """B prompts, processed once: left-padded token tensors plus the visual tensors."""
+
+    items: list[dict[str, torch.Tensor]]  # per-prompt processor outputs (batch dim 1)
+    tensors: dict[str, torch.Tensor]  # left-padded batch of the B prompts
+    position_ids: torch.Tensor  # (3, B, P) mrope or (B, P)
+
+
+@dataclass
+class GroupRollout:
+    """What a rollout returns: the prompts and B*G completions (sample i answers prompt i // G)."""
+
+    prompts: PromptBatch
+    group_size: int
+    completion_ids: list[list[int]]  # without padding; ends with an end token unless truncated
+    truncated: list[bool]
+
+
+def left_pad(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
+    """Stack 1-D tensors into (B, L_max), padding on the left."""
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=seqs[0].dtype)
+    for i, s in enumerate(seqs):
+        out[i, out.shape[1] - len(s) :] = s
+    return out
+
+
+def merge_visual(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate the per-prompt visual tensors (pixels, grids, frame timings) in order."""
+    keys = sorted({k for it in items for k in it} - {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"})
+    return {k: torch.cat([torch.as_tensor(it[k]) for it in items if k in it]) for k in keys}
+
+
+def prepare_prompts(backbone: VideoBackbone, prompts: list[str], clips: list[Clip]) -> PromptBatch:
+    """Process each prompt and clip once and lay the B prompts out left-padded."""
+    items = [backbone.process_one(p, c) for p, c in zip(prompts, clips)]
+    tensors = {
+        "input_ids": left_pad([it["input_ids"][0] for it in items], backbone.pad_token_id),
+        "attention_mask": left_pad([torch.ones_like(it["input_ids"][0]) for it in items], 0),
+    }
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in items[0]:
+            tensors[key] = left_pad([it[key][0] for it in items], 0)
+    tensors.update(merge_visual(items))
+    tensors = move_to(tensors, backbone.model.device, backbone.model.dtype)
+    return PromptBatch(items, tensors, backbone.position_ids(tensors))
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    suppress: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row from logits (N, V): greedy when temperature == 0, else nucleus sampling.
+
+    Nucleus: keep the smallest set of most likely tokens whose probability reaches top_p (the
+    most likely token always stays), renormalise, sample. ``suppress`` ids are never picked.
+    """
+    if suppress is not None and suppress.numel():
+        logits = logits.index_fill(-1, suppress, float("-inf"))  # (N, V)
+    if temperature == 0:
+        return logits.argmax(-1)  # (N,)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (N, V)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)  # (N, V)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
+
+
+def _next_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Position of the first generated token per prompt: last prompt position + 1 (B,)."""
+    last = position_ids[..., -1]  # (3, B) or (B,): left padding puts every prompt's end last
+    return (last.max(0).values if last.ndim == 2 else last) + 1
+
+
+def _decode_positions(start: torch.Tensor, step: int, mrope: bool) -> torch.Tensor:
+    pos = (start + step).view(-1, 1)  # (N, 1)
+    return pos.unsqueeze(0).expand(3, -1, -1) if mrope else pos  # (3, N, 1) or (N, 1)
+
+
+def _cache_of(out) -> object:
+    """The KV cache of a model output (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@torch.no_grad()
+def generate_groups(
+    backbone: VideoBackbone,
+    prompts: list[str],
+    clips: list[Clip],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> GroupRollout:
+    """Sample ``group_size`` completions for each prompt with one prefill per prompt.
+
+    Stops a row at its first end token (kept in its ids) and flags rows that reach
+    ``max_new_tokens`` without one as truncated. ``temperature=0`` decodes greedily.
+    """
+    model = backbone.model
+    batch = prepare_prompts(backbone, prompts, clips)
+    out = model(**batch.tensors, position_ids=batch.position_ids, use_cache=True, logits_to_keep=1)
+    cache = _cache_of(out)
+    cache.batch_repeat_interleave(group_size)
+    n = len(prompts) * group_size
+    logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # (N, V)
+    start = _next_positions(batch.position_ids).repeat_interleave(group_size)  # (N,)
+    attn = batch.tensors["attention_mask"].repeat_interleave(group_size, 0)  # (N, P)
+    mrope = batch.position_ids.ndim == 3
+    eos = torch.tensor(backbone.eos_token_ids, device=logits.device)
+    suppress = torch.tensor(backbone.media_token_ids, dtype=torch.long, device=logits.device)
+    done = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        tok = sample_next_token(logits, temperature, top_p, generator, suppress)  # (N,)
+        tok = tok.masked_fill(done, backbone.pad_token_id)
+        tokens.append(tok)
+        done |= torch.isin(tok, eos)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        # Rows already done keep decoding padding; their outputs are discarded.
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)  # (N, P+step+1)
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=attn,
+            position_ids=_decode_positions(start, step, mrope),
+            use_cache=True,
+            **{backbone.cache_kwarg: cache},
+        )
+        cache = _cache_of(out)
+        logits = out.logits[:, -1]
+    ids = torch.stack(tokens, 1).tolist()  # (N, T)
+    eos_ids = set(backbone.eos_token_ids)
+    completions, truncated = [], []
+    for row in ids:
+        end = next((i for i, t in enumerate(row) if t in eos_ids), None)
+        completions.append(row[: end + 1] if end is not None else row)
+        truncated.append(end is None)
+    return GroupRollout(batch, group_size, completions, truncated)
+
+
+def token_offsets(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded text (special tokens skipped) and each token's character range in it.
+
+    Tokens decode one by one; where that does not reproduce the whole decode (a multi-byte
+    character split across tokens), offsets come from decoding growing prefixes instead.
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+    if "".join(pieces) != text:
+        ends = [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
+        starts = [0] + ends[:-1]
+        return text, [(s, max(s, e)) for s, e in zip(starts, ends)]
+    offsets, pos = [], 0
+    for piece in pieces:
+        offsets.append((pos, pos + len(piece)))
+        pos += len(piece)
+    return text, offsets
+
+
+def perception_masks(tokenizer, completion_ids: list[list[int]]) -> tuple[list[str], list[list[bool]]]:
+    """Decoded completions and, per token, whether it belongs to the perception segment."""
+    texts, masks = [], []
+    for ids in completion_ids:
+        text, offsets = token_offsets(tokenizer, ids)
+        texts.append(text)
+        masks.append(char_spans_to_token_mask(offsets, split_segments(text).perception_spans))
+    return texts, masks
+
+
+@dataclass
+class TrainBatch:
+    """Prompt (left-padded) + completion (right-padded) rows for the log-prob passes."""
+
+    tensors: dict[str, torch.Tensor]
+    position_ids: torch.Tensor
+    completion_ids: torch.Tensor  # (N, T)
+    completion_mask: torch.Tensor  # (N, T) bool
+
+
+def build_train_batch(backbone: VideoBackbone, rollout: GroupRollout, rows: list[int]) -> TrainBatch:
+    """Rows ``rows`` of the rollout as full sequences: prompt i // G then completion i.
+
+    Per-sample path: every row carries its prompt and video (the vision encoder runs per row).
+    """
+    g = rollout.group_size
+    items = [rollout.prompts.items[i // g] for i in rows]
+    comps = [torch.tensor(rollout.completion_ids[i] or [backbone.pad_token_id]) for i in rows]
+    lengths = [len(rollout.completion_ids[i]) for i in rows]
+    prompt_ids = left_pad([it["input_ids"][0] for it in items], backbone.pad_token_id)  # (N, P)
+    comp = torch.full((len(rows), max(len(c) for c in comps)), backbone.pad_token_id, dtype=prompt_ids.dtype)
+    comp_mask = torch.zeros(comp.shape, dtype=torch.bool)
+    for r, (c, n) in enumerate(zip(comps, lengths)):
+        comp[r, : len(c)] = c
+        comp_mask[r, :n] = True
+    prompt_mask = left_pad([torch.ones_like(it["input_ids"][0]) for it in items], 0)
+    tensors = {
+        "input_ids": torch.cat([prompt_ids, comp], 1),
+        "attention_mask": torch.cat([prompt_mask, comp_mask.long()], 1),
+    }
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in items[0]:
+            types = left_pad([it[key][0] for it in items], 0)
+            tensors[key] = torch.cat([types, torch.zeros_like(comp, dtype=types.dtype)], 1)
+    tensors.update(merge_visual(items))
+    tensors = move_to(tensors, backbone.model.device, backbone.model.dtype)
+    dev = backbone.model.device
+    return TrainBatch(tensors, backbone.position_ids(tensors), comp.to(dev), comp_mask.to(dev))
+
+
+def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] without materialising the full (N, T, V) log-softmax at once."""
+    rows = []
+    for row_logits, row_ids in zip(logits, ids):  # (T, V), (T,)
+        row_logits = row_logits.float()
+        picked = row_logits.gather(-1, row_ids[:, None]).squeeze(-1)  # (T,)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)  # (N, T)
+
+
+def completion_logprobs(backbone: VideoBackbone, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs (N, T) of the completions under the backbone's current weights.
+
+    Logits are divided by the sampling temperature (as TRL does), so the ratio compares the
+    same distributions that produced the samples.
+    """
+    t = batch.completion_ids.shape[1]
+    out = backbone.model(**batch.tensors, position_ids=batch.position_ids, use_cache=False, logits_to_keep=t + 1)
+    logits = out.logits[:, :-1]  # (N, T, V): position P-1+t predicts completion token t
+    if temperature not in (0, 1):
+        logits = logits / temperature
+    return selective_log_softmax(logits, batch.completion_ids)

@@ -1,0 +1,140 @@
+"""PA-GRPO module: advantages per process, micro-batch weights, and the real CLI from a tiny SFT run."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from callbacks.rollouts import Rollouts
+from p2r.algorithms.pagrpo import PAGRPOModule, micro_batches, micro_weight
+from p2r.backbones import TinyQwen25VL
+from p2r.cli import main
+from p2r.data.synthetic import make_synthetic
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = [
+    "--model.init_args.backbone.init_args.hidden_size=32",
+    "--model.init_args.backbone.init_args.num_layers=2",
+    "--model.init_args.backbone.init_args.vision_hidden_size=32",
+    "--trainer.limit_val_batches=0",
+    "--data.num_workers=0",
+    "--trainer.log_every_n_steps=1",
+]
+
+
+def _rollouts(perception, reasoning, group_size=2):
+    n = len(perception)
+    r = Rollouts(group_size=group_size, prompts=[{"id": str(i)} for i in range(n // group_size)], completions=[""] * n,
+                 truncated=[False] * n)
+    r.set_reward("perception/accuracy", perception, "perception")
+    r.set_reward("reasoning/accuracy", reasoning, "reasoning")
+    return r
+
+
+def _module(mode):
+    return PAGRPOModule(TinyQwen25VL(hidden_size=32, num_layers=1, vision_hidden_size=32), mode=mode, group_size=2)
+
+
+def test_pa_grpo_normalises_each_process_in_its_group():
+    # Group 1: P = [1, 0] -> (+0.7071, -0.7071) (unbiased std 0.7071); R = [0, 1] -> (-0.7071, +0.7071).
+    # Group 2: P = [1, 1] -> zero variance -> 0; R = [1, 0] -> (+0.7071, -0.7071).
+    adv_p, adv_r, keep = _module("pa_grpo")._advantages(_rollouts([1, 0, 1, 1], [0, 1, 1, 0]))
+    s = 1 / math.sqrt(2)
+    torch.testing.assert_close(adv_p, torch.tensor([s, -s, 0.0, 0.0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(adv_r, torch.tensor([-s, s, s, -s]), atol=1e-3, rtol=0)
+    assert keep.all()
+
+
+def test_plain_grpo_sums_rewards_and_shares_one_advantage():
+    # Totals: group 1 [1, 1] -> 0, 0; group 2 [2, 1] -> (+0.7071, -0.7071) on both processes.
+    adv_p, adv_r, _ = _module("grpo")._advantages(_rollouts([1, 0, 1, 1], [0, 1, 1, 0]))
+    torch.testing.assert_close(adv_p, adv_r)
+    torch.testing.assert_close(adv_p, torch.tensor([0.0, 0.0, 0.7071, -0.7071]), atol=1e-3, rtol=0)
+
+
+def test_nan_reward_drops_the_whole_group():
+    _, _, keep = _module("pa_grpo")._advantages(_rollouts([1, math.nan, 1, 0], [0, 1, 1, 0]))
+    assert keep.tolist() == [False, False, True, True]
+
+
+def test_micro_batches_weights_sum_to_one():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    chunks = micro_batches(4, 3)
+    assert chunks == [[0, 1, 2], [3]]
+    for mode in ("token_mean", "segment_mean", "sequence_mean", "constant"):
+        total = sum(micro_weight(mode, mask[rows], mask) for rows in chunks)
+        assert total == pytest.approx(1.0)
+    # token_mean: 3 of 6 tokens in the first chunk; per-sample modes: 2 of the 3 non-empty rows.
+    assert micro_weight("token_mean", mask[:3], mask) == pytest.approx(0.5)
+    assert micro_weight("segment_mean", mask[:3], mask) == pytest.approx(2 / 3)
+    assert micro_weight("constant", mask[:3], mask) == pytest.approx(0.75)
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory):
+    """A tiny SFT run in its own working folder: runs/sft/checkpoints/last.ckpt, as pagrpo.yaml expects."""
+    work = tmp_path_factory.mktemp("work")
+    make_synthetic(work / "data", 16, 4, 4, seed=0, progress=False)
+    data = [f"--data.train_shards={work}/data/shards/train-*.tar", f"--data.val_shards={work}/data/shards/val-*.tar",
+            f"--data.test_shards={work}/data/shards/test-*.tar", "--data.batch_size=2"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        main(["fit", "--config", f"{ROOT}/configs/sft.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
+              *SMALL, *data, "--trainer.max_steps=4"])
+    assert (work / "runs/sft/checkpoints/last.ckpt").is_file()
+    return work, data
+
+
+def _metrics(csv_path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(open(csv_path)))
+
+
+@pytest.mark.parametrize("config", ["pagrpo", "grpo"])
+def test_rl_fit_from_the_tiny_sft_checkpoint(tiny_sft, config, monkeypatch):
+    work, data = tiny_sft
+    monkeypatch.chdir(work)
+    sft = torch.load(work / "runs/sft/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    cli = main(["fit", "--config", f"{ROOT}/configs/{config}.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
+                *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.group_size=2",
+                "--model.init_args.max_completion_length=12", "--model.init_args.micro_batch_size=3"])
+    after = cli.model.state_dict()
+    changed = [k for k, v in sft.items() if not torch.equal(v, after[k].cpu())]
+    assert changed, "no parameter moved in 2 RL steps"
+    assert cli.trainer.global_step == 2
+    rows = _metrics(next((work / f"runs/{config}/logs").glob("version_*/metrics.csv")))
+    logged = {k for r in rows for k, v in r.items() if v}
+    for name in ("reward/perception/accuracy", "reward/reasoning/accuracy", "reward/reasoning/format",
+                 "train/reward/perception", "train/reward/reasoning", "train/kl", "train/clip_fraction",
+                 "train/perception_length", "time/rollout_s", "time/update_s", "judge/failure_rate"):
+        assert name in logged, name
+    assert list((work / f"runs/{config}/logs").glob("version_*/rollouts/*.jsonl")), "no rollout table written"
+
+
+def test_reference_equals_the_starting_policy(tiny_sft, monkeypatch):
+    """At step 0 the policy is the reference: the KL of the first update is exactly 0."""
+    work, data = tiny_sft
+    monkeypatch.chdir(work)
+    cli = main(["fit", "--config", f"{ROOT}/configs/pagrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
+                *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.group_size=2",
+                "--model.init_args.max_completion_length=8"])
+    rows = _metrics(next(iter(sorted((work / "runs/pagrpo/logs").glob("version_*/metrics.csv"))[-1:])))
+    kl = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
+    assert kl and kl[0] == pytest.approx(0.0, abs=1e-6)
+    ref = cli.model._reference_model
+    assert not any(p.requires_grad for p in ref.parameters())
+    assert not any(k.startswith("_reference") for k in cli.model.state_dict())
+
+
+def test_rl_without_reward_callbacks_fails_clearly(tiny_sft, monkeypatch, tmp_path):
+    work, data = tiny_sft
+    monkeypatch.chdir(work)
+    overlay = tmp_path / "no_rewards.yaml"
+    overlay.write_text("trainer:\n  callbacks: []\n")
+    with pytest.raises(Exception, match="(?i)reward"):
+        main(["fit", "--config", f"{ROOT}/configs/pagrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
+              "--config", str(overlay), *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.group_size=2",
+              "--model.init_args.max_completion_length=4"])

@@ -1,0 +1,138 @@
+"""Group rollouts: one prefill per prompt, exact greedy equivalence, masks and log-probs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from p2r.algorithms.rollout import (
+    build_train_batch,
+    completion_logprobs,
+    generate_groups,
+    perception_masks,
+    sample_next_token,
+    token_offsets,
+)
+from p2r.backbones import TinyQwen25VL
+from p2r.data.video import Clip
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    b = TinyQwen25VL(hidden_size=32, num_layers=2, vision_hidden_size=32, seed=3)
+    b.build()
+    b.model.eval()
+    return b
+
+
+def _clip(seed: int, frames: int = 4) -> Clip:
+    rng = np.random.default_rng(seed)
+    return Clip(rng.integers(0, 255, (frames, 56, 56, 3), dtype=np.uint8), fps=4.0,
+                frame_indices=list(range(0, 2 * frames, 2)), total_frames=2 * frames)
+
+
+@pytest.fixture(scope="module")
+def prompts(backbone):
+    # Different lengths, so the batched prefill really left-pads.
+    texts = ["What colour is the shape?", "Which way does the red square move across the whole frame?"]
+    return [backbone.render_prompt(t, "video") for t in texts], [_clip(0), _clip(1)]
+
+
+def test_greedy_group_rollouts_equal_plain_generate(backbone, prompts):
+    texts, clips = prompts
+    rollout = generate_groups(backbone, texts, clips, group_size=3, max_new_tokens=12, temperature=0)
+    assert len(rollout.completion_ids) == 6
+    for i in range(2):
+        reference = backbone.generate([texts[i]], [clips[i]], max_new_tokens=12)[0]
+        for j in range(3):
+            assert rollout.completion_ids[3 * i + j] == reference
+
+
+def test_video_encoded_once_and_prompt_prefilled_once(backbone, prompts):
+    texts, clips = prompts
+    visual = backbone.vision_tower(backbone.model)
+    videos_encoded, forward_lengths = [], []
+    h1 = visual.register_forward_hook(lambda m, args, kwargs, out: videos_encoded.append(len(kwargs["grid_thw"])), with_kwargs=True)
+    h2 = backbone.model.register_forward_hook(
+        lambda m, args, kwargs, out: forward_lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        rollout = generate_groups(backbone, texts, clips, group_size=8, max_new_tokens=6, temperature=1.0, top_p=0.95,
+                                  generator=torch.Generator().manual_seed(0))
+    finally:
+        h1.remove()
+        h2.remove()
+    assert videos_encoded == [2]  # one vision-encoder call for the B=2 videos, not B*G=16
+    prefills = [n for n in forward_lengths if n > 1]
+    assert len(prefills) == 1  # the two prompts prefilled once, together
+    assert all(n == 1 for n in forward_lengths[1:])  # every other call decodes one token per row
+    assert len(rollout.completion_ids) == 16
+
+
+def test_truncation_and_end_tokens(backbone, prompts):
+    texts, clips = prompts
+    rollout = generate_groups(backbone, texts, clips, group_size=2, max_new_tokens=3, temperature=1.0,
+                              generator=torch.Generator().manual_seed(1))
+    eos = set(backbone.eos_token_ids)
+    for ids, cut in zip(rollout.completion_ids, rollout.truncated):
+        if cut:
+            assert len(ids) == 3 and not eos & set(ids)
+        else:
+            assert ids[-1] in eos and not eos & set(ids[:-1])
+    media = set(backbone.media_token_ids)
+    assert media and not any(media & set(ids) for ids in rollout.completion_ids)
+
+
+def test_seeded_sampling_is_reproducible(backbone, prompts):
+    texts, clips = prompts
+    runs = [generate_groups(backbone, texts, clips, 4, 8, 1.0, 0.95, torch.Generator().manual_seed(7)).completion_ids
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert len({tuple(ids) for ids in runs[0]}) > 1  # temperature 1 samples differ within a group
+
+
+def test_sample_next_token_nucleus_greedy_and_suppress():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    gen = torch.Generator().manual_seed(0)
+    # top_p 0.6: tokens 0 (mass before 0) and 1 (mass before 0.5 < 0.6) stay; token 2 (0.8 >= 0.6) goes.
+    draws = {int(sample_next_token(logits, 1.0, 0.6, gen)) for _ in range(200)}
+    assert draws == {0, 1}
+    assert int(sample_next_token(logits, 0.0, 1.0, None)) == 0
+    assert int(sample_next_token(logits, 0.0, 1.0, None, suppress=torch.tensor([0]))) == 1
+    draws = {int(sample_next_token(logits, 1.0, 1.0, gen, suppress=torch.tensor([1]))) for _ in range(200)}
+    assert draws == {0, 2}
+
+
+def test_token_offsets_and_perception_masks(backbone):
+    tok = backbone.tokenizer
+    text = "<observation>a red circle</observation>\n<think>so red</think><answer>A</answer>"
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    decoded, offsets = token_offsets(tok, ids)
+    assert decoded == text
+    assert offsets[-1][0] == offsets[-1][1] == len(text)  # the end token decodes to nothing
+    texts, masks = perception_masks(tok, [ids])
+    perception_end = len("<observation>a red circle</observation>")
+    expected = [start < perception_end for start, _ in offsets[:-1]] + [False]
+    assert masks[0] == expected
+    assert any(masks[0]) and not all(masks[0])
+
+
+def test_train_batch_logprobs_equal_per_sample_forward(backbone, prompts):
+    texts, clips = prompts
+    rollout = generate_groups(backbone, texts, clips, group_size=2, max_new_tokens=7, temperature=1.0,
+                              generator=torch.Generator().manual_seed(3))
+    batch = build_train_batch(backbone, rollout, list(range(4)))
+    logp = completion_logprobs(backbone, batch)  # (4, T)
+    for i in range(4):
+        prompt = rollout.prompts.items[i // 2]
+        ids = torch.cat([prompt["input_ids"][0], torch.tensor(rollout.completion_ids[i])])[None]
+        inputs = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        types = torch.cat([prompt["mm_token_type_ids"][0], torch.zeros(len(rollout.completion_ids[i]), dtype=torch.long)])
+        with torch.no_grad():
+            logits = backbone.model(input_ids=ids, mm_token_type_ids=types[None], **inputs).logits[0]
+        p = prompt["input_ids"].shape[1]
+        expected = torch.log_softmax(logits[p - 1 : -1].float(), -1).gather(-1, ids[0, p:, None]).squeeze(-1)
+        n = len(rollout.completion_ids[i])
+        assert batch.completion_mask[i].sum() == n
+        torch.testing.assert_close(logp[i, :n], expected, atol=1e-5, rtol=1e-5)

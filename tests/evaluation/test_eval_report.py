@@ -1,0 +1,110 @@
+"""The evaluation callback's bookkeeping on hand-made rows: metric encoding, summaries, the table,
+results.json and reading predictions back."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from callbacks.evaluation import BenchmarkScores
+from callbacks.evaluation.metric import decode_rows, encode_rows
+from callbacks.evaluation.report import (
+    EXCLUDED,
+    markdown_table,
+    read_predictions,
+    results_document,
+    summarize,
+    table_values,
+)
+
+ROWS = [
+    (("vsibench", "object_counting", "mra"), 0.5),
+    (("vsibench", "object_counting", "mra"), 0.9),
+    (("vsibench", "room_size_estimation", "mra"), 0.1),
+    (("vsibench", "obj_appearance_order", "accuracy"), 1.0),
+    (("vsibench", "object_rel_distance", "accuracy"), 0.0),
+    (("vsibench", "object_rel_distance", "accuracy"), 1.0),
+    (("mvbench", "Action Sequence", "accuracy"), 1.0),
+    (("mvbench", "Fine-grained Pose ✓ «ü»", "accuracy"), 0.0),
+    (("mmvu", "", EXCLUDED), 0.0),
+    (("mmvu", "Chemistry", "accuracy"), 1.0),
+]
+
+
+def test_rows_round_trip_through_the_flat_encoding_with_any_characters():
+    keys, scores = [k for k, _ in ROWS], [s for _, s in ROWS]
+    assert decode_rows(encode_rows(keys, scores)) == ROWS
+    with pytest.raises(ValueError, match="truncated"):
+        decode_rows(encode_rows(keys, scores)[:-1])
+
+
+def test_metric_accumulates_over_updates_and_resets():
+    metric = BenchmarkScores().on_device("cpu")
+    metric.update([], [])
+    assert metric.compute() == []
+    metric.update([k for k, _ in ROWS[:4]], [s for _, s in ROWS[:4]])
+    metric.update([], [])
+    metric.update([k for k, _ in ROWS[4:]], [s for _, s in ROWS[4:]])
+    assert metric.compute() == ROWS
+    metric.reset()
+    assert metric.compute() == []
+
+
+def test_summary_vsi_is_the_mean_of_mc_accuracy_and_mra():
+    summary = summarize(ROWS)
+    vsi = summary["vsibench"]
+    mra, acc = (0.5 + 0.9 + 0.1) / 3, (1.0 + 0.0 + 1.0) / 3
+    assert vsi["metrics"]["mra"] == {"score": pytest.approx(mra), "n": 3}
+    assert vsi["metrics"]["accuracy"] == {"score": pytest.approx(acc), "n": 3}
+    assert vsi["score"] == pytest.approx((mra + acc) / 2) and vsi["n"] == 6
+    assert vsi["categories"]["object_counting"]["score"] == pytest.approx(0.7)
+    assert vsi["categories"]["object_rel_distance"]["n"] == 2
+    assert summary["mvbench"]["score"] == 0.5 and set(summary["mvbench"]["categories"]) == {"Action Sequence", "Fine-grained Pose ✓ «ü»"}
+    assert (summary["mmvu"]["n"], summary["mmvu"]["excluded"], summary["mmvu"]["score"]) == (1, 1, 1.0)
+
+
+def test_summary_does_not_depend_on_row_order_and_empty_benchmarks_stay_valid_json():
+    assert summarize(ROWS) == summarize(list(reversed(ROWS)))
+    only_excluded = summarize([(("vcrbench", "", EXCLUDED), 0.0)])
+    assert only_excluded["vcrbench"]["score"] is None
+    json.dumps(only_excluded, allow_nan=False)
+
+
+def test_table_has_the_papers_columns_dashes_for_missing_and_avg_only_when_complete():
+    summary = summarize(ROWS)
+    values = table_values(summary, {"vsibench": "VSI", "mvbench": "MVBench", "mmvu": "MMVU"})
+    assert values == {"VSI": pytest.approx(100 * summary["vsibench"]["score"]), "MVBench": 50.0, "MMVU": 100.0}
+    lines = markdown_table("Qwen2.5-VL-7B", values).splitlines()
+    assert lines[0] == "| model | VSI | VideoMMMU | MMVU | VCR | MVBench | TempCompass | VideoMME | avg |"
+    assert lines[2].split(" | ")[1:] == [f"{values['VSI']:.1f}", "-", "100.0", "-", "50.0", "-", "-", "- |"]
+    full = {c: float(i) for i, c in enumerate(["VSI", "VideoMMMU", "MMVU", "VCR", "MVBench", "TempCompass", "VideoMME"])}
+    assert markdown_table("m", full).splitlines()[2].endswith("| 6.0 | 3.0 |")
+
+
+def test_two_sets_with_one_header_keep_both_columns():
+    summary = summarize([(("val", "OCR", "accuracy"), 1.0), (("synthetic", "OCR", "accuracy"), 0.0)])
+    assert table_values(summary, {"val": "synthetic", "synthetic": "synthetic"}) == {"synthetic": 0.0, "val": 100.0}
+
+
+def test_results_document_layout():
+    summary = summarize(ROWS)
+    doc = results_document(summary, {"VSI": 50.0}, "Qwen/Qwen2.5-VL-7B-Instruct", {"ckpt_path": None})
+    assert set(doc) == {"results", "n-samples", "table", "model", "config"}
+    assert doc["n-samples"]["mmvu"] == {"scored": 1, "excluded": 1}
+    assert doc["results"]["vsibench"]["categories"]["room_size_estimation"] == {
+        "score": 0.1, "n": 1, "metrics": {"mra": {"score": 0.1, "n": 1}}}
+    assert not math.isnan(json.loads(json.dumps(doc))["results"]["mvbench"]["score"])
+
+
+def test_read_predictions_keeps_the_first_line_per_id_and_skips_a_torn_line(tmp_path, caplog):
+    main, part = tmp_path / "predictions.jsonl", tmp_path / "predictions.rank1.jsonl"
+    main.write_text(json.dumps({"id": "1", "benchmark": "mvbench", "score": 1.0}) + "\n"
+                    + json.dumps({"id": "1", "benchmark": "mvbench", "score": 0.0}) + "\n"
+                    + json.dumps({"id": "1", "benchmark": "mmvu", "score": 0.5}) + "\n")
+    part.write_text(json.dumps({"id": "2", "benchmark": "mvbench", "score": 0.0}) + "\n" + '{"id": "3", "bench')
+    done = read_predictions([main, part, tmp_path / "absent.jsonl"])
+    assert sorted(done) == [("mmvu", "1"), ("mvbench", "1"), ("mvbench", "2")]
+    assert done[("mvbench", "1")]["score"] == 1.0
+    assert "predictions.rank1.jsonl:2" in caplog.text
