@@ -1,0 +1,146 @@
+"""Process-aware SFT: the masked loss on worked numbers, and the real CLI fitting and testing the tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from p2r.algorithms.sft import masked_lm_loss
+from p2r.backbones import TinyQwen25VL
+from p2r.backbones.base import IGNORE_INDEX
+from p2r.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = ["--config", str(REPO / "configs" / "sft.yaml"), "--config", str(REPO / "configs" / "tiny.yaml")]
+LN2, LN3 = math.log(2.0), math.log(3.0)
+BIG = [100.0, -100.0, 5.0]  # logits at positions whose prediction is not scored
+
+
+def test_masked_lm_loss_hand_worked_1x4():
+    # Position t predicts label t+1. Labels [-, 2, -, 1]: position 0 must predict 2 from uniform
+    # logits (CE ln 3); position 2 must predict 1 from [0, ln 2, 0] = probabilities 1/4, 1/2, 1/4
+    # (CE ln 2); positions 1 and 3 are not scored. Token mean: (ln 3 + ln 2) / 2 = ln 6 / 2.
+    logits = torch.tensor([[[0.0, 0.0, 0.0], BIG, [0.0, LN2, 0.0], BIG]])
+    labels = torch.tensor([[IGNORE_INDEX, 2, IGNORE_INDEX, 1]])
+    assert masked_lm_loss(logits, labels).item() == pytest.approx(math.log(6.0) / 2, abs=1e-6)
+    # The first label never counts (nothing predicts it).
+    assert masked_lm_loss(logits, torch.tensor([[0, 2, IGNORE_INDEX, 1]])).item() == pytest.approx(math.log(6.0) / 2, abs=1e-6)
+
+
+def test_masked_lm_loss_is_a_mean_over_answer_tokens_of_the_whole_batch():
+    # Row 0 as above (ln 3, ln 2); row 1 scores one token from uniform logits (ln 3), rest padding.
+    logits = torch.tensor([[[0.0, 0.0, 0.0], BIG, [0.0, LN2, 0.0], BIG], [[0.0, 0.0, 0.0], BIG, BIG, BIG]])
+    labels = torch.tensor([[IGNORE_INDEX, 2, IGNORE_INDEX, 1], [IGNORE_INDEX, 0, IGNORE_INDEX, IGNORE_INDEX]])
+    loss = masked_lm_loss(logits.requires_grad_(), labels)
+    assert loss.item() == pytest.approx((2 * LN3 + LN2) / 3, abs=1e-6)
+    loss.backward()
+    assert logits.grad[:, [1, 3]].abs().sum() == 0 and logits.grad[1, 2].abs().sum() == 0
+
+
+def overlay(tmp: Path, data: Path, sizes: dict) -> Path:
+    """Everything a test run writes goes under ``tmp``; small model, 6 steps, tiny frames."""
+    backbone = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+    text = f"""
+trainer:
+  default_root_dir: {tmp}/run
+  max_steps: 6
+  log_every_n_steps: 1
+  limit_val_batches: 1
+  num_sanity_val_steps: 1
+  enable_progress_bar: false
+  logger:
+    - class_path: lightning.pytorch.loggers.CSVLogger
+      init_args: {{save_dir: {tmp}/run, name: logs}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {tmp}/checkpoints, save_last: true}}
+model:
+  init_args:
+    backbone:
+      init_args: {{{backbone}}}
+    eval_max_new_tokens: 8
+data:
+  train_shards: {data}/shards/train-*.tar
+  val_shards: {data}/shards/val-*.tar
+  test_shards: {data}/shards/test-*.tar
+  batch_size: 4
+  eval_batch_size: 6
+  num_workers: 0
+  shuffle_buffer: 0
+  train_frames: {{fps: 4.0, min_frames: 4, max_frames: 4, min_pixels: 3136, max_pixels: 3136}}
+  eval_frames: {{fps: 4.0, min_frames: 4, max_frames: 4, min_pixels: 3136, max_pixels: 3136}}
+"""
+    path = tmp / "test_overlay.yaml"
+    path.write_text(text)
+    return path
+
+
+def read_metrics(root: Path) -> list[dict[str, str]]:
+    [path] = sorted(root.glob("version_*/metrics.csv"))[-1:]
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, synthetic_root, tiny_sizes):
+    tmp = tmp_path_factory.mktemp("sft_run")
+    extra = overlay(tmp, synthetic_root, tiny_sizes)
+    with mock.patch.object(sys, "argv", ["p2r"]):  # not pytest's own arguments
+        cli = main(["fit", *CONFIGS, "--config", str(extra)])
+    return cli, tmp, extra
+
+
+def test_fit_changes_parameters_and_lowers_the_loss(fitted, tiny_sizes):
+    cli, tmp, _ = fitted
+    assert cli.trainer.global_step == 6
+    assert isinstance(cli.model.backbone, TinyQwen25VL)
+    initial = TinyQwen25VL(**tiny_sizes, seed=0)  # configs/tiny.yaml's seed: the run's starting point
+    initial.build()
+    before, after = initial.state_dict(), cli.model.backbone.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == set(before)  # full fine-tuning: every tensor, vision tower included, moved
+
+    rows = read_metrics(tmp / "run" / "logs")
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 6
+    assert losses[-1] < losses[0]
+    assert sum(losses[-2:]) < sum(losses[:2])
+    logged = {k for r in rows for k, v in r.items() if v}
+    assert {"train/lr", "train/tokens_per_s", "train/target_tokens", "data/skipped_samples", "val/accuracy", "val/format"} <= logged
+    assert all(float(r["data/skipped_samples"]) == 0 for r in rows if r.get("data/skipped_samples"))
+    log_dir = Path(cli.trainer.log_dir)
+    assert log_dir.is_relative_to(tmp) and (log_dir / "config.yaml").is_file()  # not into the repo's runs/
+
+
+def test_fit_writes_a_checkpoint_that_weights_from_loads(fitted, tiny_sizes):
+    cli, tmp, _ = fitted
+    ckpt = tmp / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
+    assert state["state_dict"] and all(k.startswith("backbone.") for k in state["state_dict"])
+    reloaded = TinyQwen25VL(**tiny_sizes, weights_from=str(ckpt))
+    reloaded.build()
+    trained = cli.model.backbone.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in reloaded.state_dict().items())
+
+
+def test_test_on_the_checkpoint_logs_accuracy_and_format(fitted, synthetic_root):
+    _, tmp, extra = fitted
+    ckpt = tmp / "checkpoints" / "last.ckpt"
+    with mock.patch.object(sys, "argv", ["p2r"]):
+        cli = main(["test", *CONFIGS, "--config", str(extra), f"--ckpt_path={ckpt}"])
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert {"test/accuracy", "test/format"} <= metrics.keys()
+    assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.startswith("test/"))
+    types = {r["problem_type"] for r in json.loads((synthetic_root / "test.json").read_text())}
+    assert {f"test/accuracy/{t}" for t in types} <= metrics.keys()
+    rows = read_metrics(tmp / "run" / "logs")  # the test run's own CSV version
+    assert any(r.get("test/accuracy") for r in rows) and any(r.get("test/format") for r in rows)
