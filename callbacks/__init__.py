@@ -4,5 +4,7 @@
 - ``callbacks.segments``: the perception / reasoning split of a completion and its token mask;
 - ``callbacks.rewards``: reward math as pure functions (parsing, accuracy, format, length, judges);
 - ``callbacks.reward_callbacks``: one Lightning callback per reward, and ``score_all``;
-- ``callbacks.rollout_table.RolloutTableWriter``: sample rollouts as JSONL + HTML.
+- ``callbacks.rollout_table.RolloutTableWriter``: sample rollouts as JSONL + HTML;
+- ``callbacks.evaluation``: ``BenchmarkEvaluation``, benchmark scoring with torchmetrics totals
+  across ranks, resumable predictions, results.json and the paper's table (adapters are injected).
 """

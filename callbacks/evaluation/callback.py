@@ -8,9 +8,10 @@ hook ``pl_module.generate_answers(batch, prompts)``. Because the callback has
 - ``test``: for each batch, the samples not already in ``predictions.jsonl`` get their adapter's
   prompt, are generated, scored and appended to the file at once; a progress bar (rank 0) counts
   the answers and shows each benchmark's running mean score (Lightning's own bars show no metrics
-  in test, so configs turn them off: ``trainer.enable_progress_bar: false``). At the end: ``test/<benchmark>/accuracy`` (and, for
-  benchmarks with several metric families, ``test/<benchmark>/metric/<family>``) are logged,
-  ``results.json`` is written and the paper's Table 1 is printed as Markdown.
+  in test, so configs turn them off: ``trainer.enable_progress_bar: false``). At the end,
+  ``test/<benchmark>/accuracy`` (and, for benchmarks with several metric families,
+  ``test/<benchmark>/metric/<family>``) are logged, ``results.json`` is written and the paper's
+  Table 1 is printed as Markdown.
 - ``validate`` and fit's validation loop: the same scoring and logging under ``val/``, no files.
 - ``fit`` with ``every_n_train_steps``: every N optimizer steps the callback itself runs over the
   datamodule's ``val_dataloader()`` (at most ``max_samples``) and logs under ``eval/``.

@@ -163,13 +163,18 @@ class VideoBackbone(nn.Module):
         state = {k[len("backbone.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("backbone.")}
         if not state:
             raise ValueError(f"weights_from: {path!r} holds no 'backbone.*' weights (is it a p2r checkpoint?)")
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        own = self.state_dict()
+        resized = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected or resized:
             raise ValueError(
                 f"weights_from: {path!r} does not match this backbone: {len(missing)} missing keys "
-                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+                f"{len(resized)} of another shape (e.g. {resized[:3]}); "
                 "was it trained with the same backbone config (size, LoRA)?"
             )
+        self.load_state_dict(state)
 
     # --- the interface the modules use ---------------------------------------------------------
     @property

@@ -16,9 +16,15 @@ from torch import nn
 
 from p2r.backbones.base import VideoBackbone
 
-_HOW_TO_GET = (
-    "Download it first, e.g. `huggingface-cli download {name} --local-dir models/{short}`, "
-    "then set backbone.init_args.model_name_or_path to that folder (or set HF_HOME to a cache that has it)."
+_HOW_TO_GET_HUB = (
+    "Download it first, e.g. `hf download {name} --local-dir models/{short}` (older huggingface_hub: "
+    "`huggingface-cli download ...`), then set backbone.init_args.model_name_or_path to that folder "
+    "(or point HF_HOME at a cache that has it)."
+)
+_HOW_TO_GET_FOLDER = (
+    "backbone.init_args.model_name_or_path must be a folder holding a Hugging Face model (config.json, "
+    "weights, processor files): check the path, or download one into it, e.g. "
+    "`hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir {name}`."
 )
 
 
@@ -38,9 +44,10 @@ class HFBackbone(VideoBackbone):
 
     def _missing(self, err: Exception) -> FileNotFoundError:
         name = self.model_name_or_path
-        where = f"folder {name!r}" if Path(name).exists() or name.startswith((".", "/")) else f"hub id {name!r}"
-        hint = _HOW_TO_GET.format(name=name, short=name.rsplit("/", 1)[-1])
-        return FileNotFoundError(f"cannot load the backbone from {where}: {err}. {hint}")
+        if Path(name).exists() or name.startswith((".", "/", "~")):
+            return FileNotFoundError(f"cannot load the backbone from folder {name!r}: {err}. {_HOW_TO_GET_FOLDER.format(name=name)}")
+        hint = _HOW_TO_GET_HUB.format(name=name, short=name.rsplit("/", 1)[-1])
+        return FileNotFoundError(f"cannot load the backbone from hub id {name!r}: {err}. {hint}")
 
     def _make_processor(self) -> Any:
         from transformers import AutoProcessor

@@ -321,7 +321,9 @@ class VideoDataModule(L.LightningDataModule):
             prefetch_factor=2 if self.num_workers > 0 else None,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_shards:
+            return []  # no validation set configured: fit runs without a validation loop
         return self._eval_loader(self.val_shards, "val_shards")
 
     def test_dataloader(self) -> DataLoader:

@@ -4,7 +4,8 @@ A record is one question about one video (or image) in the Video-R1 / VideoP2R l
 (METHOD.md, "Data records"). The RL file stores every value as a string, ``options`` included
 (a stringified Python/JSON list); :func:`parse_record` accepts both that and the native layout.
 
-p2r adds two optional fields: ``id`` (made from the position in the source file when absent) and
+Fields outside the schema (a benchmark's category columns, ``problem_id``, ...) are kept in
+``extra`` and written back by ``to_dict``. p2r adds two optional fields: ``id`` (made from the position in the source file when absent) and
 ``facts``, the structured ground truth of a synthetic record. ``facts["evidence"]`` is a list of
 groups of phrases: an observation is sufficient to deduce the answer when, for every group, it
 mentions at least one phrase of that group (the rule-based perception judge uses exactly this).
@@ -44,6 +45,7 @@ class VideoRecord:
     output: str = ""
     data_source: str = ""
     facts: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # fields outside the schema (benchmark categories, ...)
 
     @property
     def answer(self) -> str:
@@ -51,10 +53,12 @@ class VideoRecord:
         return extract_answer(self.solution)
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as JSON: schema fields, then the extra fields at top level (as they came in)."""
         out = asdict(self)
+        extra = out.pop("extra")
         if out["facts"] is None:
             del out["facts"]
-        return out
+        return {**extra, **out}
 
 
 def extract_answer(text: str) -> str:
@@ -112,6 +116,8 @@ def parse_record(raw: Any, where: str = "record", default_id: str | None = None)
             raise RecordError(f"{where}: 'facts' is a string that is not JSON ({err})") from err
     if facts is not None and not isinstance(facts, dict):
         raise RecordError(f"{where}: 'facts' must be an object")
+    known = set(REQUIRED_FIELDS) | {"id", "options", "observation", "process", "output", "data_source", "facts"}
+    extra = {k: v for k, v in raw.items() if k not in known}
     rec_id = raw.get("id", raw.get("problem_id"))
     rec_id = str(rec_id) if rec_id not in (None, "") else (default_id or where)
     return VideoRecord(
@@ -127,6 +133,7 @@ def parse_record(raw: Any, where: str = "record", default_id: str | None = None)
         output=str(raw.get("output") or ""),
         data_source=str(raw.get("data_source") or ""),
         facts=facts or None,
+        extra=extra,
     )
 
 
