@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import time
 from pathlib import Path
 
@@ -31,9 +32,10 @@ def main() -> None:
 
     if not glob.glob(f"{args.data}/shards/train-*.tar"):
         print(f"making the synthetic data set in {args.data} ...")
-        make_synthetic(Path(args.data), n_train=2000, n_val=200, n_test=200, seed=0)
+        make_synthetic(Path(args.data), n_train=6000, n_val=200, n_test=200, seed=0)
+    test_sets = json.dumps({"synthetic": f"{args.data}/shards/test-*.tar"})
     extra = [f"--data.train_shards={args.data}/shards/train-*.tar", f"--data.val_shards={args.data}/shards/val-*.tar",
-             f"--data.test_shards={args.data}/shards/test-*.tar"]
+             f"--data.test_sets={test_sets}"]
     if args.epochs is not None:
         extra.append(f"--trainer.max_epochs={args.epochs}")
 
@@ -47,6 +49,7 @@ def main() -> None:
     print(f"\nSFT of the tiny backbone: {fit_minutes:.1f} min on CPU; checkpoint {ckpt}")
     print(f"{'held-out (synthetic test split)':<34} {'score':>7} {'chance':>7}")
     print(f"{'format compliance':<34} {metrics.get('test/format', float('nan')):>7.3f}")
+    print(f"{'observation sufficient (rule judge)':<34} {metrics.get('test/perception', float('nan')):>7.3f}")
     print(f"{'answer accuracy (all types)':<34} {metrics.get('test/accuracy', float('nan')):>7.3f}")
     for key in sorted(k for k in metrics if k.startswith("test/accuracy/")):
         kind = key.split("/", 2)[2]

@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("data/synthetic"), help="output folder")
-    parser.add_argument("--train", type=int, default=2000, help="training clips")
+    parser.add_argument("--train", type=int, default=6000, help="training clips")
     parser.add_argument("--val", type=int, default=200, help="validation clips")
     parser.add_argument("--test", type=int, default=200, help="test clips")
     parser.add_argument("--seed", type=int, default=0, help="random seed (each split draws from its own stream)")

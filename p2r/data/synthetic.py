@@ -219,13 +219,14 @@ def _in_quadrant(rng: random.Random, spec: VideoSpec, width: float, quadrant: st
 
 
 def _large(spec: VideoSpec) -> float:
-    """Width of a lone shape: large enough to survive resizing to a few vision patches."""
-    return round(0.3 * spec.size)
+    """Width of a lone shape: nearly half the frame, so that its colour dominates the few vision
+    tokens of a 56x56 frame (a tiny model first learns what the mean of its vision tokens says)."""
+    return round(0.45 * spec.size)
 
 
 def _quarter(spec: VideoSpec) -> float:
-    """Width of a shape that shares the frame with others, one per quadrant."""
-    return round(0.28 * spec.size)
+    """Width of a shape that shares the frame with others, one per quadrant (most of the quadrant)."""
+    return round(0.4 * spec.size)
 
 
 def _distinct_shapes(rng: random.Random, n: int) -> list[tuple[str, str]]:
@@ -638,7 +639,7 @@ def generate_split(split: str, n: int, seed: int, spec: VideoSpec) -> list[tuple
 
 def make_synthetic(
     out: str | Path,
-    n_train: int = 2000,
+    n_train: int = 6000,
     n_val: int = 200,
     n_test: int = 200,
     seed: int = 0,

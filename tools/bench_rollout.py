@@ -1,0 +1,102 @@
+"""Time per group of G rollouts: p2r's shared-prefill rollout against the two usual ways.
+
+    python tools/bench_rollout.py [--group-size 8] [--new-tokens 64] [--frames 16] [--side 308] [--repeats 3]
+
+Same model (a Qwen2.5-VL built from config, random weights), same video prompt, same sampling
+settings, in one run:
+  ours: p2r.algorithms.rollout.generate_groups: the video encoded and the prompt prefilled once,
+        the KV cache repeated G times, one batched decode loop;
+  (a)   the prompt G times in the batch, one ``generate`` (TRL's and Video-R1's way);
+  (b)   ``generate(num_return_sequences=G)``: video encoded once, prompt prefilled G times.
+Every method generates exactly ``--new-tokens`` tokens per sample (end tokens are ignored), so
+the work compared is the same. Prints the median time of ``--repeats`` runs after one warm-up;
+the last line is ``speedup: <x>``, ours against (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from p2r.algorithms.rollout import generate_groups
+from p2r.backbones import TinyQwen25VL
+from p2r.backbones.base import move_to
+from p2r.data.video import Clip
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per completion")
+    parser.add_argument("--frames", type=int, default=16, help="video frames in the prompt")
+    parser.add_argument("--side", type=int, default=308, help="frame side in pixels (multiple of 28)")
+    parser.add_argument("--hidden", type=int, default=256, help="language model width")
+    parser.add_argument("--layers", type=int, default=4, help="language model layers")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    backbone = TinyQwen25VL(hidden_size=args.hidden, num_layers=args.layers, num_heads=8, num_kv_heads=4,
+                            vision_hidden_size=128, vision_depth=4, seed=0)
+    backbone.build()
+    backbone.model.eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone.model.to(device)
+    g, n = args.group_size, args.new_tokens
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (args.frames, args.side, args.side, 3), dtype=np.uint8)
+    clip = Clip(frames, fps=2.0, frame_indices=list(range(args.frames)), total_frames=args.frames)
+    prompt = backbone.render_prompt("Describe what happens in the video, then answer: which way does it move?", "video")
+    single = move_to(backbone.encode([prompt], [clip]), backbone.model.device, backbone.model.dtype)
+    vision_tokens = int((single["input_ids"] == backbone.tokenizer.convert_tokens_to_ids("<|video_pad|>")).sum())
+    repeated = move_to(backbone.encode([prompt] * g, [clip] * g), backbone.model.device, backbone.model.dtype)
+    sampling = dict(do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=n, min_new_tokens=n,
+                    pad_token_id=backbone.pad_token_id)
+
+    def ours() -> None:
+        generate_groups(backbone, [prompt], [clip], g, n, 1.0, 0.95, torch.Generator(device).manual_seed(0))
+
+    def repeated_batch() -> None:
+        with torch.no_grad():
+            backbone.model.generate(**repeated, **sampling)
+
+    def num_return_sequences() -> None:
+        with torch.no_grad():
+            backbone.model.generate(**single, num_return_sequences=g, **sampling)
+
+    # Exactly n new tokens for ours too: no token ends a completion during the benchmark.
+    type(backbone).eos_token_ids = property(lambda self: [])
+    params = sum(p.numel() for p in backbone.model.parameters()) / 1e6
+    print(f"model: Qwen2.5-VL from config, {params:.1f}M parameters, {device}, {torch.get_num_threads()} threads")
+    print(f"prompt: {single['input_ids'].shape[1]} tokens ({vision_tokens} vision tokens); G = {g}; {n} new tokens each")
+    timings = {
+        "ours (prefill once, shared KV cache)": median_seconds(ours, args.repeats),
+        "(a) prompt repeated G times in the batch": median_seconds(repeated_batch, args.repeats),
+        "(b) generate(num_return_sequences=G)": median_seconds(num_return_sequences, args.repeats),
+    }
+    base = timings["ours (prefill once, shared KV cache)"]
+    for name, seconds in timings.items():
+        print(f"{name:<44} {seconds:8.3f} s per group   {seconds / base:5.2f}x ours")
+    b = timings["(b) generate(num_return_sequences=G)"]
+    print(f"speedup over (b): {b / base:.2f}")
+    print(f"speedup: {timings['(a) prompt repeated G times in the batch'] / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()
