@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.client import HTTPException
 from typing import Any
+
+from callbacks.chat_client import ChatCompletionsClient
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +200,6 @@ class Judge:
         raise NotImplementedError
 
 
-class _RetryableError(Exception):
-    """A failure worth another attempt: timeouts, connection errors, HTTP 408/429/5xx."""
-
-
 class OpenAIChatJudge(Judge):
     """An OpenAI-compatible ``/chat/completions`` endpoint as the perception judge.
 
@@ -256,63 +249,40 @@ class OpenAIChatJudge(Judge):
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
     @property
+    def client(self) -> ChatCompletionsClient:
+        """The HTTP client, built from the current settings: it holds no connection and no secret,
+        so building one per request costs nothing and the settings above stay the one source of truth."""
+        return ChatCompletionsClient(self.base_url, self.api_key_env, self.timeout_s, self.max_retries, self.backoff_s)
+
+    @property
     def url(self) -> str:
-        return self.base_url if self.base_url.endswith("/chat/completions") else self.base_url + "/chat/completions"
-
-    def _redact(self, text: str) -> str:
-        key = os.environ.get(self.api_key_env)
-        return text.replace(key, "***") if key else text
-
-    def _post(self, request: JudgeRequest) -> str:
-        body = {
-            "model": self.model,
-            "messages": judge_messages(request),
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        http_request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(http_request, timeout=self.timeout_s) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as err:
-            detail = err.read()[:200].decode(errors="replace")
-            message = f"HTTP {err.code}: {detail}"
-            if err.code in (408, 429) or err.code >= 500:
-                raise _RetryableError(message) from None
-            raise RuntimeError(message) from None
-        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, HTTPException) as err:
-            raise _RetryableError(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from None
-        try:
-            content = json.loads(payload)["choices"][0]["message"].get("content")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise RuntimeError(f"malformed chat-completions response: {payload[:200]!r}") from None
-        return content or ""
+        return self.client.url
 
     def _judge_one(self, request: JudgeRequest) -> JudgeResult:
         start = time.monotonic()
-        error = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                reply = self._post(request)
-            except _RetryableError as err:
-                error = self._redact(str(err))
-                log.debug("judge attempt %d/%d failed: %s", attempt + 1, self.max_retries + 1, error)
-                continue
-            except Exception as err:
-                error = self._redact(f"{type(err).__name__}: {err}")
-                break
-            verdict = parse_verdict(reply)
-            if verdict is None:
-                error = self._redact(f"no yes/no verdict in reply: {reply[:200]!r}")
-                break
-            return JudgeResult(score=1.0 if verdict else 0.0, latency_s=time.monotonic() - start)
-        return JudgeResult(score=None, error=error, latency_s=time.monotonic() - start)
+        client = self.client
+        try:
+            body = {
+                "model": self.model,
+                "messages": judge_messages(request),
+                "temperature": self.temperature,
+                "max_tokens": self.max_tokens,
+            }
+        except Exception as err:  # a malformed request fails alone, like any other non-retryable error
+            return JudgeResult(score=None, error=client.redact(f"{type(err).__name__}: {err}"),
+                               latency_s=time.monotonic() - start)
+
+        def on_retry(attempt: int, attempts: int, error: str) -> None:
+            log.debug("judge attempt %d/%d failed: %s", attempt, attempts, error)
+
+        reply = client.complete(body, on_retry=on_retry)
+        if reply.text is None:
+            return JudgeResult(score=None, error=reply.error, latency_s=time.monotonic() - start)
+        verdict = parse_verdict(reply.text)
+        if verdict is None:
+            return JudgeResult(score=None, error=client.redact(f"no yes/no verdict in reply: {reply.text[:200]!r}"),
+                               latency_s=time.monotonic() - start)
+        return JudgeResult(score=1.0 if verdict else 0.0, latency_s=time.monotonic() - start)
 
     def _judge_uncached(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:

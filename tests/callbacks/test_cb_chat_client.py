@@ -1,0 +1,171 @@
+"""The shared chat-completions client alone, against a fake server on 127.0.0.1."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from callbacks.chat_client import ChatCompletionsClient, ChatReply
+
+SECRET = "sk-test-DO-NOT-LEAK-0987654321"
+KEY_ENV = "P2R_TEST_CHAT_CLIENT_KEY"
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+class FakeServer:
+    """Answers every POST from a script of (status, raw response bytes, delay_s); the last entry repeats."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.requests = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    status, payload, delay = server.script.pop(0) if len(server.script) > 1 else server.script[0]
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and left
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def ok(text, finish_reason="stop"):
+    return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                    "finish_reason": finish_reason}]}).encode()
+
+
+def err(message):
+    return json.dumps({"error": {"message": message}}).encode()
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(script):
+        servers.append(FakeServer(script))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def client_for(server, **kwargs):
+    settings = dict(api_key_env=KEY_ENV, timeout_s=2.0, max_retries=2, backoff_s=0.01)
+    settings.update(kwargs)
+    return ChatCompletionsClient(server.base_url + "/", **settings)
+
+
+def test_url_and_repr_hold_no_secret(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    client = ChatCompletionsClient("http://h/v1/", KEY_ENV)
+    assert client.url == "http://h/v1/chat/completions"
+    assert ChatCompletionsClient("http://h/v1/chat/completions", KEY_ENV).url == "http://h/v1/chat/completions"
+    assert SECRET not in repr(client) + str(vars(client)) and KEY_ENV in repr(client)
+    assert client.redact(f"key={SECRET}!") == "key=***!"
+    monkeypatch.delenv(KEY_ENV)
+    assert client.redact("nothing to hide") == "nothing to hide"
+
+
+def test_retries_500_then_succeeds(serve, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    server = serve([(500, err("busy"), 0.0), (503, err("busy"), 0.0), (200, ok("fine", "length"), 0.0)])
+    retries = []
+    reply = client_for(server).complete(BODY, on_retry=lambda *args: retries.append(args))
+    assert reply == ChatReply(text="fine", finish_reason="length", error=None, latency_s=reply.latency_s)
+    assert reply.latency_s >= 0.01 + 0.02  # the two backoff sleeps
+    assert len(server.requests) == 3 and all(r["body"] == BODY for r in server.requests)
+    assert server.requests[0]["path"] == "/v1/chat/completions"
+    assert [(a, n) for a, n, _ in retries] == [(1, 3), (2, 3)] and "HTTP 500" in retries[0][2]
+
+
+def test_retries_are_bounded(serve):
+    server = serve([(429, err("slow down"), 0.0)])
+    reply = client_for(server, max_retries=1).complete(BODY)
+    assert reply.text is None and reply.error.startswith("HTTP 429") and len(server.requests) == 2
+
+
+def test_no_retry_on_400(serve):
+    server = serve([(400, err("bad request"), 0.0), (200, ok("never"), 0.0)])
+    retries = []
+    reply = client_for(server).complete(BODY, on_retry=lambda *args: retries.append(args))
+    assert reply.text is None and reply.error.startswith("RuntimeError: HTTP 400") and "bad request" in reply.error
+    assert len(server.requests) == 1 and retries == []
+
+
+def test_timeout_is_retried_then_fails(serve):
+    server = serve([(200, ok("late"), 1.5)])
+    start = time.monotonic()
+    reply = client_for(server, timeout_s=0.2, max_retries=1).complete(BODY)
+    assert time.monotonic() - start < 1.4  # two 0.2 s attempts, not the server's 1.5 s
+    assert reply.text is None and "timed out" in reply.error.lower() and len(server.requests) == 2
+
+
+def test_unreachable_server_and_unencodable_body_never_raise():
+    client = ChatCompletionsClient("http://127.0.0.1:9/v1", KEY_ENV, timeout_s=0.5, max_retries=1, backoff_s=0.01)
+    reply = client.complete(BODY)
+    assert reply.text is None and reply.error
+    reply = client.complete({"model": object()})
+    assert reply.text is None and reply.error.startswith("TypeError")
+
+
+@pytest.mark.parametrize("payload", [b"not json", b'{"choices": []}', b'{"choices": [{"message": "x"}]}', b"[]"])
+def test_malformed_body_fails_without_retry(serve, payload):
+    server = serve([(200, payload, 0.0)])
+    reply = client_for(server).complete(BODY)
+    assert reply.text is None and "malformed chat-completions response" in reply.error
+    assert len(server.requests) == 1
+
+
+def test_empty_content_is_an_empty_reply(serve):
+    server = serve([(200, json.dumps({"choices": [{"message": {"content": None}}]}).encode(), 0.0)])
+    reply = client_for(server).complete(BODY)
+    assert reply.text == "" and reply.finish_reason is None and reply.error is None
+
+
+def test_key_header_from_env_and_redacted_in_errors(serve, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    server = serve([(500, err(f"echoing your key {SECRET}"), 0.0)])
+    client = client_for(server, max_retries=1)
+    retries = []
+    reply = client.complete(BODY, on_retry=lambda *args: retries.append(args))
+    assert [r["headers"]["Authorization"] for r in server.requests] == [f"Bearer {SECRET}"] * 2
+    assert reply.text is None and "***" in reply.error and SECRET not in reply.error
+    assert retries and all(SECRET not in error for _, _, error in retries)
+    monkeypatch.setenv(KEY_ENV, "sk-rotated")  # read at each request, never kept
+    client.complete(BODY)
+    assert server.requests[-1]["headers"]["Authorization"] == "Bearer sk-rotated"
+
+
+def test_no_header_when_env_unset(serve, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    server = serve([(200, ok("hi"), 0.0)])
+    reply = client_for(server).complete(BODY)
+    assert reply.text == "hi" and reply.finish_reason == "stop"
+    assert "Authorization" not in server.requests[0]["headers"]
+    assert server.requests[0]["headers"]["Content-Type"] == "application/json"
