@@ -124,15 +124,19 @@ class VideoBackbone(nn.Module):
             return None
         from transformers import BitsAndBytesConfig
 
+        # The vision tower and lm_head stay in full precision (QLoRA quantizes the language model).
+        # Plain names for transformers versions that match substrings, ".*name" for those (5.2x)
+        # that match from the start of the module path.
+        skip = [*_VISUAL_NAMES, *(f".*{n}" for n in _VISUAL_NAMES), "lm_head"]
         if self.quantization == "4bit":
             return BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=self.torch_dtype,
-                llm_int8_skip_modules=list(_VISUAL_NAMES) + ["lm_head"],
+                llm_int8_skip_modules=skip,
             )
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(_VISUAL_NAMES) + ["lm_head"])
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
     def _add_lora(self, model: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model

@@ -66,16 +66,10 @@ class _TinyBackbone(VideoBackbone):
         return {n: tok.convert_tokens_to_ids(n) for n in names}
 
     def _make_processor(self) -> Any:
-        from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+        from transformers import Qwen2_5_VLProcessor
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-        tok = train_tokenizer(self.vocab_size)
-        return Qwen2_5_VLProcessor(
-            image_processor=Qwen2VLImageProcessor(size=self._SIZE),
-            tokenizer=tok,
-            video_processor=Qwen2VLVideoProcessor(size=self._SIZE, cap_pixels_per_frame=False),
-            chat_template=tok.chat_template,
-        )
+        return _qwen_processor(Qwen2_5_VLProcessor, Qwen2VLVideoProcessor, train_tokenizer(self.vocab_size), patch=14)
 
     def _text_config(self) -> dict[str, Any]:
         ids = self._token_ids(self.tokenizer)
@@ -123,6 +117,19 @@ class _TinyBackbone(VideoBackbone):
         return model
 
 
+def _qwen_processor(processor_cls: type, video_cls: type, tok: Any, patch: int) -> Any:
+    """A Qwen-VL processor around an in-process tokenizer, with the wide resize bounds of _SIZE."""
+    from transformers import Qwen2VLImageProcessor
+
+    size = _TinyBackbone._SIZE
+    return processor_cls(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=patch),
+        tokenizer=tok,
+        video_processor=video_cls(size=size, patch_size=patch, cap_pixels_per_frame=False),
+        chat_template=tok.chat_template,
+    )
+
+
 def _requantize(model: nn.Module, quantization_config: Any, torch_dtype: torch.dtype) -> nn.Module:
     """bitsandbytes quantizes on load: round-trip the tiny model through a temporary folder."""
     import tempfile
@@ -167,16 +174,10 @@ class TinyQwen2VL(_TinyBackbone):
         return Qwen2VLForConditionalGeneration
 
     def _make_processor(self) -> Any:
-        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+        from transformers import Qwen2VLProcessor
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-        tok = train_tokenizer(self.vocab_size)
-        return Qwen2VLProcessor(
-            image_processor=Qwen2VLImageProcessor(size=self._SIZE),
-            tokenizer=tok,
-            video_processor=Qwen2VLVideoProcessor(size=self._SIZE, cap_pixels_per_frame=False),
-            chat_template=tok.chat_template,
-        )
+        return _qwen_processor(Qwen2VLProcessor, Qwen2VLVideoProcessor, train_tokenizer(self.vocab_size), patch=14)
 
     def _config(self) -> Any:
         from transformers import Qwen2VLConfig
@@ -203,19 +204,13 @@ class TinyQwen3VL(_TinyBackbone):
         return Qwen3VLForConditionalGeneration
 
     def _make_processor(self) -> Any:
-        from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+        from transformers import Qwen3VLProcessor
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
         tok = train_tokenizer(self.vocab_size)
         # The Qwen3-VL processor adds <|vision_start|>/<|vision_end|> around each video itself.
-        template = tok.chat_template.replace("<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
-        tok.chat_template = template
-        return Qwen3VLProcessor(
-            image_processor=Qwen2VLImageProcessor(size=self._SIZE, patch_size=16),
-            tokenizer=tok,
-            video_processor=Qwen3VLVideoProcessor(size=self._SIZE, patch_size=16, cap_pixels_per_frame=False),
-            chat_template=template,
-        )
+        tok.chat_template = tok.chat_template.replace("<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
+        return _qwen_processor(Qwen3VLProcessor, Qwen3VLVideoProcessor, tok, patch=16)
 
     def _text_config(self) -> dict[str, Any]:
         cfg = super()._text_config()

@@ -235,3 +235,23 @@ def test_weights_from_missing_or_foreign_file_is_a_clear_error(tiny_sizes, tmp_p
     torch.save({"state_dict": {"model.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match=r"holds no 'backbone\.\*' weights"):
         TinyQwen25VL(**tiny_sizes, weights_from=str(tmp_path / "other.ckpt")).build()
+
+
+def test_qlora_quantizes_the_language_model_only_and_trains_adapters(tmp_path):
+    """4-bit NF4 base (bitsandbytes, on CPU) + LoRA: only the adapters train; vision stays full precision."""
+    import bitsandbytes as bnb  # a test dependency (the [test] extra)
+
+    # bitsandbytes' CPU 4-bit kernels need in_features >= 64 (one quantization block).
+    b = TinyQwen25VL(hidden_size=128, num_layers=2, vision_hidden_size=64, quantization="4bit", lora=LoraOptions(r=4))
+    b.build()
+    four_bit = [n for n, m in b.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 decoder layers
+    assert not any("visual" in n for n in four_bit)
+    trainable = [n for n, p in b.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    clip = Clip(np.zeros((4, 56, 56, 3), dtype=np.uint8), fps=4.0, frame_indices=[0, 2, 4, 6], total_frames=8)
+    batch = b.encode([b.render_prompt("What colour?", "video")], [clip], ["<answer>A</answer>"])
+    b(**batch).float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for n, p in b.named_parameters() if p.requires_grad)
+    with b.adapters_disabled():
+        assert torch.isfinite(b(**batch)).all()
