@@ -49,6 +49,7 @@ from p2r.algorithms.rollout import (
     generate_groups,
     perception_masks,
 )
+from p2r.algorithms.shared_prompt import shared_prompt_logprobs, supports_shared_prompt
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import build_question
 from p2r.data.video import Clip
@@ -73,6 +74,12 @@ def micro_weight(mode: str, rows_mask: torch.Tensor, all_mask: torch.Tensor) -> 
     if mode == "constant":
         return rows_mask.shape[0] / all_mask.shape[0]
     return float(rows_mask.any(1).sum()) / max(1.0, float(all_mask.any(1).sum()))
+
+
+def completion_mask_of(rollout: GroupRollout, rows: list[int]) -> torch.Tensor:
+    """(n, T) True on the real tokens of completions ``rows``; T is the longest of them."""
+    lengths = torch.tensor([len(rollout.completion_ids[i]) for i in rows])  # (n,)
+    return torch.arange(int(lengths.max()))[None, :] < lengths[:, None]  # (n, T)
 
 
 def shuffled_clip(clip: Clip, rng: random.Random) -> Clip:
@@ -102,6 +109,7 @@ class PAGRPOModule(VideoLVLMModule):
         advantage_eps: float = 1e-4,
         mask_truncated: bool = False,
         micro_batch_size: int = 8,
+        shared_prompt: bool = True,
         max_grad_norm: float = 5.0,
         rollout_seed: int = 0,
         **kwargs: Any,
@@ -123,7 +131,11 @@ class PAGRPOModule(VideoLVLMModule):
             scale_rewards: Divide by the group std (False: Dr. GRPO's mean-centering only).
             advantage_eps: Added to the group std.
             mask_truncated: Leave completions that hit max_completion_length out of the loss.
-            micro_batch_size: Rows per forward/backward in the log-prob and update passes.
+            micro_batch_size: Completions per forward/backward in the log-prob and update passes
+                (with shared_prompt, whole groups: max(1, micro_batch_size // group_size) prompts).
+            shared_prompt: Run each prompt and its video once per group in the log-prob and update
+                passes (one packed row, 4-D mask; p2r.algorithms.shared_prompt); False: one row per
+                completion, the prompt repeated G times (TRL/Video-R1's way).
             max_grad_norm: Gradient-norm clip per optimizer step (paper 5).
             rollout_seed: Seed of rollout sampling (offset by step and rank).
             *args, **kwargs: The arguments of :class:`p2r.algorithms.base.VideoLVLMModule`.
@@ -145,6 +157,7 @@ class PAGRPOModule(VideoLVLMModule):
         self.advantage_eps = advantage_eps
         self.mask_truncated = mask_truncated
         self.micro_batch_size = micro_batch_size
+        self.shared_prompt = shared_prompt
         self.max_grad_norm = max_grad_norm
         self.rollout_seed = rollout_seed
         self.optimizer_steps_per_batch = num_iterations
@@ -153,6 +166,13 @@ class PAGRPOModule(VideoLVLMModule):
     def configure_model(self) -> None:
         first_build = not self.backbone.is_built
         super().configure_model()
+        if self.shared_prompt:
+            ok, why = supports_shared_prompt(self.backbone)
+            if not ok:
+                raise ValueError(
+                    f"model.init_args.shared_prompt: true is not possible with this backbone: {why}. "
+                    "Set shared_prompt: false to use the per-sample passes."
+                )
         if first_build and self.beta > 0 and self.backbone.lora is None:
             # Copied now, before Lightning restores a resumed checkpoint: the reference stays the
             # starting (SFT) policy. Kept out of the module's registry so it is never saved.
@@ -243,16 +263,32 @@ class PAGRPOModule(VideoLVLMModule):
         adv = token_advantages(adv_p[rows].to(self.device), adv_r[rows].to(self.device), perception & comp, comp)
         return adv, perception & comp, comp
 
-    def _reference_logprobs(self, batch: Any) -> torch.Tensor | None:
+    def _chunks(self, num_prompts: int) -> list[list[int]]:
+        """Sample indices per micro-batch; whole groups when the prompt is shared."""
+        g = self.group_size
+        if not self.shared_prompt:
+            return micro_batches(num_prompts * g, self.micro_batch_size)
+        groups = micro_batches(num_prompts, max(1, self.micro_batch_size // g))
+        return [[p * g + j for p in prompts for j in range(g)] for prompts in groups]
+
+    def _logprobs(self, rollout: GroupRollout, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs (n, T) of the completions ``rows`` and their mask, under the current model."""
+        if self.shared_prompt:
+            prompts = sorted({i // self.group_size for i in rows})
+            return shared_prompt_logprobs(self.backbone, rollout, prompts, self.temperature)
+        batch = build_train_batch(self.backbone, rollout, rows)
+        return completion_logprobs(self.backbone, batch, self.temperature), batch.completion_mask
+
+    def _reference_logprobs(self, rollout: GroupRollout, rows: list[int]) -> torch.Tensor | None:
         if self.beta == 0:
             return None
         if self.backbone.lora is not None:
             with self.backbone.adapters_disabled():
-                return completion_logprobs(self.backbone, batch, self.temperature)
+                return self._logprobs(rollout, rows)[0]
         policy = self.backbone.model
         self.backbone.model = self._reference_model
         try:
-            return completion_logprobs(self.backbone, batch, self.temperature)
+            return self._logprobs(rollout, rows)[0]
         finally:
             self.backbone.model = policy
 
@@ -265,21 +301,20 @@ class PAGRPOModule(VideoLVLMModule):
         notify_rollouts_scored(self.trainer, self, rollouts)
         t2 = time.perf_counter()
         adv_p, adv_r, keep = self._advantages(rollouts)
-        n = len(rollouts)
-        chunks = micro_batches(n, self.micro_batch_size)
         prepared = []
         with torch.no_grad():
-            for rows in chunks:
-                tb = build_train_batch(self.backbone, rollout, rows)
-                adv, perception, comp = self._token_tensors(rows, masks, adv_p, adv_r, keep, tb.completion_mask)
-                old = completion_logprobs(self.backbone, tb, self.temperature) if self.num_iterations > 1 else None
-                prepared.append((tb, adv, perception, comp, old, self._reference_logprobs(tb)))
+            for rows in self._chunks(rollouts.num_prompts):
+                completion_mask = completion_mask_of(rollout, rows).to(self.device)
+                adv, perception, comp = self._token_tensors(rows, masks, adv_p, adv_r, keep, completion_mask)
+                # With one update per rollout batch the old policy is the current one: no extra pass.
+                old = self._logprobs(rollout, rows)[0] if self.num_iterations > 1 else None
+                prepared.append((rows, adv, perception, comp, old, self._reference_logprobs(rollout, rows)))
         all_mask = torch.cat([self._pad_cols(p[3], self.max_completion_length) for p in prepared])
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         stats: dict[str, float] = {}
         for _ in range(self.num_iterations):
-            for tb, adv, perception, comp, old, ref in prepared:
-                logp = completion_logprobs(self.backbone, tb, self.temperature)
+            for rows, adv, perception, comp, old, ref in prepared:
+                logp = self._logprobs(rollout, rows)[0]
                 loss, metrics = pagrpo_loss(
                     logp, old if old is not None else logp.detach(), ref, adv, comp,
                     beta=self.beta, eps_low=self.epsilon, eps_high=self.epsilon_high, mode=self.loss_aggregation,

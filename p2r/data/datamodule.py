@@ -115,10 +115,12 @@ class ShardStream(IterableDataset):
     def _raw_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
         if self.train:
             # Different shard order per rank/worker and epoch; reproducible from the seed.
-            shards = wds.ResampledShards(self.urls, seed=self.seed + 1000 * self.epoch + slot, deterministic=True)
+            seed = self.seed + 1000 * self.epoch + slot
+            shards = wds.ResampledShards(self.urls, seed=seed, deterministic=True)
             stream = wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter(shards))
             if self.shuffle_buffer > 0:
-                stream = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer))(stream)
+                # Seeded: webdataset's default shuffle seeds from the pid and the clock.
+                stream = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), seed=seed)(stream)
             yield from stream
             return
         shards = ({"url": u} for u in self.urls)

@@ -57,6 +57,15 @@ def test_train_loader_gives_every_rank_the_same_number_of_full_batches(
         assert seen[0] != seen[1]  # ranks draw different shard orders
 
 
+def test_shuffled_training_order_is_reproducible_from_the_seed(synthetic_root, monkeypatch):
+    """Same seed, same sample order (webdataset's own shuffle seeds from pid and clock)."""
+    pattern = str(synthetic_root / "shards" / "train-*.tar")
+    orders = [ids_of(make_dm(monkeypatch, train_shards=pattern, batch_size=2, shuffle_buffer=8, seed=seed).train_dataloader())
+              for seed in (3, 3, 4)]
+    assert orders[0] == orders[1]
+    assert orders[0] != orders[2]
+
+
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_eval_streams_cover_every_sample_once_across_ranks_and_workers(synthetic_root, monkeypatch, split):
     pattern = str(synthetic_root / "shards" / f"{split}-{{000000..000001}}.tar")  # 7 val / 6 test samples

@@ -1,0 +1,210 @@
+"""Shared-prompt passes: the same log-probs, loss and gradients as the per-sample path, fewer runs.
+
+Tolerance: fp32 log-probs agree within atol 1e-5 (measured: under 1e-6), gradients within 1e-4
+of each parameter's largest gradient (measured: under 1e-5). The two paths run the same
+arithmetic on differently shaped batches (other matmul blockings, another mask layout), so only
+float rounding differs; a completion that leaked into another or positions shifted by one move
+log-probs by 1e-4 to 1e-2 on these tiny models, far outside the tolerance.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from p2r.algorithms.policy_loss import pagrpo_loss
+from p2r.algorithms.rollout import GroupRollout, build_train_batch, completion_logprobs, prepare_prompts
+from p2r.algorithms.shared_prompt import shared_attention_mask, shared_prompt_logprobs, supports_shared_prompt
+from p2r.backbones import LoraOptions, TinyQwen2VL, TinyQwen3VL, TinyQwen25VL
+from p2r.data.video import Clip
+
+ATOL = 1e-5
+SIZES = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, vision_hidden_size=16, vision_depth=1,
+             vocab_size=512, seed=1)
+# Completion lengths cycled over the samples: a 1-token one and truncated ones (no end token).
+LENGTHS = [1, 6, 13, 3, 9, 2, 13, 5]
+MAX_NEW = 13
+
+
+def _clip(seed: int, frames: int, side: int) -> Clip:
+    rng = np.random.default_rng(seed)
+    return Clip(rng.integers(0, 255, (frames, side, side, 3), dtype=np.uint8), fps=4.0,
+                frame_indices=list(range(0, 2 * frames, 2)), total_frames=2 * frames)
+
+
+@functools.cache
+def _build(cls, lora: bool, attn: str = "sdpa"):
+    """A built tiny backbone in eval mode, shared by the tests (none changes its weights)."""
+    backbone = cls(**SIZES, attn_implementation=attn, lora=LoraOptions(r=4) if lora else None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # peft draws lora_A from the global generator
+        backbone.build()
+    if lora:  # LoRA starts as a no-op (B = 0): give the adapters weights so they change the outputs.
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in backbone.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    return backbone.eval()  # no LoRA dropout: both paths must see the same weights
+
+
+def _rollout(backbone, group_size: int) -> GroupRollout:
+    """Three prompts of different lengths (question and video size) and G completions each."""
+    questions = ["Hi?", "Which way does the red square move across the whole frame, left or right?", "Count them."]
+    texts = [backbone.render_prompt(q, "video") for q in questions]
+    prompts = prepare_prompts(backbone, texts, [_clip(0, 4, 56), _clip(1, 2, 84), _clip(2, 6, 56)])
+    banned = set(backbone.tokenizer.all_special_ids) | set(backbone.media_token_ids) | set(backbone.eos_token_ids)
+    vocab = np.array([i for i in range(len(backbone.tokenizer)) if i not in banned])
+    rng = np.random.default_rng(group_size)
+    end = backbone.eos_token_ids[0]
+    completions, truncated = [], []
+    for i in range(3 * group_size):
+        n = LENGTHS[(i + i // group_size) % len(LENGTHS)]
+        ids = rng.choice(vocab, n).tolist()
+        completions.append(ids if n == MAX_NEW else ids[:-1] + [end])
+        truncated.append(n == MAX_NEW)
+    return GroupRollout(prompts, group_size, completions, truncated)
+
+
+def _rows(prompt_indices: list[int], g: int) -> list[int]:
+    return [p * g + j for p in prompt_indices for j in range(g)]
+
+
+def _assert_same_logprobs(backbone, rollout, prompt_indices, temperature=1.0):
+    batch = build_train_batch(backbone, rollout, _rows(prompt_indices, rollout.group_size))
+    with torch.no_grad():
+        expected = completion_logprobs(backbone, batch, temperature)  # (n, T)
+        logp, mask = shared_prompt_logprobs(backbone, rollout, prompt_indices, temperature)
+    assert torch.equal(mask, batch.completion_mask)
+    assert logp.shape == expected.shape
+    torch.testing.assert_close(logp[mask], expected[mask], atol=ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module", params=[
+    (TinyQwen25VL, False), (TinyQwen25VL, True), (TinyQwen2VL, False), (TinyQwen2VL, True),
+    (TinyQwen3VL, False), (TinyQwen3VL, True),
+], ids=lambda p: f"{p[0].__name__}-{'lora' if p[1] else 'full'}")
+def backbone(request):
+    return _build(*request.param)
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 8])
+def test_logprobs_equal_per_sample_path(backbone, group_size):
+    rollout = _rollout(backbone, group_size)
+    for prompt_indices in ([0, 1, 2], [2, 0], [1]):
+        _assert_same_logprobs(backbone, rollout, prompt_indices)
+    if backbone.lora is not None:  # the reference pass: adapters off
+        with backbone.adapters_disabled():
+            _assert_same_logprobs(backbone, rollout, [0, 1, 2])
+
+
+def test_temperature_and_eager_attention():
+    backbone = _build(TinyQwen25VL, lora=False, attn="eager")  # eager adds the mask to the scores
+    assert supports_shared_prompt(backbone)[0]
+    rollout = _rollout(backbone, 2)
+    _assert_same_logprobs(backbone, rollout, [0, 1, 2], temperature=0.7)
+
+
+def _loss_and_grads(backbone, rollout, micro_batches, logprobs_of, seed=0):
+    """Sum over micro-batches of the PA-GRPO loss (weighted by rows) and the parameters' gradients."""
+    backbone.model.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(seed)
+    n_all = sum(len(m) for m in micro_batches) * rollout.group_size
+    total = 0.0
+    for prompt_indices in micro_batches:
+        logp, mask = logprobs_of(prompt_indices)  # (n, T)
+        adv = torch.randn(logp.shape[0], 1, generator=gen).expand_as(logp)  # (n, T)
+        ref = logp.detach() + 0.1 * torch.randn(logp.shape, generator=gen)  # (n, T)
+        perception = torch.rand(logp.shape, generator=gen) < 0.4  # (n, T)
+        loss, _ = pagrpo_loss(logp, logp.detach(), ref, adv, mask, beta=0.04, eps_low=0.2,
+                              mode="segment_mean", perception_mask=perception)
+        weighted = loss * logp.shape[0] / n_all
+        weighted.backward()
+        total += float(weighted.detach())
+    grads = {n: p.grad.clone() for n, p in backbone.model.named_parameters() if p.grad is not None}
+    backbone.model.zero_grad(set_to_none=True)
+    return total, grads
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_pagrpo_loss_and_gradients_match(lora):
+    backbone = _build(TinyQwen25VL, lora)
+    rollout = _rollout(backbone, 8)
+    micro = [[0, 2], [1]]
+
+    def per_sample(prompt_indices):
+        batch = build_train_batch(backbone, rollout, _rows(prompt_indices, 8))
+        return completion_logprobs(backbone, batch), batch.completion_mask
+
+    expected_loss, expected = _loss_and_grads(backbone, rollout, micro, per_sample)
+    loss, grads = _loss_and_grads(backbone, rollout, micro, lambda p: shared_prompt_logprobs(backbone, rollout, p))
+    assert loss == pytest.approx(expected_loss, abs=1e-6)
+    assert grads.keys() == expected.keys() and grads
+    for name, grad in grads.items():  # within 1e-4 of each gradient's scale (measured: under 1e-5)
+        error, scale = float((grad - expected[name]).abs().max()), float(expected[name].abs().max())
+        assert error <= 1e-4 * scale + 1e-9, (name, error, scale)
+    visual = [n for n in grads if ".visual." in n]
+    if lora:
+        assert not visual and all("lora_" in n for n in grads)
+    else:  # the vision tower trains: its gradient flows through the one shared prompt
+        assert visual and any(grads[n].abs().sum() > 0 for n in visual)
+
+
+def test_vision_encoder_once_per_prompt_and_one_forward_per_micro_batch():
+    backbone = _build(TinyQwen25VL, lora=False)
+    rollout = _rollout(backbone, 8)
+    videos, forwards = [], []
+    h1 = backbone.vision_tower(backbone.model).register_forward_hook(
+        lambda m, args, kwargs, out: videos.append(len(kwargs["grid_thw"])), with_kwargs=True)
+    h2 = backbone.model.register_forward_hook(
+        lambda m, args, kwargs, out: forwards.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            shared_prompt_logprobs(backbone, rollout, [0, 1])
+            shared_prompt_logprobs(backbone, rollout, [2])
+    finally:
+        h1.remove()
+        h2.remove()
+    assert videos == [2, 1]  # one vision call per micro-batch, one video per prompt (not G per prompt)
+    assert [rows for rows, _ in forwards] == [2, 1]  # one forward per micro-batch, one row per prompt
+
+
+def test_attention_mask_hand_worked():
+    # columns: left pad, prompt, prompt, completion 1 (2 tokens), completion 2 (1 token), right pad
+    segments = torch.tensor([[-1, 0, 0, 1, 1, 2, -1]])
+    allowed = shared_attention_mask(segments, torch.float32)[0, 0] == 0
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0],  # padding sees itself only: no empty row
+        [0, 1, 0, 0, 0, 0, 0],  # prompt: causal over the prompt
+        [0, 1, 1, 0, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0, 0],  # completion 1: the prompt and itself, causally
+        [0, 1, 1, 1, 1, 0, 0],
+        [0, 1, 1, 0, 0, 1, 0],  # completion 2: the prompt and itself, never completion 1
+        [1, 1, 1, 0, 0, 0, 1],  # right padding: earlier padding and the prompt (never read)
+    ], dtype=torch.bool)
+    assert torch.equal(allowed, expected)
+    blocked = shared_attention_mask(segments, torch.bfloat16)
+    assert blocked.dtype == torch.bfloat16 and blocked.min() == torch.finfo(torch.bfloat16).min
+
+
+def test_supports_shared_prompt_refuses_what_cannot_take_the_mask(monkeypatch):
+    backbone = _build(TinyQwen25VL, lora=False)
+    ok, reason = supports_shared_prompt(backbone)
+    assert ok and "qwen2_5_vl" in reason
+    config = backbone.model.config
+    monkeypatch.setattr(config, "_attn_implementation", "flash_attention_2")
+    ok, reason = supports_shared_prompt(backbone)
+    assert not ok and "flash_attention_2" in reason and "shared_prompt: false" in reason
+    monkeypatch.undo()
+    monkeypatch.setattr(config, "model_type", "llava_onevision")
+    ok, reason = supports_shared_prompt(backbone)
+    assert not ok and "llava_onevision" in reason
+    monkeypatch.undo()
+    monkeypatch.setattr(config.get_text_config(), "use_sliding_window", True)
+    ok, reason = supports_shared_prompt(backbone)
+    assert not ok and "sliding" in reason
+    with pytest.raises(RuntimeError, match="built"):
+        supports_shared_prompt(TinyQwen25VL(**SIZES))
