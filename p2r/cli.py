@@ -29,16 +29,12 @@ _QUIET = (
 )
 
 
-class P2RCLI(LightningCLI):
-    """LightningCLI with p2r's defaults (see module docstring)."""
-
-
-def main(args: list[str] | None = None) -> P2RCLI:
+def main(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI; ``args`` defaults to sys.argv. Returns the CLI object (trainer, model, ...)."""
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return P2RCLI(
+    return LightningCLI(
         model_class=VideoLVLMModule,
         subclass_mode_model=True,
         datamodule_class=VideoDataModule,

@@ -88,9 +88,43 @@ def test_overlay_opens_with_how_to_stack_it(overlay):
     assert f"--config {rel(overlay)}" in header(overlay), f"{rel(overlay)} must open with a launch command using it"
 
 
-@pytest.mark.parametrize(("job", "overlay"), [(j, o) for j in JOBS for o in OVERLAYS], ids=lambda p: p.stem)
-def test_overlay_stacks_on_every_job_config(job, overlay, capsys):
-    printed = print_config([subcommand(job), "--config", str(job), "--config", str(overlay)], capsys)
+def launch_stacks(overlay: Path) -> list[tuple[str, list[Path]]]:
+    """(subcommand, config files in order) of every launch line in the overlay's header that uses it."""
+    stacks = []
+    for line in header(overlay).splitlines():
+        found = re.search(r"python -m p2r (fit|validate|test|predict) (.*)", line)
+        if found and f"--config {rel(overlay)}" in found.group(2):
+            stacks.append((found.group(1), [REPO / c for c in re.findall(r"--config (\S+)", found.group(2))]))
+    return stacks
+
+
+STACKS = [(sub, files) for o in OVERLAYS for sub, files in launch_stacks(o)]
+
+
+def test_every_overlay_documents_the_jobs_it_stacks_on():
+    assert all(launch_stacks(o) for o in OVERLAYS)
+    assert {rel(f[0]) for _, f in STACKS if f[-1].name == "tiny.yaml"} >= {"configs/sft.yaml", "configs/pagrpo.yaml"}
+
+
+@pytest.mark.parametrize(("sub", "files"), STACKS, ids=lambda v: "+".join(p.stem for p in v) if isinstance(v, list) else v)
+def test_overlay_stacks_as_its_launch_lines_say(sub, files, capsys):
+    """Each launch line in an overlay's header parses, and every value the stacked files set arrives."""
+    args = [sub]
+    for f in files:
+        args += ["--config", str(f)]
+    printed = print_config(args, capsys)
+    job = next(f for f in files if is_job(f))
     assert printed["model"]["class_path"] == load(job)["model"]["class_path"]
-    for path, value in leaves(load(overlay)):
-        assert lookup(printed, path) == value, (rel(job), rel(overlay), path)
+    for overlay in files[files.index(job) + 1 :]:
+        for path, value in leaves(load(overlay)):
+            later = [o for o in files[files.index(overlay) + 1 :] if _has(load(o), path)]
+            if not later:
+                assert lookup(printed, path) == value, (rel(job), rel(overlay), path)
+
+
+def _has(tree: dict, path: tuple) -> bool:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return True

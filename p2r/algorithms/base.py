@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning as L
-import torch
 
 from callbacks.rewards.accuracy import reasoning_accuracy
 from callbacks.rewards.format import perception_format, reasoning_format
@@ -79,11 +78,12 @@ class VideoLVLMModule(L.LightningModule):
             total = int(self.trainer.estimated_stepping_batches) * self.optimizer_steps_per_batch
         return adamw_with_schedule(self, self.lr, self.weight_decay, self.warmup_ratio, self.schedule, total)
 
-    def prompts_of(self, batch: list[Sample]) -> list[str]:
-        """Chat-rendered process-aware prompts for a batch (the video placeholder included)."""
-        return [
-            self.backbone.render_prompt(build_prompt(s.record, self.prompt_template), s.record.data_type) for s in batch
-        ]
+    def prompts_of(self, batch: list[Sample], user_texts: list[str] | None = None) -> list[str]:
+        """Chat-rendered prompts for a batch (the video placeholder included): the given user texts,
+        by default each record's process-aware prompt."""
+        if user_texts is None:
+            user_texts = [build_prompt(s.record, self.prompt_template) for s in batch]
+        return [self.backbone.render_prompt(u, s.record.data_type) for u, s in zip(user_texts, batch)]
 
     def count_skipped(self, batch: list[Sample]) -> None:
         """Add the samples the data workers dropped (malformed/undecodable) and log the total."""
@@ -96,10 +96,8 @@ class VideoLVLMModule(L.LightningModule):
         ``prompts`` are user texts (an evaluation callback's benchmark-specific prompts); by
         default the process-aware prompt of each record. Documented hook for callbacks.
         """
-        user = prompts if prompts is not None else [build_prompt(s.record, self.prompt_template) for s in batch]
-        rendered = [self.backbone.render_prompt(u, s.record.data_type) for u, s in zip(user, batch)]
         ids = self.backbone.generate(
-            rendered, [s.clip for s in batch], self.eval_max_new_tokens,
+            self.prompts_of(batch, prompts), [s.clip for s in batch], self.eval_max_new_tokens,
             do_sample=self.eval_temperature > 0, temperature=self.eval_temperature or 1.0, top_p=self.eval_top_p,
         )
         return self.backbone.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -137,6 +135,3 @@ class VideoLVLMModule(L.LightningModule):
     def predict_step(self, batch: list[Sample], batch_idx: int) -> list[dict[str, Any]]:
         texts = self.generate_answers(batch)
         return [{"id": s.record.id, "output": t} for s, t in zip(batch, texts)]
-
-    def token_count(self, inputs: dict[str, torch.Tensor]) -> int:
-        return int(inputs["attention_mask"].sum())

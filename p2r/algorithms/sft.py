@@ -73,7 +73,7 @@ class SFTModule(VideoLVLMModule):
         n = len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/target_tokens", float((inputs["labels"] != IGNORE_INDEX).sum()), batch_size=n)
-        self._tokens = self.token_count(inputs)
+        self._tokens = int(inputs["attention_mask"].sum())
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
