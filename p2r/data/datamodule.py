@@ -248,7 +248,7 @@ class VideoDataModule(L.LightningDataModule):
             seed: Seed of shard order and shuffling.
             test_sets: Named evaluation sets for test/predict, e.g. {mvbench: data/eval/eval_mvbench.json,
                 synthetic: data/synthetic/shards/test-*.tar}: shards or Video-R1 eval records files.
-                When set, test_shards is ignored.
+                Set this or test_shards, not both.
             media_root: Folder that the ``path`` of records in test_sets' JSON files is relative to.
         """
         super().__init__()
@@ -308,6 +308,11 @@ class VideoDataModule(L.LightningDataModule):
         return self._plain_loader(stream)
 
     def _eval_loader(self, pattern: str | None, what: str) -> DataLoader:
+        if what == "test_shards" and self.test_sets and self.test_shards:
+            raise ValueError(
+                "data.test_sets and data.test_shards are both set: use one (test_sets names each set; "
+                f"e.g. --data.test_sets='{{\"mine\": \"{self.test_shards}\"}}')"
+            )
         if what == "test_shards" and self.test_sets:
             sets = {name: ([loc] if _is_records_file(loc) else self._expand(loc, f"test_sets.{name}"))
                     for name, loc in self.test_sets.items()}

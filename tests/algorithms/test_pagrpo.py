@@ -80,7 +80,7 @@ def tiny_sft(tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     make_synthetic(work / "data", 16, 4, 4, seed=0, progress=False)
     data = [f"--data.train_shards={work}/data/shards/train-*.tar", f"--data.val_shards={work}/data/shards/val-*.tar",
-            f"--data.test_shards={work}/data/shards/test-*.tar", "--data.batch_size=2"]
+            f"--data.test_sets={{\"synthetic\": \"{work}/data/shards/test-*.tar\"}}", "--data.batch_size=2"]
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         main(["fit", "--config", f"{ROOT}/configs/sft.yaml", "--config", f"{ROOT}/configs/tiny.yaml",

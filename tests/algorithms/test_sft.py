@@ -69,7 +69,8 @@ model:
 data:
   train_shards: {data}/shards/train-*.tar
   val_shards: {data}/shards/val-*.tar
-  test_shards: {data}/shards/test-*.tar
+  test_sets:
+    synthetic: {data}/shards/test-*.tar
   batch_size: 4
   eval_batch_size: 6
   num_workers: 0

@@ -168,10 +168,17 @@ def test_named_test_sets_from_records_files_and_shards(synthetic_root, tmp_path,
     got = []
     for rank in range(world):
         dm = make_dm(monkeypatch, rank, world, test_sets=sets, media_root=str(synthetic_root),
-                     test_shards="ignored-when-test_sets-is-set.tar", eval_batch_size=4, num_workers=workers)
+                     eval_batch_size=4, num_workers=workers)
         got += [(s.benchmark, s.record.id) for b in dm.test_dataloader() for s in b]
     ids = [r["id"] for r in records]
     assert sorted(got) == sorted((name, i) for name in sets for i in ids)
+
+
+def test_test_sets_and_test_shards_together_are_refused(synthetic_root, monkeypatch):
+    pattern = str(synthetic_root / "shards" / "test-*.tar")
+    dm = make_dm(monkeypatch, test_sets={"synthetic": pattern}, test_shards=pattern)
+    with pytest.raises(ValueError, match="test_sets and data.test_shards are both set"):
+        dm.test_dataloader()
 
 
 def test_records_file_with_missing_media_skips_and_counts(synthetic_root, tmp_path, monkeypatch):
