@@ -1,7 +1,13 @@
-"""Shared fixtures: a small synthetic data set made once per session, and tiny backbone sizes."""
+"""Shared fixtures: a small synthetic data set made once per session, tiny backbone sizes, and a
+fake OpenAI-compatible chat server on loopback (judges, the chat client and the CoT teacher)."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +54,86 @@ def tiny25(tiny_sizes):
     backbone = TinyQwen25VL(**tiny_sizes)
     backbone.build()
     return backbone.eval()
+
+
+class ChatServer:
+    """POST /v1/chat/completions on 127.0.0.1, answered by ``respond(request) -> (status, payload, delay_s)``.
+
+    ``request`` is {"path", "headers", "body"}; ``respond`` runs under a lock (a script can pop) and
+    may add keys to it; every request is recorded in ``requests``. ``close`` may be called twice.
+    """
+
+    def __init__(self, respond: Callable[[dict], tuple[int, bytes, float]]) -> None:
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        self._closed = False
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                request = {"path": self.path, "headers": dict(self.headers), "body": body}
+                with server.lock:
+                    status, payload, delay = respond(request)
+                    server.requests.append(request)
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and left
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+
+def _chat_payload(status: int, text: str, finish_reason: str = "stop") -> bytes:
+    """What an OpenAI-compatible server sends: a completion for status 200, else an error body."""
+    if status == 200:
+        data = {"id": "x", "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}]}
+    else:
+        data = {"error": {"message": text}}
+    return json.dumps(data).encode()
+
+
+def _scripted(script: list[tuple[int, bytes, float]]) -> Callable[[dict], tuple[int, bytes, float]]:
+    """A ``respond`` that plays (status, payload, delay_s) entries in turn, the last one repeating."""
+    script = list(script)
+    return lambda request: script.pop(0) if len(script) > 1 else script[0]
+
+
+@pytest.fixture
+def chat_payload():
+    """``chat_payload(status, text, finish_reason="stop") -> bytes``: a completion or an error body."""
+    return _chat_payload
+
+
+@pytest.fixture
+def chat_server():
+    """``chat_server(respond)`` or ``chat_server([(status, payload, delay_s), ...])`` starts a fake
+    chat server (a list is played in turn, its last entry repeating); all are closed after the test."""
+    servers: list[ChatServer] = []
+
+    def start(respond_or_script):
+        respond = respond_or_script if callable(respond_or_script) else _scripted(respond_or_script)
+        servers.append(ChatServer(respond))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

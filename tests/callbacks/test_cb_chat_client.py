@@ -1,9 +1,7 @@
 """The shared chat-completions client alone, against a fake server on 127.0.0.1."""
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -12,45 +10,6 @@ from callbacks.chat_client import ChatCompletionsClient, ChatReply
 SECRET = "sk-test-DO-NOT-LEAK-0987654321"
 KEY_ENV = "P2R_TEST_CHAT_CLIENT_KEY"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-
-
-class FakeServer:
-    """Answers every POST from a script of (status, raw response bytes, delay_s); the last entry repeats."""
-
-    def __init__(self, script):
-        self.script = list(script)
-        self.requests = []
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                    status, payload, delay = server.script.pop(0) if len(server.script) > 1 else server.script[0]
-                time.sleep(delay)
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def ok(text, finish_reason="stop"):
@@ -63,16 +22,9 @@ def err(message):
 
 
 @pytest.fixture
-def serve():
-    servers = []
-
-    def start(script):
-        servers.append(FakeServer(script))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
+def serve(chat_server):
+    """A fake server from a script of (status, payload bytes, delay_s)."""
+    return chat_server
 
 
 def client_for(server, **kwargs):

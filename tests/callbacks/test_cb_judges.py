@@ -2,9 +2,7 @@
 
 import json
 import logging
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -22,66 +20,10 @@ SECRET = "sk-test-DO-NOT-LEAK-1234567890"
 REQ = JudgeRequest(question="How many cars are parked?", answer="3", observation="Three red cars are parked.")
 
 
-class FakeChatServer:
-    """Answers POST /v1/chat/completions from a script: a list of (status, reply text, delay_s).
-
-    The last script entry repeats once the script runs out. Every request is recorded.
-    """
-
-    def __init__(self, script):
-        self.script = list(script)
-        self.requests = []
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                    status, reply, delay = server.script.pop(0) if len(server.script) > 1 else server.script[0]
-                time.sleep(delay)
-                if status == 200:
-                    data = json.dumps({"id": "x", "object": "chat.completion", "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}]})
-                else:
-                    data = json.dumps({"error": {"message": reply}})
-                payload = data.encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def serve():
-    servers = []
-
-    def start(script):
-        server = FakeChatServer(script)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
+def serve(chat_server, chat_payload):
+    """A fake server from a script of (status, reply text, delay_s)."""
+    return lambda script: chat_server([(status, chat_payload(status, text), delay) for status, text, delay in script])
 
 
 def make_judge(server, **kwargs):

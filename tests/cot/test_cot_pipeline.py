@@ -9,10 +9,7 @@ import json
 import logging
 import re
 import runpy
-import threading
-import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -139,54 +136,24 @@ def test_tiny_backbone_teacher_end_to_end(synthetic, tiny_sizes, tmp_path, capsy
 # ---- a scripted OpenAI-compatible teacher on 127.0.0.1 -------------------------------------------
 
 
-class ScriptedChatServer:
-    """POST /v1/chat/completions answered per item: the text part holds "(item N)", and
-    ``scripts[N]`` is a list of (status, reply, delay_s) used in turn, the last one repeating."""
+def per_item(scripts: dict[int, list[tuple[int, str, float]]], chat_payload):
+    """A fake server's ``respond``: the text part holds "(item N)", and ``scripts[N]`` is a list of
+    (status, reply, delay_s) used in turn, the last one repeating; each request is tagged with its item."""
+    scripts = {k: list(v) for k, v in scripts.items()}
 
-    def __init__(self, scripts: dict[int, list[tuple[int, str, float]]]):
-        self.scripts = {k: list(v) for k, v in scripts.items()}
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        server = self
+    def respond(request: dict) -> tuple[int, bytes, float]:
+        text = request["body"]["messages"][-1]["content"][-1]["text"]
+        request["item"] = item = int(re.search(r"\(item (\d+)\)", text).group(1))
+        script = scripts[item]
+        status, reply, delay = script.pop(0) if len(script) > 1 else script[0]
+        return status, chat_payload(status, reply), delay
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = body["messages"][-1]["content"][-1]["text"]
-                item = int(re.search(r"\(item (\d+)\)", text).group(1))
-                with server.lock:
-                    server.requests.append({"item": item, "path": self.path, "headers": dict(self.headers), "body": body})
-                    script = server.scripts[item]
-                    status, reply, delay = script.pop(0) if len(script) > 1 else script[0]
-                time.sleep(delay)
-                if status == 200:
-                    data = {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}]}
-                else:
-                    data = {"error": {"message": reply}}
-                payload = json.dumps(data).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
+    return respond
 
-            def log_message(self, *args):
-                pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def asked(self) -> Counter:
-        return Counter(r["item"] for r in self.requests)
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def asked(server) -> Counter:
+    """How many times the teacher was asked about each item."""
+    return Counter(r["item"] for r in server.requests)
 
 
 def wrong_answer(rec: dict) -> str:
@@ -227,13 +194,15 @@ def scripted_records(root: Path, records: list[dict]) -> tuple[list[dict], dict]
     return records, scripts
 
 
-def test_openai_teacher_request_format_retries_resume_stats_and_shards(synthetic, tmp_path, monkeypatch, capsys, caplog):
+def test_openai_teacher_request_format_retries_resume_stats_and_shards(
+    synthetic, tmp_path, monkeypatch, capsys, caplog, chat_server, chat_payload
+):
     root, base = synthetic
     records, scripts = scripted_records(root, base)
     ids = [r["id"] for r in records]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     monkeypatch.setenv(KEY_ENV, SECRET)
-    server = ScriptedChatServer(scripts)
+    server = chat_server(per_item(scripts, chat_payload))
     out = tmp_path / "out"
     args = ["--records", str(tmp_path / "in.jsonl"), "--media-root", str(root), "--out", str(out),
             "--teacher", "openai", "--base-url", server.base_url, "--model", "teacher-model", "--api-key-env", KEY_ENV,
@@ -243,14 +212,14 @@ def test_openai_teacher_request_format_retries_resume_stats_and_shards(synthetic
     try:
         # Run 1 stops after 4 records, as if killed there.
         assert generate_cot(*args, "--limit", "4") == 0
-        assert server.asked() == Counter({0: 1, 1: 1, 2: 1, 3: 1})
+        assert asked(server) == Counter({0: 1, 1: 1, 2: 1, 3: 1})
         assert [r["id"] for r in lines(out / OUTPUT_FILE)] == ids[:4]
         assert stats(out)["all"] == {"in": 4, "generated": 4, "passed_step2": 3, "kept": 2, "dropped": {
             "verification": {"low answer score": 1}, "sufficiency": {"insufficient observation": 1}}}
 
         # Run 2 goes on from there: item 6 fails twice on the teacher side, item 7 on the judge side.
         assert generate_cot(*args) == 3
-        assert server.asked() == Counter({0: 1, 1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 2, 7: 1, 8: 1})
+        assert asked(server) == Counter({0: 1, 1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 2, 7: 1, 8: 1})
         fates = {ids[0]: None, ids[1]: None, ids[2]: ("verification", "low answer score"),
                  ids[3]: ("sufficiency", "insufficient observation"), ids[4]: ("verification", "malformed trace"),
                  ids[5]: None, ids[6]: ("generation", "teacher error"), ids[7]: ("sufficiency", "judge error"), ids[8]: None}
@@ -265,7 +234,7 @@ def test_openai_teacher_request_format_retries_resume_stats_and_shards(synthetic
 
         # Run 3 asks only for item 6; item 7's stored answer is judged again without asking.
         assert generate_cot(*args) == 3
-        assert server.asked() == Counter({0: 1, 1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 3, 7: 1, 8: 1})
+        assert asked(server) == Counter({0: 1, 1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 3, 7: 1, 8: 1})
         assert "asked the teacher 1 time(s) and reused 1 stored answer(s)" in capsys.readouterr().out
     finally:
         server.close()
