@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from callbacks.rewards.accuracy import reasoning_accuracy
 from callbacks.rewards.format import perception_format, reasoning_format
@@ -64,9 +66,33 @@ class VideoLVLMModule(L.LightningModule):
         self.eval_top_p = eval_top_p
         self.prompt_template = prompt_template
         self.skipped_samples = 0
+        self._backbone_ready = False
 
     def configure_model(self) -> None:
         self.backbone.build()
+        if not self._backbone_ready:
+            self._backbone_ready = True
+            self.on_backbone_built()
+        for model in self.models_to_shard():
+            self.shard(model)
+
+    def on_backbone_built(self) -> None:
+        """Runs once, at the first ``configure_model``: the weights exist, nothing is sharded or restored yet."""
+
+    def models_to_shard(self) -> list[torch.nn.Module]:
+        """The models a sharded strategy splits over the ranks (PA-GRPO adds its reference copy)."""
+        return [self.backbone.model]
+
+    def shard(self, model: torch.nn.Module) -> None:
+        """Apply the strategy's FSDP2 sharding (p2r.strategies.FSDP2Strategy) to ``model``, if any."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy) and not hasattr(strategy, "parallelize"):
+            raise ValueError(
+                "trainer.strategy: Lightning's ModelParallelStrategy leaves sharding to the module; p2r shards "
+                "with p2r.strategies.FSDP2Strategy (configs/strategy/fsdp2.yaml). Use that instead."
+            )
+        if strategy is not None and hasattr(strategy, "parallelize"):
+            strategy.parallelize(model, self.backbone.fsdp_block_classes())
 
     # Optimizer steps per training batch (PA-GRPO's num_iterations); sizes the schedule.
     optimizer_steps_per_batch = 1

@@ -53,6 +53,7 @@ from p2r.algorithms.shared_prompt import shared_prompt_logprobs, supports_shared
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import build_question
 from p2r.data.video import Clip
+from p2r.strategies import gathered
 
 Aggregation = Literal["segment_mean", "token_mean", "sequence_mean", "constant"]
 
@@ -137,7 +138,7 @@ class PAGRPOModule(VideoLVLMModule):
                 passes (one packed row, 4-D mask; p2r.algorithms.shared_prompt); False: one row per
                 completion, the prompt repeated G times (TRL/Video-R1's way).
             max_grad_norm: Gradient-norm clip per optimizer step (paper 5).
-            rollout_seed: Seed of rollout sampling (offset by step and rank).
+            rollout_seed: Seed of rollout sampling (offset by step and by each prompt's index in the global batch).
             *args, **kwargs: The arguments of :class:`p2r.algorithms.base.VideoLVLMModule`.
         """
         super().__init__(*args, **kwargs)
@@ -164,7 +165,6 @@ class PAGRPOModule(VideoLVLMModule):
 
     # --- set-up ----------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        first_build = not self.backbone.is_built
         super().configure_model()
         if self.shared_prompt:
             ok, why = supports_shared_prompt(self.backbone)
@@ -173,11 +173,18 @@ class PAGRPOModule(VideoLVLMModule):
                     f"model.init_args.shared_prompt: true is not possible with this backbone: {why}. "
                     "Set shared_prompt: false to use the per-sample passes."
                 )
-        if first_build and self.beta > 0 and self.backbone.lora is None:
-            # Copied now, before Lightning restores a resumed checkpoint: the reference stays the
-            # starting (SFT) policy. Kept out of the module's registry so it is never saved.
+
+    def on_backbone_built(self) -> None:
+        if self.beta > 0 and self.backbone.lora is None:
+            # Copied now, before sharding and before Lightning restores a resumed checkpoint: the
+            # reference stays the starting (SFT) policy. Kept out of the module's registry so it is
+            # never saved.
             reference = copy.deepcopy(self.backbone.model).eval().requires_grad_(False)
             object.__setattr__(self, "_reference_model", reference)
+
+    def models_to_shard(self) -> list[torch.nn.Module]:
+        reference = getattr(self, "_reference_model", None)
+        return super().models_to_shard() + ([reference] if reference is not None else [])
 
     def on_fit_start(self) -> None:
         reference = getattr(self, "_reference_model", None)
@@ -185,29 +192,36 @@ class PAGRPOModule(VideoLVLMModule):
             reference.to(self.device)
 
     # --- the step --------------------------------------------------------------------------------
-    def _generator(self) -> torch.Generator:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.rollout_seed + 1_000_003 * self.global_step + self.global_rank)
-        return gen
+    def _generators(self, num_prompts: int) -> list[torch.Generator]:
+        """One generator per prompt, seeded by step and the prompt's index in the global batch
+        (rank-major): the same samples whatever the number of ranks the batch is split over."""
+        first = self.global_rank * num_prompts
+        gens = []
+        for index in range(first, first + num_prompts):
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(self.rollout_seed + 1_000_003 * self.global_step + index)
+            gens.append(gen)
+        return gens
 
     def _rollout(self, batch: list[Sample]) -> tuple[GroupRollout, Rollouts, list[list[bool]]]:
         prompts, clips = self.prompts_of(batch), [s.clip for s in batch]
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            gen = self._generator()
-            rollout = generate_groups(
-                self.backbone, prompts, clips, self.group_size, self.max_completion_length,
-                self.temperature, self.top_p, gen,
-            )
-            shuffled = None
-            if needs_shuffled_frames(self.trainer.callbacks):
-                rng = random.Random(self.rollout_seed + self.global_step)
-                other = generate_groups(
-                    self.backbone, prompts, [shuffled_clip(c, rng) for c in clips], self.group_size,
-                    self.max_completion_length, self.temperature, self.top_p, gen,
+            with gathered(self.backbone.model):
+                gen = self._generators(len(batch))
+                rollout = generate_groups(
+                    self.backbone, prompts, clips, self.group_size, self.max_completion_length,
+                    self.temperature, self.top_p, gen,
                 )
-                shuffled = self.backbone.tokenizer.batch_decode(other.completion_ids, skip_special_tokens=True)
+                shuffled = None
+                if needs_shuffled_frames(self.trainer.callbacks):
+                    rng = random.Random(self.rollout_seed + self.global_step)
+                    other = generate_groups(
+                        self.backbone, prompts, [shuffled_clip(c, rng) for c in clips], self.group_size,
+                        self.max_completion_length, self.temperature, self.top_p, gen,
+                    )
+                    shuffled = self.backbone.tokenizer.batch_decode(other.completion_ids, skip_special_tokens=True)
         finally:
             self.backbone.train(was_training)
         texts, masks = perception_masks(self.backbone.tokenizer, rollout.completion_ids)

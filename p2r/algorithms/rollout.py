@@ -97,6 +97,23 @@ def sample_next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
 
 
+def sample_groups(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | list[torch.Generator] | None,
+    group_size: int,
+    suppress: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row of (B*G, V) logits; given one generator per prompt, each group of G rows
+    draws from its own, so a prompt's samples do not depend on which other prompts share its
+    batch (or its rank)."""
+    if not isinstance(generator, list):
+        return sample_next_token(logits, temperature, top_p, generator, suppress)  # (N,)
+    chunks = logits.split(group_size)  # B x (G, V)
+    return torch.cat([sample_next_token(c, temperature, top_p, g, suppress) for c, g in zip(chunks, generator)])  # (N,)
+
+
 def _next_positions(position_ids: torch.Tensor) -> torch.Tensor:
     """Position of the first generated token per prompt: last prompt position + 1 (B,)."""
     last = position_ids[..., -1]  # (3, B) or (B,): left padding puts every prompt's end last
@@ -123,9 +140,11 @@ def generate_groups(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> GroupRollout:
     """Sample ``group_size`` completions for each prompt with one prefill per prompt.
+
+    ``generator``: one for the whole batch, or one per prompt (see :func:`sample_groups`).
 
     Stops a row at its first end token (kept in its ids) and flags rows that reach
     ``max_new_tokens`` without one as truncated. ``temperature=0`` decodes greedily.
@@ -145,7 +164,7 @@ def generate_groups(
     done = torch.zeros(n, dtype=torch.bool, device=logits.device)
     tokens = []
     for step in range(max_new_tokens):
-        tok = sample_next_token(logits, temperature, top_p, generator, suppress)  # (N,)
+        tok = sample_groups(logits, temperature, top_p, generator, group_size, suppress)  # (N,)
         tok = tok.masked_fill(done, backbone.pad_token_id)
         tokens.append(tok)
         done |= torch.isin(tok, eos)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from p2r.data.video import Clip
+from p2r.strategies import gathered
 
 IGNORE_INDEX = -100
 # Processor outputs that are per-token (padded to the batch length) vs. per-visual (concatenated).
@@ -272,14 +273,15 @@ class VideoBackbone(nn.Module):
         batch = self.encode(prompts, clips)
         batch = move_to(left_align(batch), self.model.device, self.model.dtype)
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-        out = self.model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
-            suppress_tokens=self.media_token_ids,
-            **kwargs,
-        )
+        with gathered(self.model):
+            out = self.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.eos_token_ids,
+                pad_token_id=self.pad_token_id,
+                suppress_tokens=self.media_token_ids,
+                **kwargs,
+            )
         new = out[:, batch["input_ids"].shape[1] :].tolist()
         return [trim_completion(ids, self.eos_token_ids, self.pad_token_id) for ids in new]
 

@@ -136,3 +136,14 @@ def test_train_batch_logprobs_equal_per_sample_forward(backbone, prompts):
         n = len(rollout.completion_ids[i])
         assert batch.completion_mask[i].sum() == n
         torch.testing.assert_close(logp[i, :n], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_per_prompt_generators_make_a_group_independent_of_its_batch(backbone, prompts):
+    """What FSDP/DDP parity rests on: prompt 1 alone (rank 1) samples what it samples beside prompt 0."""
+    texts, clips = prompts
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    together = generate_groups(backbone, texts, clips, 4, 10, 1.0, 0.95, gens(11, 12)).completion_ids
+    alone = generate_groups(backbone, texts[1:], clips[1:], 4, 10, 1.0, 0.95, gens(12)).completion_ids
+    assert together[4:] == alone
+    other_seed = generate_groups(backbone, texts[1:], clips[1:], 4, 10, 1.0, 0.95, gens(13)).completion_ids
+    assert other_seed != alone

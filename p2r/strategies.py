@@ -1,0 +1,156 @@
+"""Sharded training strategies, chosen by config (``configs/strategy/*.yaml``).
+
+``FSDP2Strategy`` is Lightning's ModelParallelStrategy used for pure FSDP2: one data-parallel
+mesh over every rank (nodes x devices), ``fully_shard`` on each decoder layer and vision block
+and then on the whole model, mixed precision by an FSDP2 ``MixedPrecisionPolicy`` (parameters
+and optimizer state stay float32 and sharded; layers compute in ``param_dtype``; gradients are
+reduced in ``reduce_dtype``). It runs on GPUs (NCCL) and on CPUs (gloo), so the tests run it
+with two CPU processes. p2r's modules call :meth:`FSDP2Strategy.parallelize` from
+``configure_model`` (Lightning's convention for this strategy) for the policy and, in PA-GRPO,
+the frozen reference copy. Checkpoints are distributed (a folder, one shard file per rank);
+``tools/export_hf.py`` turns one into a Hugging Face folder.
+
+``FSDPStrategy`` is Lightning's FSDP (version 1) with the auto-wrap policy taken from the
+backbone's block classes when none is given. Torch's FSDP1 needs CUDA: on any other accelerator
+it stops at once with a message that points at FSDP2.
+
+Rollouts under FSDP2 run inside :func:`gathered`: every layer is all-gathered once at the
+prefill and stays whole until the rollout ends, so the token-by-token decode does no collective
+and ranks may stop after different numbers of tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+DType = Literal["bfloat16", "float16", "float32"]
+
+
+def fsdp2_modules(model: nn.Module) -> list[nn.Module]:
+    """The submodules of ``model`` (itself included) that ``fully_shard`` turned into FSDP units."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: nn.Module | None) -> bool:
+    """True when ``model`` is (or contains) an FSDP2 unit."""
+    return model is not None and bool(fsdp2_modules(model))
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Keep an FSDP2 model's parameters whole between forwards (for generation); no-op otherwise.
+
+    The first forward all-gathers each unit and nothing is resharded until the context exits, so
+    the decode steps run without collectives. Costs the full parameters' memory meanwhile.
+    """
+    units = fsdp2_modules(model)
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (``fully_shard``) data parallelism over all ranks, bf16 compute with float32 master weights."""
+
+    def __init__(
+        self,
+        param_dtype: DType | None = "bfloat16",
+        reduce_dtype: DType | None = "float32",
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+    ) -> None:
+        """
+        Args:
+            param_dtype: Dtype the layers compute in (None: the parameters' own dtype). Keep the
+                backbone's ``dtype`` float32 and the Trainer's ``precision: 32-true``: this policy
+                is the mixed precision.
+            reduce_dtype: Dtype of the gradient reduce-scatter (None: param_dtype).
+            reshard_after_forward: Free each unit's gathered parameters after its forward (ZeRO-3;
+                False keeps them until the backward: faster, more memory).
+            save_distributed_checkpoint: Each rank writes its own shard (a checkpoint folder);
+                False gathers a single file on rank 0 (needs the whole model in its CPU memory).
+            process_group_backend: "nccl" on GPUs, "gloo" on CPUs (default: chosen from the device).
+        """
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+        )
+        self.param_dtype = param_dtype
+        self.reduce_dtype = reduce_dtype
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        # One data-parallel dimension over every rank; Lightning's "auto" would make the devices
+        # of a node a tensor-parallel group, which p2r's models do not implement.
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def parallelize(self, model: nn.Module, block_classes: set[type[nn.Module]]) -> None:
+        """``fully_shard`` every block of ``model`` (decoder layers, vision blocks), then the rest.
+
+        Called by the LightningModule in ``configure_model``; a model already sharded is left alone.
+        """
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if is_sharded(model):
+            return
+        _refuse_quantized(model)
+        policy = MixedPrecisionPolicy(
+            param_dtype=getattr(torch, self.param_dtype) if self.param_dtype else None,
+            reduce_dtype=getattr(torch, self.reduce_dtype) if self.reduce_dtype else None,
+        )
+        options = dict(mesh=self.device_mesh["data_parallel"], mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        blocks = tuple(block_classes)
+        for module in list(model.modules()):
+            if module is not model and blocks and isinstance(module, blocks):
+                fully_shard(module, **options)
+        fully_shard(model, **options)
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    if getattr(model, "is_quantized", False) or any("4bit" in type(m).__name__ or "8bit" in type(m).__name__ for m in model.modules()):
+        raise ValueError(
+            "FSDP2Strategy cannot shard a 4/8-bit quantized backbone (bitsandbytes weights are not "
+            "DTensor-shardable): run QLoRA with strategy: auto or ddp on one GPU per process, or drop "
+            "backbone quantization to shard a bf16 model with LoRA."
+        )
+
+
+class FSDPStrategy(LightningFSDPStrategy):
+    """Lightning's FSDP (torch FSDP1), CUDA only; without ``auto_wrap_policy`` each decoder layer
+    and vision block of the backbone is one FSDP unit. Takes Lightning FSDPStrategy's arguments."""
+
+    def setup_environment(self) -> None:
+        if self.root_device.type != "cuda":
+            raise ValueError(
+                f"trainer.strategy: FSDPStrategy (configs/strategy/fsdp.yaml) needs CUDA GPUs; this run is on "
+                f"{self.root_device.type!r}. torch's FSDP1 has no CPU support: use configs/strategy/fsdp2.yaml "
+                "(FSDP2, runs on CPUs with gloo) or strategy: ddp."
+            )
+        super().setup_environment()
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        if "auto_wrap_policy" not in self.kwargs:
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            backbone = getattr(self.lightning_module, "backbone", None)
+            if backbone is not None and backbone.is_built:
+                self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(backbone.fsdp_block_classes())
+        return super()._setup_model(model)

@@ -1,0 +1,172 @@
+"""FSDP2 (p2r.strategies.FSDP2Strategy) with two CPU processes (gloo) trains like one process on
+the same data: SFT and PA-GRPO, same losses step by step, same parameter updates.
+
+Each run is a script in a subprocess, so Lightning's launcher can start the second rank. The
+global batch of each step is fixed: with one process SFT accumulates the two halves (loss / 2
+each, exactly what averaging two ranks' gradients does) and PA-GRPO takes both prompts in one
+batch; with two processes rank r gets half r. PA-GRPO's rollouts draw from one generator per
+prompt, seeded by the prompt's global index, so both layouts sample the same completions.
+
+Parameters are compared by the direction of the whole update (cosine) and its size: AdamW turns
+float noise on near-zero gradients into full-size steps for those few entries, so an exact
+comparison would test the noise; a rank that trained on its own data (no gradient averaging)
+moves the weights elsewhere and fails both checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from p2r.data.synthetic import make_synthetic
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = r'''
+import json, sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import webdataset as wds
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from callbacks.reward_callbacks import RewardCallback
+from p2r.algorithms.pagrpo import PAGRPOModule
+from p2r.algorithms.sft import SFTModule
+from p2r.backbones import TinyQwen25VL
+from p2r.data.datamodule import decode_sample
+from p2r.data.video import FrameSampling
+from p2r.strategies import FSDP2Strategy
+
+data, out, devices, job = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+STEPS, HALVES = 3, 2
+frames = FrameSampling(fps=4.0, min_frames=4, max_frames=4, min_pixels=784, max_pixels=784)
+raw = wds.tarfile_to_samples()(iter([{"url": str(u)} for u in sorted((data / "shards").glob("train-*.tar"))]))
+samples = [decode_sample(r, frames) for r in raw][: STEPS * HALVES]
+
+
+class Halves(L.LightningDataModule):
+    """Step k's global batch is samples[2k], samples[2k+1]; this rank gets the halves it owns."""
+
+    def train_dataloader(self):
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        batches = []
+        for k in range(STEPS):
+            mine = [samples[HALVES * k + h] for h in range(HALVES) if h % world == rank]
+            batches += [[s] for s in mine] if job == "sft" else [mine]
+        return torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+
+
+class TokenSumReward(RewardCallback):
+    """A reward that varies inside every group (so advantages and gradients are not zero)."""
+
+    name, process = "reasoning/token_sum", "reasoning"
+
+    def score(self, rollouts):
+        return [float(sum(ids) % 5) for ids in rollouts.completion_ids]
+
+
+class TokenParityReward(TokenSumReward):
+    name, process = "perception/token_parity", "perception"
+
+    def score(self, rollouts):
+        return [float(sum(ids) % 2) for ids in rollouts.completion_ids]
+
+
+class Recorder(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if job == "sft":  # Lightning hands over the loss divided by the accumulation factor
+            self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+        else:
+            self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+
+backbone = TinyQwen25VL(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, vision_hidden_size=16,
+                        vision_depth=1, vocab_size=512, seed=0, freeze_vision=True)
+if job == "sft":
+    module = SFTModule(backbone, lr=1e-3, schedule="constant")
+else:
+    module = PAGRPOModule(backbone, lr=1e-3, schedule="constant", group_size=4, max_completion_length=12,
+                          micro_batch_size=4, beta=0.04)
+strategy = FSDP2Strategy(param_dtype=None, reduce_dtype=None, save_distributed_checkpoint=False) if devices > 1 else "auto"
+recorder = Recorder()
+callbacks = [recorder] + ([TokenSumReward(), TokenParityReward()] if job == "pagrpo" else [])
+trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                    accumulate_grad_batches=HALVES // devices if job == "sft" else 1, callbacks=callbacks)
+backbone.build()
+start = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()} if devices == 1 else None
+trainer.fit(module, datamodule=Halves())
+(out / f"losses.rank{trainer.global_rank}.json").write_text(json.dumps(recorder.losses))
+if devices > 1:
+    from torch.distributed.fsdp import FSDPModule
+    assert isinstance(backbone.model, FSDPModule), "the policy was not sharded"
+    blocks = [m for m in backbone.model.modules() if isinstance(m, FSDPModule) and m is not backbone.model]
+    assert len(blocks) >= 3, blocks  # two decoder layers and the vision block
+    if job == "pagrpo":
+        assert isinstance(module._reference_model, FSDPModule), "the reference was not sharded"
+    final = get_model_state_dict(backbone.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+else:
+    final = backbone.model.state_dict()
+if trainer.global_rank == 0:
+    torch.save({"final": final, "start": start}, out / "weights.pt")
+'''
+
+
+def run(script: Path, data: Path, out: Path, devices: int, job: str) -> None:
+    out.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(data), str(out), str(devices), job], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp2")
+    make_synthetic(root / "data", 6, 1, 1, seed=2, samples_per_shard=6, progress=False)
+    script = root / "fsdp2_parity.py"
+    script.write_text(SCRIPT)
+    return root, script
+
+
+def losses(out: Path) -> list[list[float]]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("losses.rank*.json"))]
+
+
+def update_agreement(one: Path, two: Path) -> tuple[float, float]:
+    """(cosine, size ratio) of the two runs' whole-model updates from the same start."""
+    a, b = torch.load(one / "weights.pt", weights_only=True), torch.load(two / "weights.pt", weights_only=True)
+    start = a["start"]
+    keys = sorted(k for k in start if start[k].is_floating_point())
+    da = torch.cat([(a["final"][k].float() - start[k].float()).flatten() for k in keys])
+    db = torch.cat([(b["final"][k].float() - start[k].float()).flatten() for k in keys])
+    assert da.norm() > 0, "the one-process run did not train"
+    return float(torch.nn.functional.cosine_similarity(da, db, dim=0)), float(db.norm() / da.norm())
+
+
+@pytest.mark.parametrize("job", ["sft", "pagrpo"])
+def test_two_fsdp2_ranks_train_like_one_process(setup, job):
+    root, script = setup
+    run(script, root / "data", root / f"{job}-one", 1, job)
+    run(script, root / "data", root / f"{job}-two", 2, job)
+    (single,), (rank0, rank1) = losses(root / f"{job}-one"), losses(root / f"{job}-two")
+    if job == "sft":
+        # One process: halves a0 b0 a1 b1 ...; rank 0 saw a0 a1 ..., rank 1 b0 b1 ...
+        assert single[0::2] == pytest.approx(rank0, rel=1e-4) and single[1::2] == pytest.approx(rank1, rel=1e-4)
+    else:
+        # PA-GRPO's loss is the mean over samples: the two ranks' mean is the one-process loss.
+        assert single == pytest.approx([(x + y) / 2 for x, y in zip(rank0, rank1)], rel=1e-4, abs=1e-6)
+        assert len(set(single)) > 1  # the loss changed over the steps (not a constant that always agrees)
+    cosine, ratio = update_agreement(root / f"{job}-one", root / f"{job}-two")
+    assert cosine > 0.99 and 0.97 < ratio < 1.03, (cosine, ratio)
