@@ -17,6 +17,7 @@ naming it; the count travels with the next batch (``Sample.skipped``) so the mod
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -36,6 +37,8 @@ from p2r.data.video import Clip, FrameSampling, MediaError, decode_image, decode
 
 log = logging.getLogger(__name__)
 
+# Bad training samples in a row after which the stream gives up (see ShardStream._decoded).
+MAX_CONSECUTIVE_SKIPS = 1000
 VIDEO_EXTS = ("mp4", "avi", "webm", "mkv", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 
@@ -48,6 +51,7 @@ class Sample:
     clip: Clip
     skipped: int = 0  # malformed/undecodable samples this worker dropped just before this one
     benchmark: str = ""  # the evaluation set it came from (data.test_sets key), "" in training
+    position: int = 0  # raw samples this worker had read when it yielded this one (the resume point)
 
 
 def decode_sample(raw: dict[str, Any], frames: FrameSampling) -> Sample:
@@ -73,15 +77,30 @@ def decode_sample(raw: dict[str, Any], frames: FrameSampling) -> Sample:
 
 
 def count_samples(urls: list[str]) -> int | None:
-    """Samples in local tar shards, from the tar headers only (None if a shard is not a local file)."""
+    """Samples in local tar shards, from the tar headers only (None if a shard is not a local file).
+
+    A truncated or damaged shard counts the samples before the damage, with a warning naming it.
+    """
     total = 0
     for url in urls:
+        if not Path(url).is_file():
+            return None
+        keys: set[str] = set()
         try:
             with tarfile.open(url) as tar:
-                total += len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
-        except (OSError, tarfile.TarError):
-            return None
+                for member in tar:
+                    if member.isfile():
+                        keys.add(member.name.split(".", 1)[0])
+        except (OSError, tarfile.TarError) as err:
+            log.warning("shard %s is damaged (%s): counting the %d samples before the damage", url, err, len(keys))
+        total += len(keys)
     return total
+
+
+def _skip_and_log(err: Exception) -> bool:
+    """webdataset handler: log a broken shard or tar member and go on (its own sleeps 0.5 s each time)."""
+    log.warning("skipping unreadable shard data: %s", err)
+    return True
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -111,44 +130,72 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.epoch = 0
+        # Resume point, set by the main process before workers start: per worker slot of this
+        # rank, the raw samples and the batches it had already delivered this epoch.
+        self.resume_raw: list[int] = []
+        self.resume_batches: list[int] = []
+        self.worker_offset = 0
 
     def _raw_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
         if self.train:
             # Different shard order per rank/worker and epoch; reproducible from the seed.
             seed = self.seed + 1000 * self.epoch + slot
-            shards = wds.ResampledShards(self.urls, seed=seed, deterministic=True)
-            stream = wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter(shards))
+            # worker_seed: the order depends on our seed only (it already holds the worker slot),
+            # not on the DataLoader's worker id, which a resumed loader maps to another slot.
+            shards = wds.ResampledShards(self.urls, seed=seed, worker_seed=lambda: 0, deterministic=True)
+            stream = wds.tarfile_to_samples(handler=_skip_and_log)(iter(shards))
             if self.shuffle_buffer > 0:
                 # Seeded: webdataset's default shuffle seeds from the pid and the clock.
                 stream = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), seed=seed)(stream)
             yield from stream
             return
         shards = ({"url": u} for u in self.urls)
-        for i, raw in enumerate(wds.tarfile_to_samples(handler=wds.warn_and_continue)(shards)):
+        for i, raw in enumerate(wds.tarfile_to_samples(handler=_skip_and_log)(shards)):
             if i % slots == slot:
                 yield raw
 
-    def _decoded(self, slot: int, slots: int) -> Iterator[Sample]:
-        skipped = 0
-        for raw in self._raw_samples(slot, slots):
+    def _decoded(self, slot: int, slots: int, start: int = 0) -> Iterator[Sample]:
+        """Decoded samples; each carries the count of bad samples skipped just before it.
+
+        One sample is held back so that bad samples after the last good one are counted on it.
+        A training stream that meets MAX_CONSECUTIVE_SKIPS bad samples in a row stops with an error
+        (resampled shards never run out, so shards without a usable sample would loop forever).
+        """
+        skipped, held = 0, None
+        raws = self._raw_samples(slot, slots)
+        for position, raw in enumerate(itertools.islice(raws, start, None), start=start + 1):
             try:
                 sample = decode_sample(raw, self.frames)
             except (RecordError, MediaError, OSError) as err:
                 skipped += 1
                 log.warning("skipping sample: %s", err)
+                if self.train and skipped >= MAX_CONSECUTIVE_SKIPS:
+                    raise RuntimeError(
+                        f"{skipped} training samples in a row could not be used (last: {err}); "
+                        "check data.train_shards (tools/make_shards.py validates records and media)"
+                    ) from err
                 continue
             sample.skipped, skipped = skipped, 0
+            sample.position = position
             sample.benchmark = raw.get("__benchmark__", "")
-            yield sample
+            if held is not None:
+                yield held
+            held = sample
+        if held is not None:
+            held.skipped += skipped
+            yield held
 
     def __iter__(self) -> Iterator[list[Sample]]:
         rank, world = _rank_and_world()
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        # A resumed loader's first worker plays the role of the worker whose batch was next.
+        wid = (wid + self.worker_offset) % nworkers
         slot, slots = rank * nworkers + wid, world * nworkers
+        start = self.resume_raw[wid] if wid < len(self.resume_raw) else 0
+        emitted = self.resume_batches[wid] if wid < len(self.resume_batches) else 0
         batch: list[Sample] = []
-        emitted = 0
-        for sample in self._decoded(slot, slots):
+        for sample in self._decoded(slot, slots, start):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield batch
@@ -157,7 +204,6 @@ class ShardStream(IterableDataset):
                     break
         if batch and not self.train:
             yield batch
-        self.epoch += 1
 
 
 def _is_records_file(location: str) -> bool:
@@ -207,7 +253,7 @@ class EvalStream(ShardStream):
                     yield raw
                 continue
             shards = ({"url": u} for u in urls)
-            for raw in wds.tarfile_to_samples(handler=wds.warn_and_continue)(shards):
+            for raw in wds.tarfile_to_samples(handler=_skip_and_log)(shards):
                 if index % slots == slot:
                     yield {**raw, "__benchmark__": name}
                 index += 1
@@ -305,7 +351,16 @@ class VideoDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer, seed=self.seed,
         )
         stream.length = per_worker * workers
-        return self._plain_loader(stream)
+        self._train_loader = ResumableLoader(
+            stream, num_workers=self.num_workers, prefetch_factor=2 if self.num_workers > 0 else None
+        )
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called for the batch the model is about to use (not for the one Lightning prefetched).
+        if isinstance(batch, TrainBatch) and getattr(self, "_train_loader", None) is not None:
+            self._train_loader.trained_on(batch)
+        return batch
 
     def _eval_loader(self, pattern: str | None, what: str) -> DataLoader:
         if what == "test_shards" and self.test_sets and self.test_shards:
@@ -347,3 +402,79 @@ class SizedShardStream(ShardStream):
 
     def __len__(self) -> int:
         return self.length
+
+
+class TrainBatch(list):
+    """A training batch (a list of :class:`Sample`) that knows its place in the epoch."""
+
+    epoch: int = 0
+    index: int = 0  # batches before it in this epoch, on this rank
+    position: int = 0  # raw samples its worker had read when the batch was complete
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, with its place in the stream saved in checkpoints.
+
+    Lightning stores ``state_dict()`` in every checkpoint and hands it to ``load_state_dict`` on
+    ``--ckpt_path`` resume. The state says which epoch it is (the shard order and shuffle derive
+    from the seed and the epoch) and, per worker, how many batches and raw samples it had
+    delivered up to the last batch the model TRAINED on (Lightning prefetches one batch ahead,
+    so the datamodule reports each batch as it goes to the model: :meth:`trained_on`). A resumed
+    worker skips its raw samples without decoding them and continues with the next batch, in
+    the original order. Every rank is at the same batch; the raw positions of all ranks are
+    gathered into the (rank 0) checkpoint. Resuming with another number of ranks or workers
+    restarts the epoch's stream (with a warning): the model, optimizer and step still resume.
+    """
+
+    def __init__(self, stream: SizedShardStream, **kwargs: Any) -> None:
+        super().__init__(stream, batch_size=None, **kwargs)
+        self.epoch = 0
+        self.trained = 0  # batches of this epoch the model has trained on
+        self.raw: list[int] = [0] * self._workers  # per worker: raw position after its last trained batch
+        self._resume: dict[str, Any] | None = None
+
+    @property
+    def _workers(self) -> int:
+        return max(1, self.num_workers)
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        stream: ShardStream = self.dataset
+        stream.epoch = self.epoch
+        start = self.trained
+        workers = self._workers
+        stream.worker_offset = start % workers
+        stream.resume_batches = [len(range(w, start, workers)) for w in range(workers)]
+        stream.resume_raw = list(self.raw)
+        for i, batch in enumerate(super().__iter__()):
+            out = TrainBatch(batch)
+            out.epoch, out.index, out.position = self.epoch, start + i, batch[-1].position
+            yield out
+        self.epoch, self.trained, self.raw = self.epoch + 1, 0, [0] * workers
+
+    def trained_on(self, batch: TrainBatch) -> None:
+        """Record that the model took ``batch`` (called by the datamodule, batch by batch)."""
+        if batch.epoch != self.epoch:
+            return  # the epoch's last batch: the prefetch already ran the stream out and moved on
+        self.trained = batch.index + 1
+        self.raw[batch.index % self._workers] = batch.position
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"epoch": self.epoch, "trained": self.trained, "workers": self._workers, "raw": [list(self.raw)]}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, list(self.raw))
+            state["raw"] = gathered
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rank, world = _rank_and_world()
+        self.epoch, self.trained = int(state["epoch"]), int(state["trained"])
+        if state["workers"] != self._workers or len(state["raw"]) != world:
+            log.warning(
+                "resuming with %d rank(s) x %d worker(s) where the checkpoint had %d x %d: the data stream restarts "
+                "epoch %d from its beginning (model, optimizer and step resume exactly)",
+                world, self._workers, len(state["raw"]), state["workers"], self.epoch,
+            )
+            self.trained, self.raw = 0, [0] * self._workers
+            return
+        self.raw = list(state["raw"][rank])

@@ -1,0 +1,82 @@
+"""The training loader's place in the stream survives a checkpoint: a loader restored from
+``state_dict`` continues with exactly the batches an uninterrupted epoch would have given next,
+also with several workers and a prefetched batch that the model never trained on; each epoch
+gets a new order; a changed worker count restarts the epoch (and says so)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import p2r.data.datamodule as datamodule
+from p2r.data.datamodule import VideoDataModule
+from p2r.data.video import FrameSampling
+
+FRAMES = FrameSampling(fps=4.0, min_frames=4, max_frames=4, min_pixels=784, max_pixels=784)
+
+
+def loader(synthetic_root, workers: int):
+    dm = VideoDataModule(train_shards=str(synthetic_root / "shards/train-*.tar"), batch_size=2, num_workers=workers,
+                         shuffle_buffer=4, train_frames=FRAMES, seed=3)
+    dm._world = lambda: 1
+    return dm, dm.train_dataloader()
+
+
+def ids(batch) -> list[str]:
+    return [s.record.id for s in batch]
+
+
+def train(dm, it, n: int) -> list[list[str]]:
+    """Take n batches the way Lightning does: the datamodule hook marks each one as trained on."""
+    out = []
+    for _ in range(n):
+        batch = next(it)
+        dm.on_before_batch_transfer(batch, 0)
+        out.append(ids(batch))
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("cut", [1, 3])
+def test_restored_loader_continues_the_epoch_exactly(synthetic_root, monkeypatch, workers, cut):
+    monkeypatch.setattr(datamodule, "_rank_and_world", lambda: (0, 1))
+    dm, full = loader(synthetic_root, workers)
+    whole = [ids(b) for b in full]
+    assert len(whole) == len(full) >= 4
+
+    dm, first = loader(synthetic_root, workers)
+    it = iter(first)
+    seen = train(dm, it, cut)
+    next(it)  # prefetched by Lightning, never trained on: must come again after the resume
+    state = first.state_dict()
+    assert state["trained"] == cut
+
+    dm2, resumed = loader(synthetic_root, workers)
+    resumed.load_state_dict(state)
+    rest = [ids(b) for b in resumed]
+    assert seen + rest == whole
+
+
+def test_each_epoch_has_its_own_order_and_the_epoch_is_saved(synthetic_root, monkeypatch):
+    monkeypatch.setattr(datamodule, "_rank_and_world", lambda: (0, 1))
+    dm, dl = loader(synthetic_root, 2)
+    epoch0 = [ids(b) for b in dl]
+    epoch1 = [ids(b) for b in dl]
+    assert epoch0 != epoch1  # workers get the epoch from the main process (not their own copy)
+    assert dl.state_dict()["epoch"] == 2
+    dm2, again = loader(synthetic_root, 2)
+    again.load_state_dict({**dl.state_dict(), "epoch": 1, "trained": 0})
+    assert [ids(b) for b in again] == epoch1
+
+
+def test_other_worker_count_restarts_the_epoch_with_a_warning(synthetic_root, monkeypatch, caplog):
+    monkeypatch.setattr(datamodule, "_rank_and_world", lambda: (0, 1))
+    dm, dl = loader(synthetic_root, 2)
+    it = iter(dl)
+    train(dm, it, 2)
+    state = dl.state_dict()
+    dm1, other = loader(synthetic_root, 0)
+    with caplog.at_level(logging.WARNING):
+        other.load_state_dict(state)
+    assert "restarts" in caplog.text and other.trained == 0 and other.epoch == 0
