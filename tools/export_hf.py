@@ -23,14 +23,16 @@ Inputs:
   the backbone config (the modules leave the backbone out of their hyperparameters). Only
   ``model.init_args.backbone`` is read from each file, and jsonargparse merges these sections as
   LightningCLI does. The trainer and data sections are not built, so they need not work on this
-  machine (no GPUs or shards needed). ``weights_from`` is ignored: the checkpoint holds every weight.
+  machine (no GPUs or shards needed). ``weights_from`` is ignored (except for QLoRA, below): the
+checkpoint holds every weight.
 
 LoRA adapters are merged into the base weights (peft ``merge_and_unload``); the folder holds a
 plain model in ``--dtype`` (default: the backbone's ``dtype``).
 
 QLoRA (backbone ``quantization: 4bit | 8bit``): the backbone is rebuilt without quantization, so
 its base weights are the backbone's source weights (the hub model or folder, or the tiny preset's
-seed). Every checkpoint tensor is loaded except the quantized base weights of the language-model
+seed), or the full SFT checkpoint in its ``weights_from`` when the run started from one (for
+QLoRA, ``weights_from`` is kept and must still exist). Every checkpoint tensor is loaded except the quantized base weights of the language-model
 linear layers and their quantization state. Those weights were frozen during training: the source
 holds them at full precision, the checkpoint only their 4/8-bit rounding. The adapters are then
 merged into the full-precision weights, so the exported model differs from the trained one by the
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,9 @@ import yaml
 from torch import nn
 
 from p2r.backbones import VideoBackbone
+from p2r.checkpoints import read_backbone_state
 
 DTYPES = ("float32", "bfloat16", "float16")
-_PREFIX = "backbone."
-# Lightning's ModelParallelStrategy saves {"state_dict": ..., "optimizer_0": ...} with DCP, which
-# flattens nested keys with dots.
-_DCP_MODEL = "state_dict."
-_META = "meta.pt"
 # The checkpoint supplies every weight, nothing is trained, and the model is built at full precision.
 _EXPORT_OPTIONS = {"weights_from": None, "quantization": None, "gradient_checkpointing": False}
 
@@ -116,7 +113,12 @@ def backbone_from_configs(paths: list[Path]) -> tuple[VideoBackbone, str | None]
         names = ", ".join(repr(str(p)) for p in paths)
         raise ValueError(f"--config: none of {names} sets model.init_args.backbone (pass the run's config files)")
     quantization = cfg.backbone.init_args.quantization
-    cfg = parser.parse_object({"backbone": {"init_args": _EXPORT_OPTIONS}}, namespace=cfg)
+    options = dict(_EXPORT_OPTIONS)
+    if quantization:
+        # QLoRA's frozen base weights are the ones the run started from: the source model, or the
+        # full SFT checkpoint in weights_from (loaded into the base before the adapters).
+        del options["weights_from"]
+    cfg = parser.parse_object({"backbone": {"init_args": options}}, namespace=cfg)
     try:
         return parser.instantiate(cfg).backbone, quantization
     except ValueError as err:
@@ -127,47 +129,6 @@ def backbone_from_configs(paths: list[Path]) -> tuple[VideoBackbone, str | None]
 
 
 # --- the checkpoint ---------------------------------------------------------------------------
-def read_backbone_state(path: Path) -> dict[str, torch.Tensor]:
-    """The ``backbone.*`` tensors of a p2r checkpoint (file or FSDP2 folder), prefix removed."""
-    if path.is_dir():
-        state = _read_distributed(path)
-    elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
-    else:
-        raise FileNotFoundError(f"--ckpt: no checkpoint file or folder at {str(path)!r}")
-    backbone = {k[len(_PREFIX) :]: v for k, v in state.items() if k.startswith(_PREFIX)}
-    if not backbone:
-        raise ValueError(f"--ckpt {str(path)!r} holds no 'backbone.*' weights in its state_dict (is it a checkpoint of a p2r run?)")
-    return backbone
-
-
-def _read_distributed(path: Path) -> dict[str, torch.Tensor]:
-    """The model entries of a Lightning distributed checkpoint, read in this one process."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    if not (path / _META).is_file():
-        raise FileNotFoundError(
-            f"--ckpt {str(path)!r} is a folder without {_META}: not a Lightning distributed checkpoint "
-            "(pass a .ckpt file or the checkpoint folder itself)"
-        )
-    try:
-        entries = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"--ckpt {str(path)!r} has {_META} but no torch.distributed.checkpoint files: {err}") from err
-    # Only what the model needs is allocated and read: the optimizer state can be twice its size.
-    model = {
-        k[len(_DCP_MODEL) :]: torch.empty(m.size, dtype=m.properties.dtype)
-        for k, m in entries.items()
-        if k.startswith(_DCP_MODEL + _PREFIX) and isinstance(m, TensorStorageMetadata)
-    }
-    request = {"state_dict": model}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(request, checkpoint_id=path, no_dist=True)
-    return request["state_dict"]
-
-
 def quantized_entries(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> tuple[set[str], set[str]]:
     """(quantized base weights, their quantization state) among a QLoRA checkpoint's entries.
 
@@ -251,7 +212,7 @@ def export(ckpt: Path, out: Path, configs: list[Path], dtype: str | None = None)
     backbone, quantization = backbone_from_configs(configs)
     lora = f"LoRA r={backbone.lora.r}" if backbone.lora else "no LoRA"
     print(f"backbone: {type(backbone).__name__}, dtype {backbone.dtype_name}, {lora}, quantization {quantization}", flush=True)
-    state = read_backbone_state(ckpt)
+    state = read_backbone_state(ckpt, "--ckpt")
     print(f"checkpoint: {len(state)} backbone tensors from {ckpt} ({'distributed folder' if ckpt.is_dir() else 'file'})", flush=True)
     backbone.build()
     load, kept = loadable_state(state, backbone, quantization, ckpt)

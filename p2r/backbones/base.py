@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from p2r.checkpoints import read_backbone_state
 from p2r.data.video import Clip
 from p2r.strategies import gathered
 
@@ -101,15 +101,34 @@ class VideoBackbone(nn.Module):
         return self.model is not None
 
     def build(self) -> None:
-        """Create the weights and apply the options; a second call does nothing."""
+        """Create the weights and apply the options; a second call does nothing.
+
+        ``weights_from`` without LoRA entries (a full SFT checkpoint) is loaded into the plain model
+        before quantization and LoRA are applied, so LoRA/QLoRA RL can start from a fully fine-tuned
+        SFT run; a checkpoint with LoRA entries is loaded after the adapters exist.
+        """
         if self.is_built:
             return
-        model = self._make_model(self.torch_dtype, self._quantization_config())
+        state = read_backbone_state(self.weights_from, "weights_from") if self.weights_from else None
+        into_base = state is not None and not any("lora_" in k for k in state)
+        quantization = self._quantization_config()
+        model = self._make_model(self.torch_dtype, None if into_base else quantization)
+        if into_base:
+            base = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+            _load_checked(model, base, self.weights_from)
+            if quantization is not None:
+                model = requantize(model, quantization, self.torch_dtype)
         if self.freeze_vision:
             for p in self.vision_tower(model).parameters():
                 p.requires_grad_(False)
         if self.quantization is not None:
             from peft import prepare_model_for_kbit_training
+
+            # bitsandbytes on CPUs with AVX512-BF16 repacks a 4-bit layer's weights the first time
+            # it runs in eval mode (our rollouts) and cannot train them afterwards: keep the layout.
+            for module in model.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
         elif self.gradient_checkpointing:
@@ -117,8 +136,8 @@ class VideoBackbone(nn.Module):
         if self.lora is not None:
             model = self._add_lora(model)
         self.model = model
-        if self.weights_from:
-            self.load_lightning_weights(self.weights_from)
+        if state is not None and not into_base:
+            _load_checked(self, state, self.weights_from)
 
     def _quantization_config(self) -> Any:
         if self.quantization is None:
@@ -161,25 +180,8 @@ class VideoBackbone(nn.Module):
         raise AttributeError(f"{type(model).__name__} has no vision tower named one of {_VISUAL_NAMES}")
 
     def load_lightning_weights(self, path: str) -> None:
-        """Load the ``backbone.*`` weights of a Lightning checkpoint written by a p2r run."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"weights_from: no checkpoint file at {path!r} (pass the .ckpt an earlier p2r fit wrote)")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k[len("backbone.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("backbone.")}
-        if not state:
-            raise ValueError(f"weights_from: {path!r} holds no 'backbone.*' weights (is it a p2r checkpoint?)")
-        own = self.state_dict()
-        resized = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        if missing or unexpected or resized:
-            raise ValueError(
-                f"weights_from: {path!r} does not match this backbone: {len(missing)} missing keys "
-                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-                f"{len(resized)} of another shape (e.g. {resized[:3]}); "
-                "was it trained with the same backbone config (size, LoRA)?"
-            )
-        self.load_state_dict(state)
+        """Load the ``backbone.*`` weights of a checkpoint written by a p2r run (file or FSDP2 folder)."""
+        _load_checked(self, read_backbone_state(path, "weights_from"), path)
 
     # --- the interface the modules use ---------------------------------------------------------
     @property
@@ -328,6 +330,32 @@ class VideoBackbone(nn.Module):
         """Module classes to shard one by one: decoder layers and vision blocks."""
         names = ("DecoderLayer", "VisionBlock", "Block", "EncoderLayer")
         return {type(m) for m in self.model.modules() if type(m).__name__.endswith(names) and m is not self.model}
+
+
+def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """``module.load_state_dict(state)`` after checking that every key and shape matches."""
+    own = module.state_dict()
+    resized = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or resized:
+        raise ValueError(
+            f"weights_from: {path!r} does not match this backbone: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(resized)} of another shape (e.g. {resized[:3]}); "
+            "was it trained with the same backbone config (size, LoRA)?"
+        )
+    module.load_state_dict(state)
+
+
+def requantize(model: nn.Module, quantization_config: Any, torch_dtype: torch.dtype) -> nn.Module:
+    """bitsandbytes quantizes while loading: round-trip ``model`` through a temporary folder
+    (the tiny presets, and full-precision weights loaded before QLoRA)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return type(model).from_pretrained(tmp, quantization_config=quantization_config, dtype=torch_dtype)
 
 
 def trim_completion(ids: list[int], eos_ids: list[int], pad_id: int) -> list[int]:

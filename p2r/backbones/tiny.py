@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from p2r.backbones.base import VideoBackbone
+from p2r.backbones.base import VideoBackbone, requantize
 from p2r.backbones.tokenizer import train_tokenizer
 
 
@@ -113,7 +113,7 @@ class _TinyBackbone(VideoBackbone):
             torch.manual_seed(self.seed)
             model = self._model_class()(config).to(torch_dtype)
         if quantization_config is not None:
-            model = _requantize(model, quantization_config, torch_dtype)
+            model = requantize(model, quantization_config, torch_dtype)
         return model
 
 
@@ -128,15 +128,6 @@ def _qwen_processor(processor_cls: type, video_cls: type, tok: Any, patch: int) 
         video_processor=video_cls(size=size, patch_size=patch, cap_pixels_per_frame=False),
         chat_template=tok.chat_template,
     )
-
-
-def _requantize(model: nn.Module, quantization_config: Any, torch_dtype: torch.dtype) -> nn.Module:
-    """bitsandbytes quantizes on load: round-trip the tiny model through a temporary folder."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        return type(model).from_pretrained(tmp, quantization_config=quantization_config, dtype=torch_dtype)
 
 
 class TinyQwen25VL(_TinyBackbone):

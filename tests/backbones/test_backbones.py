@@ -211,13 +211,41 @@ def test_weights_from_loads_backbone_weights(tiny_sizes, tmp_path):
     assert not all(torch.equal(src[k], init[k]) for k in src)  # the seeds really differ
 
 
-def test_weights_from_refuses_a_checkpoint_of_another_lora_setup(tiny_sizes, tmp_path):
-    source = TinyQwen25VL(**tiny_sizes)
+def test_a_full_checkpoint_becomes_the_base_of_lora_and_qlora(tiny_sizes, tmp_path):
+    """Full SFT -> LoRA/QLoRA RL: the SFT weights are the base model; adapters start at zero."""
+    sizes = {**tiny_sizes, "hidden_size": 64, "num_heads": 2, "vision_hidden_size": 64}  # 4-bit blocks need >= 64 inputs
+    source = TinyQwen25VL(**sizes, seed=5)
     source.build()
     ckpt = lightning_style_checkpoint(source, tmp_path / "full.ckpt")
-    with_lora = TinyQwen25VL(**tiny_sizes, lora=LoraOptions(r=2), weights_from=ckpt)
-    with pytest.raises(ValueError, match=r"weights_from: '.*full\.ckpt' does not match this backbone"):
-        with_lora.build()
+    lora = LoraOptions(r=2, alpha=4, dropout=0.0)
+    with_lora = TinyQwen25VL(**sizes, seed=0, lora=lora, weights_from=ckpt)
+    with_lora.build()
+    base = with_lora.model.get_base_model().state_dict()
+    for key, value in source.model.state_dict().items():
+        layer = key.rsplit(".", 1)
+        wrapped = f"{layer[0]}.base_layer.{layer[1]}"
+        assert torch.equal(value, base[wrapped] if wrapped in base else base[key]), key
+    qlora = TinyQwen25VL(**sizes, seed=0, lora=lora, quantization="4bit", weights_from=ckpt)
+    qlora.build()
+    q_key = next(k for k in source.model.state_dict() if k.endswith("self_attn.q_proj.weight") and "visual" not in k)
+    layer = qlora.model.get_base_model().get_submodule(q_key.rsplit(".", 1)[0]).base_layer
+    import bitsandbytes.functional as bnbf
+
+    restored = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    cosine = lambda a, b: float(torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0))  # noqa: E731
+    assert cosine(restored, source.model.state_dict()[q_key]) > 0.98  # the SFT weights, up to 4-bit rounding
+    seed0 = TinyQwen25VL(**sizes, seed=0)
+    seed0.build()
+    assert abs(cosine(restored, seed0.model.state_dict()[q_key])) < 0.3  # not the backbone's own initialisation
+
+
+def test_weights_from_refuses_a_lora_checkpoint_for_a_plain_backbone(tiny_sizes, tmp_path):
+    source = TinyQwen25VL(**tiny_sizes, lora=LoraOptions(r=2))
+    source.build()
+    ckpt = lightning_style_checkpoint(source, tmp_path / "lora.ckpt")
+    plain = TinyQwen25VL(**tiny_sizes, weights_from=ckpt)
+    with pytest.raises(ValueError, match=r"weights_from: '.*lora\.ckpt' does not match this backbone"):
+        plain.build()
 
 
 def test_weights_from_refuses_a_checkpoint_of_another_size(tiny_sizes, tmp_path):
@@ -230,7 +258,7 @@ def test_weights_from_refuses_a_checkpoint_of_another_size(tiny_sizes, tmp_path)
 
 
 def test_weights_from_missing_or_foreign_file_is_a_clear_error(tiny_sizes, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"weights_from: no checkpoint file at '.*nope\.ckpt'"):
+    with pytest.raises(FileNotFoundError, match=r"weights_from: no checkpoint file or folder at '.*nope\.ckpt'"):
         TinyQwen25VL(**tiny_sizes, weights_from=str(tmp_path / "nope.ckpt")).build()
     torch.save({"state_dict": {"model.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match=r"holds no 'backbone\.\*' weights"):
