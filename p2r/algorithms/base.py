@@ -20,6 +20,7 @@ from callbacks.rewards.accuracy import reasoning_accuracy
 from callbacks.rewards.format import perception_format, reasoning_format
 from callbacks.rewards.judges import JudgeRequest, RuleBasedJudge
 from callbacks.segments import split_segments
+from p2r.algorithms.nonfinite import NonFiniteGuard, tensors_finite
 from p2r.backbones.base import VideoBackbone
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import build_prompt
@@ -40,6 +41,7 @@ class VideoLVLMModule(L.LightningModule):
         eval_temperature: float = 0.0,
         eval_top_p: float = 1.0,
         prompt_template: bool = True,
+        max_nonfinite_steps: int = 3,
     ) -> None:
         """
         Args:
@@ -54,6 +56,8 @@ class VideoLVLMModule(L.LightningModule):
             eval_top_p: Nucleus mass when evaluating with a temperature above 0.
             prompt_template: Ask for the observation/think/answer template (False: the bare question,
                 for evaluating base models).
+            max_nonfinite_steps: A step with a NaN/inf loss or gradient is skipped and counted; this
+                many in a row stop the run with an error (0: never stop).
         """
         super().__init__()
         self.backbone = backbone
@@ -67,6 +71,8 @@ class VideoLVLMModule(L.LightningModule):
         self.prompt_template = prompt_template
         self.skipped_samples = 0
         self._backbone_ready = False
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self._bad_loss_in_step = False
 
     def configure_model(self) -> None:
         self.backbone.build()
@@ -103,6 +109,35 @@ class VideoLVLMModule(L.LightningModule):
         else:
             total = int(self.trainer.estimated_stepping_batches) * self.optimizer_steps_per_batch
         return adamw_with_schedule(self, self.lr, self.weight_decay, self.warmup_ratio, self.schedule, total)
+
+    def agreed(self, flag: bool) -> bool:
+        """``flag`` if it holds on every rank (a collective: every rank must call it)."""
+        return self.trainer.strategy.reduce_boolean_decision(flag, all=True) if self._trainer is not None else flag
+
+    def finite_step(self, finite: bool, what: str) -> bool:
+        """Agree across ranks whether this step's ``what`` is finite; count, log and maybe stop if not."""
+        finite = self.agreed(finite)
+        self.nonfinite.record(finite, what, self.global_step)
+        self.log("train/nonfinite_steps", float(self.nonfinite.total), batch_size=1)
+        return finite
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # Automatic optimization: a step that saw a non-finite loss (in any accumulated batch) or
+        # has non-finite gradients loses its gradients, so AdamW leaves every parameter alone.
+        if not self.automatic_optimization:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        skip, self._bad_loss_in_step = self._bad_loss_in_step, False
+        if skip or not self.finite_step(tensors_finite(p.grad for p in params), "gradients"):
+            for p in params:
+                p.grad = None
+
+    def skip_nonfinite_loss(self, loss: torch.Tensor) -> bool:
+        """True (counted, and this optimizer step skipped) when ``loss`` is not finite on some rank."""
+        if self.finite_step(bool(torch.isfinite(loss)), "loss"):
+            return False
+        self._bad_loss_in_step = True
+        return True
 
     def prompts_of(self, batch: list[Sample], user_texts: list[str] | None = None) -> list[str]:
         """Chat-rendered prompts for a batch (the video placeholder included): the given user texts,

@@ -41,6 +41,7 @@ from callbacks.reward_callbacks import needs_shuffled_frames, notify_rollouts_sc
 from callbacks.rollouts import Rollouts
 from p2r.algorithms.advantages import group_advantages, group_dropped, process_advantages, token_advantages
 from p2r.algorithms.base import VideoLVLMModule
+from p2r.algorithms.nonfinite import tensors_finite
 from p2r.algorithms.policy_loss import pagrpo_loss
 from p2r.algorithms.rollout import (
     GroupRollout,
@@ -327,23 +328,30 @@ class PAGRPOModule(VideoLVLMModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         stats: dict[str, float] = {}
         for _ in range(self.num_iterations):
-            for rows, adv, perception, comp, old, ref in prepared:
-                logp = self._logprobs(rollout, rows)[0]
-                loss, metrics = pagrpo_loss(
-                    logp, old if old is not None else logp.detach(), ref, adv, comp,
-                    beta=self.beta, eps_low=self.epsilon, eps_high=self.epsilon_high, mode=self.loss_aggregation,
-                    perception_mask=perception, max_completion_length=self.max_completion_length,
-                )
-                w = micro_weight(self.loss_aggregation, self._pad_cols(comp, self.max_completion_length), all_mask)
-                self.manual_backward(loss * w)
-                for k, v in {"loss": loss, **metrics}.items():
-                    stats[k] = stats.get(k, 0.0) + w * float(v.detach()) / self.num_iterations
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-            optimizer.step()
+            if self._update(rollout, prepared, all_mask, stats):
+                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         t3 = time.perf_counter()
         self._log_step(rollouts, adv_p, adv_r, keep, stats, rollout_s=t1 - t0, score_s=t2 - t1, update_s=t3 - t2)
+
+    def _update(self, rollout: GroupRollout, prepared: list, all_mask: torch.Tensor, stats: dict[str, float]) -> bool:
+        """Backward over every micro-batch; False (and no step) when a loss or gradient is not finite."""
+        for rows, adv, perception, comp, old, ref in prepared:
+            logp = self._logprobs(rollout, rows)[0]
+            loss, metrics = pagrpo_loss(
+                logp, old if old is not None else logp.detach(), ref, adv, comp,
+                beta=self.beta, eps_low=self.epsilon, eps_high=self.epsilon_high, mode=self.loss_aggregation,
+                perception_mask=perception, max_completion_length=self.max_completion_length,
+            )
+            if not self.agreed(bool(torch.isfinite(loss))):
+                return self.finite_step(False, "loss")
+            w = micro_weight(self.loss_aggregation, self._pad_cols(comp, self.max_completion_length), all_mask)
+            self.manual_backward(loss * w)
+            for k, v in {"loss": loss, **metrics}.items():
+                stats[k] = stats.get(k, 0.0) + w * float(v.detach()) / self.num_iterations
+        return self.finite_step(tensors_finite(p.grad for p in self.parameters() if p.requires_grad), "gradients")
 
     @staticmethod
     def _pad_cols(mask: torch.Tensor, width: int) -> torch.Tensor:

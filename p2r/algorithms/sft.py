@@ -71,6 +71,8 @@ class SFTModule(VideoLVLMModule):
         inputs = move_to(inputs, self.device, self.backbone.torch_dtype)
         loss = masked_lm_loss(self.backbone(**inputs), inputs["labels"])
         n = len(batch)
+        if self.skip_nonfinite_loss(loss):
+            return None  # no backward for this batch and no update for this step, on every rank
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/target_tokens", float((inputs["labels"] != IGNORE_INDEX).sum()), batch_size=n)
         self._tokens = int(inputs["attention_mask"].sum())
