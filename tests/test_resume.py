@@ -1,0 +1,169 @@
+"""Exact resume through the real CLI in subprocesses (tiny SFT, a DataLoader worker, an epoch
+boundary inside the run):
+
+- a run killed with SIGKILL mid-run and resumed with ``--ckpt_path last`` continues its step
+  count and ends with the same weights and the same final loss, bit for bit, as a run that was
+  never interrupted (model, optimizer, schedule and the data stream position all resume);
+- SIGTERM (SLURM pre-emption) saves ``last.ckpt`` at the current step before the process exits,
+  and resuming from it also ends exactly where the uninterrupted run does;
+- a process killed while it writes a checkpoint never leaves a ``last.ckpt`` that cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 14  # 9 batches of 2 per epoch on the 18 training clips: the run crosses an epoch boundary
+
+
+def overlay(tmp: Path, run: Path, data: Path) -> Path:
+    path = tmp / f"{run.name}.yaml"
+    path.write_text(f"""
+trainer:
+  max_steps: {STEPS}
+  max_epochs: -1
+  log_every_n_steps: 1
+  limit_val_batches: 0
+  enable_progress_bar: false
+  default_root_dir: {run}
+  logger:
+    - class_path: lightning.pytorch.loggers.CSVLogger
+      init_args: {{save_dir: {run}, name: logs}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {run}/checkpoints, save_last: true, every_n_train_steps: 2, save_top_k: -1}}
+    - class_path: p2r.preemption.CheckpointOnSigterm
+model:
+  init_args:
+    backbone:
+      init_args: {{hidden_size: 32, num_layers: 2, vision_hidden_size: 32}}
+data:
+  train_shards: {data}/shards/train-*.tar
+  val_shards: null
+  batch_size: 2
+  num_workers: 1
+""")
+    return path
+
+
+def command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "p2r", "fit", "--config", str(REPO / "configs/sft.yaml"),
+            "--config", str(REPO / "configs/tiny.yaml"), "--config", str(config), *extra]
+
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def interrupt(cmd: list[str], wait_for: Path, sig: int) -> subprocess.CompletedProcess:
+    """Start ``cmd``, send ``sig`` as soon as ``wait_for`` exists, and wait for the process to end."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not wait_for.exists():
+        assert proc.poll() is None, "the run ended before it could be interrupted: " + proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"{wait_for} never appeared"
+        time.sleep(0.02)
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, sig)  # the main process and its DataLoader worker, no chance to clean up
+    else:
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def final_state(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
+    return ckpt["global_step"], ckpt["state_dict"]
+
+
+def logged(run_dir: Path, version: int) -> list[dict[str, str]]:
+    rows = csv.DictReader(open(run_dir / f"logs/version_{version}/metrics.csv"))
+    return [r for r in rows if r.get("train/loss")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, synthetic_root):
+    tmp = tmp_path_factory.mktemp("resume")
+    run_dir = tmp / "straight"
+    run(command(overlay(tmp, run_dir, synthetic_root)))
+    return tmp, run_dir
+
+
+def assert_same_end(run_dir: Path, reference: Path) -> None:
+    step, state = final_state(run_dir)
+    ref_step, ref_state = final_state(reference)
+    assert step == ref_step == STEPS
+    assert state.keys() == ref_state.keys()
+    differ = [k for k in state if not torch.equal(state[k], ref_state[k])]
+    assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"
+    last, ref_last = logged(run_dir, 1)[-1], logged(reference, 0)[-1]
+    assert last["step"] == ref_last["step"] and last["train/loss"] == ref_last["train/loss"]
+
+
+def test_sigkill_then_resume_from_last_ends_like_an_uninterrupted_run(uninterrupted, synthetic_root):
+    tmp, reference = uninterrupted
+    run_dir = tmp / "killed"
+    config = overlay(tmp, run_dir, synthetic_root)
+    killed = interrupt(command(config), run_dir / "checkpoints/epoch=0-step=4.ckpt", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    saved_step, _ = final_state(run_dir)
+    assert 2 <= saved_step < STEPS  # last.ckpt may still be the step-2 one: the kill can precede its update
+    run(command(config, "--ckpt_path", "last"))
+    resumed = logged(run_dir, 1)
+    assert int(resumed[0]["step"]) >= saved_step  # the step count continues, it does not restart at 0
+    assert_same_end(run_dir, reference)
+
+
+def test_sigterm_saves_last_and_the_resumed_run_ends_the_same(uninterrupted, synthetic_root):
+    tmp, reference = uninterrupted
+    run_dir = tmp / "preempted"
+    config = overlay(tmp, run_dir, synthetic_root)
+    stopped = interrupt(command(config), run_dir / "checkpoints/epoch=0-step=4.ckpt", signal.SIGTERM)
+    assert "SIGTERM: saved" in stopped.stdout + stopped.stderr
+    saved_step, _ = final_state(run_dir)
+    assert 4 <= saved_step < STEPS
+    run(command(config, "--ckpt_path", "last"))
+    assert_same_end(run_dir, reference)
+
+
+SAVER = r"""
+import sys, torch
+from lightning.fabric.utilities.cloud_io import _atomic_save
+step = int(sys.argv[2])
+while True:  # what Lightning's TorchCheckpointIO does for every checkpoint, as fast as it can
+    step += 1
+    _atomic_save({"global_step": step, "state_dict": {"w": torch.full((4_000_000,), float(step))}}, sys.argv[1])
+"""
+
+
+def test_a_kill_during_a_save_never_leaves_a_broken_last_checkpoint(tmp_path):
+    target = tmp_path / "last.ckpt"
+    steps = []
+    for i, delay in enumerate((0.05, 0.13, 0.21, 0.34)):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(target), str(1000 * i)], env=ENV)
+        while not target.exists() or torch.load(target, weights_only=True)["global_step"] < 1000 * i:  # past start-up
+            assert proc.poll() is None
+            time.sleep(0.01)
+        time.sleep(delay)  # somewhere inside the save loop (each save writes 16 MB)
+        proc.kill()
+        proc.wait()
+        ckpt = torch.load(target, weights_only=True)
+        assert torch.equal(ckpt["state_dict"]["w"], torch.full((4_000_000,), float(ckpt["global_step"])))
+        steps.append(ckpt["global_step"] - 1000 * i)
+    assert max(steps) > 1  # the saver really overwrote the file while we killed it
