@@ -22,8 +22,10 @@ and ranks may stop after different numbers of tokens.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
@@ -101,6 +103,32 @@ class FSDP2Strategy(ModelParallelStrategy):
         # of a node a tensor-parallel group, which p2r's models do not implement.
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Write a distributed checkpoint folder so that a crash never leaves a half-written one.
+
+        The ranks write ``<name>.partial`` (which ``--ckpt_path last`` ignores); rank 0 then moves
+        the old folder aside to ``<stem>-previous.ckpt``, renames the new one into place and deletes
+        the old one. A crash between the two renames leaves ``last-previous.ckpt``, complete, which
+        ``--ckpt_path last`` finds (Lightning takes the newest ``last*.ckpt``).
+        """
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        partial = path.with_name(path.name + ".partial")
+        previous = path.with_name(f"{path.stem}-previous{path.suffix}")
+        if self.global_rank == 0:
+            for stale in (partial, previous):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.barrier("p2r-checkpoint-start")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("p2r-checkpoint-written")
+        if self.global_rank == 0:
+            if path.exists():
+                path.rename(previous)
+            partial.rename(path)
+            shutil.rmtree(previous, ignore_errors=True)
+        self.barrier("p2r-checkpoint-done")
 
     def parallelize(self, model: nn.Module, block_classes: set[type[nn.Module]]) -> None:
         """``fully_shard`` every block of ``model`` (decoder layers, vision blocks), then the rest.

@@ -1,5 +1,7 @@
 """FSDP2 (p2r.strategies.FSDP2Strategy) with two CPU processes (gloo) trains like one process on
-the same data: SFT and PA-GRPO, same losses step by step, same parameter updates.
+the same data: SFT and PA-GRPO, same losses step by step, same parameter updates. The
+configs/strategy/fsdp2.yaml overlay runs through the CLI, writes distributed checkpoints that
+resume, export and seed the next stage; configs/strategy/fsdp.yaml stops on a CPU with a pointer.
 
 Each run is a script in a subprocess, so Lightning's launcher can start the second rank. The
 global batch of each step is fixed: with one process SFT accumulates the two halves (loss / 2
@@ -170,3 +172,60 @@ def test_two_fsdp2_ranks_train_like_one_process(setup, job):
         assert len(set(single)) > 1  # the loss changed over the steps (not a constant that always agrees)
     cosine, ratio = update_agreement(root / f"{job}-one", root / f"{job}-two")
     assert cosine > 0.99 and 0.97 < ratio < 1.03, (cosine, ratio)
+
+
+def test_the_fsdp2_config_trains_resumes_exports_and_feeds_the_next_stage(setup, tmp_path):
+    """configs/strategy/fsdp2.yaml as its launch line says (two CPU processes, bf16 compute): a
+    distributed checkpoint folder that ``--ckpt_path last`` resumes (step and data position),
+    that tools/export_hf.py turns into a Hugging Face folder, and that ``weights_from`` loads."""
+    from transformers import AutoModelForImageTextToText
+
+    from p2r.backbones import TinyQwen25VL
+
+    root, _ = setup
+    cmd = [sys.executable, "-m", "p2r", "fit", "--config", str(REPO / "configs/sft.yaml"), "--config",
+           str(REPO / "configs/tiny.yaml"), "--config", str(REPO / "configs/strategy/fsdp2.yaml"), "--trainer.devices=2",
+           f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.limit_val_batches=0",
+           "--trainer.enable_progress_bar=false", f"--trainer.callbacks=[{{\"class_path\": \"lightning.pytorch.callbacks.ModelCheckpoint\", "
+           f"\"init_args\": {{\"dirpath\": \"{tmp_path}/ckpt\", \"save_last\": true}}}}]",
+           f"--data.train_shards={root}/data/shards/train-*.tar", "--data.val_shards=null", "--data.batch_size=1",
+           "--data.num_workers=0", *[f"--model.init_args.backbone.init_args.{k}={v}" for k, v in
+                                     (("hidden_size", 32), ("num_layers", 2), ("vision_hidden_size", 32))]]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for steps in (2, 3):
+        resume = ["--ckpt_path", "last"] if steps == 3 else []
+        done = subprocess.run([*cmd, f"--trainer.max_steps={steps}", *resume], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    last = tmp_path / "ckpt/last.ckpt"
+    assert last.is_dir() and (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == 2  # one shard per rank
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # written aside, swapped in, nothing left over
+    meta = torch.load(last / "meta.pt", weights_only=True)
+    assert meta["global_step"] == 3
+    (position,) = meta["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert position["trained"] == 3 and len(position["raw"]) == 2  # both ranks' stream positions
+
+    configs = [REPO / "configs/sft.yaml", REPO / "configs/tiny.yaml"]
+    sizes = dict(hidden_size=32, num_layers=2, vision_hidden_size=32)
+    overrides = tmp_path / "sizes.yaml"
+    overrides.write_text("model:\n  init_args:\n    backbone:\n      init_args: " + json.dumps(sizes) + "\n")
+    configs = [a for c in (*configs, overrides) for a in ("--config", str(c))]
+    done = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), "--ckpt", str(last), "--out", str(tmp_path / "hf"),
+                           *configs], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "verified" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").state_dict()
+    next_stage = TinyQwen25VL(**sizes, seed=0, freeze_vision=True, weights_from=str(last))
+    next_stage.build()
+    for key, value in next_stage.model.state_dict().items():
+        assert torch.equal(value, reloaded[key]), key
+
+
+def test_fsdp1_config_on_a_cpu_stops_with_a_pointer_to_fsdp2(setup, tmp_path, monkeypatch):
+    from p2r.cli import main
+
+    root, _ = setup
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"FSDPStrategy \(configs/strategy/fsdp.yaml\) needs CUDA GPUs.*configs/strategy/fsdp2.yaml"):
+        main(["fit", "--config", str(REPO / "configs/sft.yaml"), "--config", str(REPO / "configs/tiny.yaml"),
+              "--config", str(REPO / "configs/strategy/fsdp.yaml"), f"--data.train_shards={root}/data/shards/train-*.tar",
+              "--data.val_shards=null", "--trainer.max_steps=1", "--trainer.logger=false"])
