@@ -24,6 +24,7 @@ from p2r.algorithms.nonfinite import NonFiniteGuard, tensors_finite
 from p2r.backbones.base import VideoBackbone
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import build_prompt
+from p2r.strategies import is_sharded
 from p2r.optim import adamw_with_schedule
 
 
@@ -186,6 +187,25 @@ class VideoLVLMModule(L.LightningModule):
         if judged:
             verdicts = [r.score or 0.0 for r in RuleBasedJudge(cache_size=0).judge(judged)]
             self.log(f"{stage}/perception", sum(verdicts) / len(verdicts), batch_size=len(verdicts), sync_dist=True)
+
+    def _refuse_sharded_evaluation(self, stage: str) -> None:
+        # Evaluation streams give each sample to exactly one rank, so ranks get unequal numbers of
+        # batches; a sharded model needs every rank in every forward (all-gathers): it would hang.
+        if self.trainer.world_size > 1 and is_sharded(self.backbone.model):
+            raise RuntimeError(
+                f"{stage} with an FSDP2-sharded model on {self.trainer.world_size} ranks would deadlock (ranks get "
+                "unequal numbers of evaluation batches). Evaluate with strategy ddp (configs/eval.yaml) on the "
+                "checkpoint or an exported folder (tools/export_hf.py); during fit set trainer.limit_val_batches=0."
+            )
+
+    def on_validation_start(self) -> None:
+        self._refuse_sharded_evaluation("validation")
+
+    def on_test_start(self) -> None:
+        self._refuse_sharded_evaluation("test")
+
+    def on_predict_start(self) -> None:
+        self._refuse_sharded_evaluation("predict")
 
     def validation_step(self, batch: list[Sample], batch_idx: int) -> None:
         self._answer_check(batch, "val")
