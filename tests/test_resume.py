@@ -61,7 +61,8 @@ def command(config: Path, *extra: str) -> list[str]:
             "--config", str(REPO / "configs/tiny.yaml"), "--config", str(config), *extra]
 
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK")
+ENV = {**{k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:

@@ -29,6 +29,13 @@ import torch
 from p2r.data.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[2]
+# Set by a launcher: a child that inherits LOCAL_RANK believes it was launched and never starts rank 1.
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK")
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 SCRIPT = r'''
 import json, sys
@@ -127,7 +134,7 @@ if trainer.global_rank == 0:
 
 def run(script: Path, data: Path, out: Path, devices: int, job: str) -> None:
     out.mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = child_env()
     done = subprocess.run([sys.executable, str(script), str(data), str(out), str(devices), job], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -191,7 +198,7 @@ def test_the_fsdp2_config_trains_resumes_exports_and_feeds_the_next_stage(setup,
            f"--data.train_shards={root}/data/shards/train-*.tar", "--data.val_shards=null", "--data.batch_size=1",
            "--data.num_workers=0", *[f"--model.init_args.backbone.init_args.{k}={v}" for k, v in
                                      (("hidden_size", 32), ("num_layers", 2), ("vision_hidden_size", 32))]]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = child_env()
     for steps in (2, 3):
         resume = ["--ckpt_path", "last"] if steps == 3 else []
         done = subprocess.run([*cmd, f"--trainer.max_steps={steps}", *resume], cwd=tmp_path, env=env,
@@ -231,6 +238,8 @@ def test_fsdp1_config_on_a_cpu_stops_with_a_pointer_to_fsdp2(setup, tmp_path, mo
 
     root, _ = setup
     monkeypatch.chdir(tmp_path)
+    for key in LAUNCH_ENV:  # Lightning exports these in-process; later subprocess tests must not inherit them
+        monkeypatch.delenv(key, raising=False)
     with pytest.raises(ValueError, match=r"FSDPStrategy \(configs/strategy/fsdp.yaml\) needs CUDA GPUs.*configs/strategy/fsdp2.yaml"):
         main(["fit", "--config", str(REPO / "configs/sft.yaml"), "--config", str(REPO / "configs/tiny.yaml"),
               "--config", str(REPO / "configs/strategy/fsdp.yaml"), f"--data.train_shards={root}/data/shards/train-*.tar",

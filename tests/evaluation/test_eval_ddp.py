@@ -99,7 +99,9 @@ def eval_records(videos: list[str]) -> tuple[list[dict], list[dict]]:
 
 
 def run(script: Path, data: Path, out: Path, devices: int, tag: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JSONARGPARSE_DEPRECATION_WARNINGS": "off"}
+    # Without a launcher's variables (LOCAL_RANK...), which an in-process run may have left behind.
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK")}
+    env = {**inherited, "PYTHONPATH": str(REPO), "JSONARGPARSE_DEPRECATION_WARNINGS": "off"}
     done = subprocess.run([sys.executable, str(script), str(data), str(out), str(devices), tag], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
