@@ -33,6 +33,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 DType = Literal["bfloat16", "float16", "float32"]
+# Attribute of a sharded model: its units' reshard_after_forward setting outside gathered().
+RESHARD_SETTING = "_p2r_reshard_after_forward"
 
 
 def fsdp2_modules(model: nn.Module) -> list[nn.Module]:
@@ -62,7 +64,7 @@ def gathered(model: nn.Module) -> Iterator[None]:
     finally:
         for unit in units:
             unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
+            unit.set_reshard_after_forward(getattr(model, RESHARD_SETTING, True), recurse=False)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -150,6 +152,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             if module is not model and blocks and isinstance(module, blocks):
                 fully_shard(module, **options)
         fully_shard(model, **options)
+        setattr(model, RESHARD_SETTING, self.reshard_after_forward)  # what gathered() restores
 
 
 def _refuse_quantized(model: nn.Module) -> None:

@@ -431,7 +431,6 @@ class ResumableLoader(DataLoader):
         self.epoch = 0
         self.trained = 0  # batches of this epoch the model has trained on
         self.raw: list[int] = [0] * self._workers  # per worker: raw position after its last trained batch
-        self._resume: dict[str, Any] | None = None
 
     @property
     def _workers(self) -> int:
