@@ -29,12 +29,26 @@ _QUIET = (
 )
 
 
+class P2RCLI(LightningCLI):
+    """LightningCLI where the config files and flags alone define the run.
+
+    Lightning's CLI merges the hyperparameters saved in a ``--ckpt_path`` checkpoint over the
+    config, and the checkpoint's module class over the configured one: ``p2r test --config
+    configs/eval.yaml --ckpt_path <an RL checkpoint>`` would then silently evaluate with the
+    training run's decoding settings, and ``--model.init_args.eval_temperature=...`` would be
+    ignored. In p2r a checkpoint supplies weights and training state only.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        return
+
+
 def main(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI; ``args`` defaults to sys.argv. Returns the CLI object (trainer, model, ...)."""
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return LightningCLI(
+    return P2RCLI(
         model_class=VideoLVLMModule,
         subclass_mode_model=True,
         datamodule_class=VideoDataModule,

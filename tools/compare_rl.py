@@ -1,15 +1,17 @@
 """PA-GRPO against plain GRPO from the same tiny SFT checkpoint, same budget and seed, on a CPU.
 
-    python tools/compare_rl.py [--steps 80]
+    python tools/compare_rl.py [--steps 200] [--batch-size 16] [--lr 1e-4]
 
 Needs the tiny SFT checkpoint (``python tools/demo.py`` writes runs/sft/checkpoints/last.ckpt).
 Runs, in-process and in this order:
     python -m p2r fit --config configs/pagrpo.yaml --config configs/tiny.yaml --config configs/tiny_rl.yaml
     python -m p2r fit --config configs/grpo.yaml   --config configs/tiny.yaml --config configs/tiny_rl.yaml
-then ``p2r test`` on the synthetic test split for the SFT start and both end points, and writes
-reward curves with tools/plot_metrics.py (runs/<job>/curves.png). Prints one table: held-out
-accuracy, format and observation sufficiency, and the mean perception / reasoning reward of the
-first and last 10 steps of each run.
+(``--steps``, ``--batch-size`` and ``--lr`` override configs/tiny_rl.yaml's max_steps, prompts per
+step and learning rate for both runs alike), then ``p2r test`` on the synthetic test split (greedy
+answers) for the SFT start and the last checkpoint each run wrote, and writes reward curves with
+tools/plot_metrics.py (runs/<job>/curves.png). Prints one table: held-out accuracy, format and
+observation sufficiency, and the mean perception / reasoning reward of the sampled rollouts in
+the first and last 10 steps of each run.
 """
 
 from __future__ import annotations
@@ -32,10 +34,9 @@ def held_out(ckpt: str) -> dict[str, float]:
     return {k.split("/", 1)[1]: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
 
 
-def reward_trend(job: str) -> dict[str, tuple[float, float]]:
+def reward_trend(metrics_csv: Path) -> dict[str, tuple[float, float]]:
     """Mean per-process reward over the first and the last 10 logged steps."""
-    csv_path = sorted(Path(f"runs/{job}/logs").glob("version_*/metrics.csv"))[-1]
-    rows = [r for r in csv.DictReader(open(csv_path)) if r.get("train/reward/perception")]
+    rows = [r for r in csv.DictReader(open(metrics_csv)) if r.get("train/reward/perception")]
     out = {}
     for process in ("perception", "reasoning"):
         values = [float(r[f"train/reward/{process}"]) for r in rows]
@@ -46,23 +47,31 @@ def reward_trend(job: str) -> dict[str, tuple[float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: configs/tiny_rl.yaml's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per step, G completions each "
+                        "(default: configs/tiny_rl.yaml's)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: configs/tiny_rl.yaml's)")
     args = parser.parse_args()
     if not Path(SFT_CKPT).is_file():
         sys.exit(f"no tiny SFT checkpoint at {SFT_CKPT}: run `python tools/demo.py` first")
-    steps = [f"--trainer.max_steps={args.steps}"] if args.steps else []
+    overrides = [f"--trainer.max_steps={args.steps}"] if args.steps else []
+    overrides += [f"--data.batch_size={args.batch_size}"] if args.batch_size else []
+    overrides += [f"--model.init_args.lr={args.lr}"] if args.lr else []
 
     scores = {"SFT start": held_out(SFT_CKPT)}
     trends = {}
     for job, name in (("pagrpo", "PA-GRPO"), ("grpo", "GRPO")):
-        p2r_main(["fit", "--config", f"configs/{job}.yaml", *RL, *steps])
-        scores[name] = held_out(f"runs/{job}/checkpoints/last.ckpt")
-        trends[name] = reward_trend(job)
-        subprocess.run([sys.executable, "tools/plot_metrics.py", f"runs/{job}/logs", "--out", f"runs/{job}/curves.png"],
+        trainer = p2r_main(["fit", "--config", f"configs/{job}.yaml", *RL, *overrides]).trainer
+        # This run's own files: an earlier run's last.ckpt makes Lightning name this one last-v1.ckpt,
+        # and the logger counts versions up (version_10 sorts before version_9 by name).
+        scores[name] = held_out(trainer.checkpoint_callback.last_model_path)
+        metrics_csv = Path(trainer.logger.log_dir) / "metrics.csv"
+        trends[name] = reward_trend(metrics_csv)
+        subprocess.run([sys.executable, "tools/plot_metrics.py", str(metrics_csv), "--out", f"runs/{job}/curves.png"],
                        check=False)
 
-    print(f"\n{'held-out (synthetic test split)':<26}" + "".join(f"{n:>12}" for n in scores))
+    print(f"\n{'held-out (synthetic test split)':<32}" + "".join(f"{n:>12}" for n in scores))
     for key, label in (("accuracy", "answer accuracy"), ("format", "format"), ("perception", "observation sufficient")):
-        print(f"{label:<26}" + "".join(f"{s.get(key, float('nan')):>12.3f}" for s in scores.values()))
+        print(f"{label:<32}" + "".join(f"{s.get(key, float('nan')):>12.3f}" for s in scores.values()))
     for name, trend in trends.items():
         for process, (first, last) in trend.items():
             print(f"{name} {process} reward: first 10 steps {first:.3f} -> last 10 steps {last:.3f}")

@@ -146,3 +146,15 @@ def test_test_on_the_checkpoint_logs_accuracy_and_format(fitted, synthetic_root)
     assert {f"test/accuracy/{t}" for t in types} <= metrics.keys()
     rows = read_metrics(tmp / "run" / "logs")  # the test run's own CSV version
     assert any(r.get("test/accuracy") for r in rows) and any(r.get("test/format") for r in rows)
+
+
+def test_flags_beat_the_hyperparameters_saved_in_the_checkpoint(fitted):
+    """Lightning's CLI would merge the checkpoint's saved hparams over the config: not in p2r."""
+    _, tmp, extra = fitted
+    ckpt = tmp / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert saved["eval_max_new_tokens"] != 3 and saved["prompt_template"] is True
+    with mock.patch.object(sys, "argv", ["p2r"]):
+        cli = main(["test", *CONFIGS, "--config", str(extra), f"--ckpt_path={ckpt}", "--trainer.logger=false",
+                    "--model.init_args.eval_max_new_tokens=3", "--model.init_args.prompt_template=false"])
+    assert cli.model.eval_max_new_tokens == 3 and cli.model.prompt_template is False
