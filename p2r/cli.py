@@ -26,6 +26,8 @@ _QUIET = (
     r".*does not have many workers.*",
     r".*Qwen3VL video processing does not apply the per-frame pixel cap.*",
     r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    # Our streams split themselves over workers (p2r.data.datamodule), so __len__ is exact.
+    r".*Your `IterableDataset` has `__len__` defined.*",
 )
 
 
