@@ -60,7 +60,22 @@ def read_curves(path: Path) -> dict[str, tuple[list[float], list[float]]]:
     return curves
 
 
-def plot(curves: dict[str, tuple[list[float], list[float]]], out: Path, title: str) -> None:
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start).
+
+    >>> trailing_mean([1.0, 3.0, 5.0, 7.0], 2)
+    [1.0, 2.0, 4.0, 6.0]
+    """
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot(curves: dict[str, tuple[list[float], list[float]]], out: Path, title: str, smooth: int = 20) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,7 +87,12 @@ def plot(curves: dict[str, tuple[list[float], list[float]]], out: Path, title: s
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         steps, values = curves[name]
-        ax.plot(steps, values, marker="." if len(steps) < 50 else None)
+        noisy = smooth > 1 and len(values) > 2 * smooth
+        # RL rewards swing with which prompts a step drew: a trailing mean shows the trend.
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None, alpha=0.35 if noisy else 1.0)
+        if noisy:
+            ax.plot(steps, trailing_mean(values, smooth), color="C3", label=f"mean of {smooth}")
+            ax.legend(fontsize=7, loc="best")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -88,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("logdir", type=Path, help="run directory (or metrics.csv) written by CSVLogger")
     parser.add_argument("--out", type=Path, default=Path("curves.png"), help="output image (png, pdf, svg)")
+    parser.add_argument("--smooth", type=int, default=20,
+                        help="also draw the trailing mean over this many steps on long curves (0 or 1: off)")
     args = parser.parse_args(argv)
     try:
         path = find_metrics_csv(args.logdir)
@@ -98,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if not curves:
         print(f"plot_metrics: {path} has no reward/*, train/reward*, loss or kl values to plot", file=sys.stderr)
         return 2
-    plot(curves, args.out, str(path))
+    plot(curves, args.out, str(path), args.smooth)
     print(f"plotted {len(curves)} curves from {path} to {args.out}")
     return 0
 

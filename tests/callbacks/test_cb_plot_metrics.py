@@ -56,3 +56,9 @@ def test_clear_errors(tmp_path, capsys):
 ])
 def test_wanted(column, expected):
     assert plot_metrics.wanted(column) is expected
+
+
+def test_trailing_mean_hand_worked():
+    assert plot_metrics.trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert plot_metrics.trailing_mean([2.0, 4.0, 6.0], 5) == [2.0, 3.0, 4.0]
+    assert plot_metrics.trailing_mean([4.0, 8.0], 1) == [4.0, 8.0]
