@@ -115,9 +115,9 @@ class VideoLVLMModule(L.LightningModule):
         """``flag`` if it holds on every rank (a collective: every rank must call it)."""
         return self.trainer.strategy.reduce_boolean_decision(flag, all=True) if self._trainer is not None else flag
 
-    def finite_step(self, finite: bool, what: str) -> bool:
-        """Agree across ranks whether this step's ``what`` is finite; count, log and maybe stop if not."""
-        finite = self.agreed(finite)
+    def count_step(self, finite: bool, what: str) -> bool:
+        """Record one optimizer step's outcome (already agreed across ranks): log the total of bad
+        steps and stop after too many in a row. Called once per optimizer step; returns ``finite``."""
         self.nonfinite.record(finite, what, self.global_step)
         self.log("train/nonfinite_steps", float(self.nonfinite.total), batch_size=1)
         return finite
@@ -128,16 +128,22 @@ class VideoLVLMModule(L.LightningModule):
         if not self.automatic_optimization:
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        skip, self._bad_loss_in_step = self._bad_loss_in_step, False
-        if skip or not self.finite_step(tensors_finite(p.grad for p in params), "gradients"):
+        if self._bad_loss_in_step:  # counted when the loss was seen
+            self._bad_loss_in_step = False
+            finite = False
+        else:
+            finite = self.count_step(self.agreed(tensors_finite(p.grad for p in params)), "gradients")
+        if not finite:
             for p in params:
                 p.grad = None
 
     def skip_nonfinite_loss(self, loss: torch.Tensor) -> bool:
-        """True (counted, and this optimizer step skipped) when ``loss`` is not finite on some rank."""
-        if self.finite_step(bool(torch.isfinite(loss)), "loss"):
+        """True (counted once per optimizer step, and the step skipped) when ``loss`` is not finite on some rank."""
+        if self.agreed(bool(torch.isfinite(loss))):
             return False
-        self._bad_loss_in_step = True
+        if not self._bad_loss_in_step:
+            self._bad_loss_in_step = True
+            self.count_step(False, "loss")
         return True
 
     def prompts_of(self, batch: list[Sample], user_texts: list[str] | None = None) -> list[str]:

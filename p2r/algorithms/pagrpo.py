@@ -346,12 +346,13 @@ class PAGRPOModule(VideoLVLMModule):
                 perception_mask=perception, max_completion_length=self.max_completion_length,
             )
             if not self.agreed(bool(torch.isfinite(loss))):
-                return self.finite_step(False, "loss")
+                return self.count_step(False, "loss")
             w = micro_weight(self.loss_aggregation, self._pad_cols(comp, self.max_completion_length), all_mask)
             self.manual_backward(loss * w)
             for k, v in {"loss": loss, **metrics}.items():
                 stats[k] = stats.get(k, 0.0) + w * float(v.detach()) / self.num_iterations
-        return self.finite_step(tensors_finite(p.grad for p in self.parameters() if p.requires_grad), "gradients")
+        finite = self.agreed(tensors_finite(p.grad for p in self.parameters() if p.requires_grad))
+        return self.count_step(finite, "gradients")
 
     @staticmethod
     def _pad_cols(mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -132,3 +132,19 @@ def test_k_bad_steps_in_a_row_stop_the_run(batches, monkeypatch, kind):
     poison(monkeypatch, kind, {1, 2, 3})
     with pytest.raises(FloatingPointError, match="non-finite loss at 3 optimizer steps in a row"):
         fit(make(kind, max_nonfinite_steps=3), batches, 6)
+
+
+@pytest.mark.parametrize("kind", ["sft", "pagrpo"])
+def test_k_steps_of_nan_gradients_in_a_row_stop_the_run(batches, kind):
+    """The loss is finite on every step; the gradients are not from the second backward on."""
+    module = make(kind, max_nonfinite_steps=3)
+    module.configure_model()
+    calls = []
+
+    def nan_from_the_second_backward(grad):
+        calls.append(1)
+        return grad * float("nan") if len(calls) >= 2 else grad
+
+    next(p for p in module.parameters() if p.requires_grad).register_hook(nan_from_the_second_backward)
+    with pytest.raises(FloatingPointError, match="non-finite gradients at 3 optimizer steps in a row"):
+        fit(module, batches, 6)
