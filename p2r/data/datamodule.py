@@ -130,11 +130,10 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.epoch = 0
-        # Resume point, set by the main process before workers start: per worker slot of this
-        # rank, the raw samples and the batches it had already delivered this epoch.
+        # Resume point, set by the main process before workers start: the batches this rank had
+        # trained on this epoch and, per worker slot, the raw samples read up to its last one.
+        self.resume_trained = 0
         self.resume_raw: list[int] = []
-        self.resume_batches: list[int] = []
-        self.worker_offset = 0
 
     def _raw_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
         if self.train:
@@ -189,11 +188,12 @@ class ShardStream(IterableDataset):
         rank, world = _rank_and_world()
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        # A resumed loader's first worker plays the role of the worker whose batch was next.
-        wid = (wid + self.worker_offset) % nworkers
+        # Batch i of an epoch comes from worker slot i % nworkers: a resumed loader's first worker
+        # plays the slot whose batch was next, and each slot has already delivered its share.
+        wid = (wid + self.resume_trained) % nworkers
         slot, slots = rank * nworkers + wid, world * nworkers
         start = self.resume_raw[wid] if wid < len(self.resume_raw) else 0
-        emitted = self.resume_batches[wid] if wid < len(self.resume_batches) else 0
+        emitted = len(range(wid, self.resume_trained, nworkers))
         batch: list[Sample] = []
         for sample in self._decoded(slot, slots, start):
             batch.append(sample)
@@ -439,16 +439,13 @@ class ResumableLoader(DataLoader):
     def __iter__(self) -> Iterator[TrainBatch]:
         stream: ShardStream = self.dataset
         stream.epoch = self.epoch
-        start = self.trained
-        workers = self._workers
-        stream.worker_offset = start % workers
-        stream.resume_batches = [len(range(w, start, workers)) for w in range(workers)]
+        start = stream.resume_trained = self.trained
         stream.resume_raw = list(self.raw)
         for i, batch in enumerate(super().__iter__()):
             out = TrainBatch(batch)
             out.epoch, out.index, out.position = self.epoch, start + i, batch[-1].position
             yield out
-        self.epoch, self.trained, self.raw = self.epoch + 1, 0, [0] * workers
+        self.epoch, self.trained, self.raw = self.epoch + 1, 0, [0] * self._workers
 
     def trained_on(self, batch: TrainBatch) -> None:
         """Record that the model took ``batch`` (called by the datamodule, batch by batch)."""
