@@ -9,9 +9,19 @@ benchmarks and the synthetic set; another project writes its own):
   VCR-Bench count their multiple-choice questions only); excluded samples are never generated;
 - ``prompt(sample)``: the user text of the chat turn (the media placeholder is the module's job);
 - ``category(sample)``: the breakdown key (VSI question type, MVBench task, VideoMME duration ...);
-- ``score(sample, output)``: a :class:`Scored` (parsed answer, score in [0, 1], metric family).
+- ``score(sample, output)``: a :class:`Scored` (parsed answer, score in [0, 1], metric family,
+  and any per-question details the aggregation needs).
 
-and it reads one attribute, ``column``: the header of the benchmark in the summary table.
+and it reads one attribute, ``column``: the header of the benchmark in the summary table. Optional:
+
+- ``generation(sample)``: a :class:`Generation` (the decoding settings the benchmark's protocol
+  prescribes for this question), or None for the module's own evaluation settings;
+- ``aggregate(rows)``: the benchmark's figure from its predictions lines (``score``, ``metric``,
+  ``category``, ``parsed``, ``details``), a dict with ``figure`` (in the reference's units),
+  ``units`` (``fraction`` or ``percent``) and ``categories``; without it the figure is the
+  unweighted mean over metric families of each family's mean (a fraction);
+- ``protocol``: the name of the scoring protocol; an adapter whose ``protocol`` is None takes the
+  callback's ``protocol`` setting (the callback never interprets the name).
 
 The only thing the callback reads from a sample itself is ``sample.benchmark`` (the evaluation
 set it came from) and ``sample.record.id`` (unique within that set), to route and to resume.
@@ -20,6 +30,14 @@ set it came from) and ``sample.record.id`` (unique within that set), to route an
 from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
+
+
+class Generation(NamedTuple):
+    """Decoding settings for one question (what ``pl_module.generate_answers`` is asked to use)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
 
 
 class Scored(NamedTuple):
@@ -34,7 +52,8 @@ class Scored(NamedTuple):
     parsed: str | float | None  # what the scorer read from the output (None: nothing readable)
     score: float  # in [0, 1]
     metric: str = "accuracy"  # the family this score is averaged in
-    truth: str | float | None = None  # the ground truth as the scorer read it, for the predictions file
+    truth: Any = None  # the ground truth as the scorer read it, for the predictions file
+    details: dict[str, Any] | None = None  # what the benchmark's aggregation needs besides the score (JSON values)
 
 
 class BenchmarkAdapter(Protocol):

@@ -42,6 +42,7 @@ from callbacks.evaluation.report import (
     EXCLUDED,
     PAPER_COLUMNS,
     append_jsonl,
+    as_percent,
     jsonable,
     markdown_table,
     read_predictions,
@@ -87,6 +88,7 @@ class BenchmarkEvaluation(L.Callback):
         max_samples: int | None = None,
         table_columns: list[str] | None = None,
         progress_bar: bool = True,
+        protocol: str | None = None,
     ) -> None:
         """
         Args:
@@ -100,6 +102,8 @@ class BenchmarkEvaluation(L.Callback):
             max_samples: Samples per periodic evaluation over all ranks (None: the whole val set).
             table_columns: Columns of the printed table (default: the paper's Table 1 columns).
             progress_bar: Show a bar of answers with each benchmark's running score in test (rank 0).
+            protocol: Scoring protocol of every adapter that does not set its own (an adapter's
+                ``protocol`` left at None), e.g. video_r1, lmms_eval or p2r for p2r's adapters.
         """
         if every_n_train_steps is not None and every_n_train_steps < 1:
             raise ValueError("every_n_train_steps must be at least 1 (or None)")
@@ -109,6 +113,11 @@ class BenchmarkEvaluation(L.Callback):
         self.max_samples = max_samples
         self.table_columns = list(table_columns) if table_columns is not None else list(PAPER_COLUMNS)
         self.progress_bar = progress_bar
+        self.protocol = protocol
+        if protocol is not None:
+            for adapter in benchmarks.values():
+                if hasattr(adapter, "protocol") and adapter.protocol is None:
+                    adapter.protocol = protocol
         self.results: dict[str, Any] | None = None  # the last test's results.json content
         self._passes: dict[str, _Pass] = {}
         self._last_periodic_step = -1
@@ -189,6 +198,15 @@ class BenchmarkEvaluation(L.Callback):
         if trainer.is_global_zero:
             (out / RUN).write_text(json.dumps(identity, indent=1) + "\n")
         done = read_predictions([out / PREDICTIONS, *sorted(out.glob("predictions.rank*.jsonl"))])
+        for row in done.values():
+            adapter = self.benchmarks.get(row["benchmark"])
+            made, now = row.get("protocol"), getattr(adapter, "protocol", None)
+            if adapter is not None and made != now:
+                raise RuntimeError(
+                    f"{out} holds {row['benchmark']} predictions made under protocol {made!r} but this run scores it "
+                    f"under {now!r} (another prompt and decoding): choose another output_dir, or rescore those "
+                    "predictions with tools/rescore.py"
+                )
         run.done = set(done)
         if trainer.is_global_zero:  # earlier predictions count once, on rank 0
             kept = [row for row in done.values() if row["benchmark"] in self.benchmarks]
@@ -214,18 +232,22 @@ class BenchmarkEvaluation(L.Callback):
             return
         adapters = [self._adapter(s.benchmark) for s in todo]
         prompts = [a.prompt(s) for a, s in zip(adapters, todo)]
-        outputs = pl_module.generate_answers(todo, prompts)
+        outputs = self._generate(pl_module, todo, adapters, prompts)
         keys: list[Key] = []
         rows = []
         for sample, adapter, prompt, output in zip(todo, adapters, prompts, outputs):
             scored = adapter.score(sample, output)
             category = adapter.category(sample)
             keys.append((sample.benchmark, category, scored.metric))
-            rows.append({
-                "id": str(sample.record.id), "benchmark": sample.benchmark, "category": category,
-                "metric": scored.metric, "score": scored.score, "parsed": scored.parsed, "truth": scored.truth,
-                "prompt": prompt, "output": output,
-            })
+            row = {
+                "id": str(sample.record.id), "benchmark": sample.benchmark, "protocol": getattr(adapter, "protocol", None),
+                "category": category, "metric": scored.metric, "score": scored.score, "parsed": scored.parsed,
+                "truth": scored.truth, "details": scored.details, "prompt": prompt, "output": output,
+            }
+            to_dict = getattr(sample.record, "to_dict", None)
+            if to_dict is not None:  # the record as it came in: what tools can rescore under another protocol
+                row["record"] = to_dict()
+            rows.append(row)
         run.metric.update(keys, [row["score"] for row in rows])
         if run.part is not None:
             append_jsonl(run.part, rows)
@@ -237,6 +259,30 @@ class BenchmarkEvaluation(L.Callback):
             run.bar.set_postfix({b: f"{s / n:.3f}" for b, (s, n) in run.running.items()}, refresh=False)
             run.bar.update(len(rows))
 
+    @staticmethod
+    def _generate(pl_module: L.LightningModule, samples: list[Any], adapters: list[BenchmarkAdapter],
+                  prompts: list[str]) -> list[str]:
+        """Outputs in sample order; samples whose adapters prescribe different decoding settings are
+        generated in separate calls (``generation=None``: the module's own settings)."""
+        settings = [a.generation(s) if hasattr(a, "generation") else None for a, s in zip(adapters, samples)]
+        outputs: list[str] = [""] * len(samples)
+        for setting in dict.fromkeys(settings):
+            index = [i for i, x in enumerate(settings) if x == setting]
+            kwargs = {} if setting is None else {"generation": setting}
+            texts = pl_module.generate_answers([samples[i] for i in index], [prompts[i] for i in index], **kwargs)
+            for i, text in zip(index, texts):
+                outputs[i] = text
+        return outputs
+
+    def _aggregate(self, benchmark: str, rows: list[dict[str, Any]], block: dict[str, Any]) -> dict[str, Any]:
+        """The adapter's figure from its predictions lines, else the mean over metric families."""
+        adapter = self._adapter(benchmark)
+        if hasattr(adapter, "aggregate"):
+            return adapter.aggregate(rows)
+        return {"protocol": getattr(adapter, "protocol", None), "figure": block["score"], "units": "fraction",
+                "metric": "mean over metric families",
+                "categories": {c: v["score"] for c, v in block["categories"].items()}}
+
     def _end(self, run: _Pass, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if run.bar is not None:
             run.bar.close()
@@ -244,26 +290,39 @@ class BenchmarkEvaluation(L.Callback):
         for benchmark, block in summary.items():
             if block["n"] == 0:
                 continue
-            pl_module.log(f"{run.stage}/{benchmark}/accuracy", block["score"], batch_size=block["n"])
+            if run.stage != "test":
+                pl_module.log(f"{run.stage}/{benchmark}/accuracy", block["score"], batch_size=block["n"])
             if len(block["metrics"]) > 1:
                 for family, values in block["metrics"].items():
                     pl_module.log(f"{run.stage}/{benchmark}/metric/{family}", values["score"], batch_size=values["n"])
         if run.stage != "test":
             return
+        # The protocols' figures need every answer's details: rank 0 computes them from the merged
+        # predictions file (which also holds the answers of earlier, resumed runs) and shares them.
+        trainer.strategy.barrier()  # every rank has flushed its predictions file
+        out = self._directory(trainer)
+        figures: dict[str, dict[str, Any]] | None = None
+        if trainer.is_global_zero:
+            self._merge_predictions(out)
+            # Sorted by id: the same order whatever the number of ranks (float32 means depend on it).
+            predictions = [row for _, row in sorted(read_predictions([out / PREDICTIONS]).items())]
+            figures = {b: self._aggregate(b, [r for r in predictions if r["benchmark"] == b], block)
+                       for b, block in summary.items() if block["n"]}
+        figures = trainer.strategy.broadcast(figures, src=0)
+        for benchmark, figure in figures.items():
+            pl_module.log(f"test/{benchmark}/accuracy", as_percent(figure) / 100.0, batch_size=summary[benchmark]["n"])
         columns = {name: getattr(adapter, "column", "") for name, adapter in self.benchmarks.items()}
-        values = table_values(summary, columns)
+        values = table_values(figures, columns)
         config = {
+            "protocol": self.protocol,
             "benchmarks": {name: {"class": f"{type(a).__module__}.{type(a).__qualname__}", **jsonable(vars(a))}
                            for name, a in self.benchmarks.items()},
             "ckpt_path": trainer.ckpt_path,
             "module": {"class": type(pl_module).__qualname__, **jsonable(dict(pl_module.hparams))},
             "world_size": trainer.world_size,
         }
-        self.results = results_document(summary, values, model_name(pl_module), config)
-        trainer.strategy.barrier()  # every rank has flushed its predictions file
+        self.results = results_document(summary, figures, values, model_name(pl_module), config)
         if trainer.is_global_zero:
-            out = self._directory(trainer)
-            self._merge_predictions(out)
             (out / RESULTS).write_text(json.dumps(self.results, indent=1, ensure_ascii=False) + "\n")
             print("\n" + markdown_table(model_name(pl_module), values, self.table_columns) + "\n")
 

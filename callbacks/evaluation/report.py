@@ -3,11 +3,12 @@
 Pure functions on plain Python values, so they are tested on hand-made rows and reused on the
 rows of a resumed run read back from ``predictions.jsonl``.
 
-Aggregation (``summarize``): a benchmark's figure is the unweighted mean over its metric families
-of each family's mean over samples. VSI-Bench has two families (multiple-choice accuracy and
-MRA), so this is the paper's "mean of MC accuracy and MRA"; every other benchmark has one, so it
-is the plain mean. Categories are aggregated the same way over their own samples. Sums use
-``math.fsum``, so totals do not depend on the order in which ranks delivered their rows.
+Two aggregations. ``summarize`` gives, per benchmark, the unweighted mean over its metric
+families of each family's mean over samples, with counts (what validation logs, and the figure
+of an adapter without ``aggregate``). A benchmark's published figure is its adapter's
+``aggregate`` (the protocol's arithmetic, in the reference's units); :func:`table_values` puts
+those in percent for the table. Sums use ``math.fsum``, so totals do not depend on the order in
+which ranks delivered their rows.
 """
 
 from __future__ import annotations
@@ -74,17 +75,26 @@ def summarize(rows: Iterable[tuple[Key, float]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def table_values(summary: dict[str, dict[str, Any]], columns: dict[str, str]) -> dict[str, float]:
-    """Percent score per table column; ``columns`` maps a benchmark to its column header.
+def as_percent(figure: dict[str, Any]) -> float:
+    """An aggregate's ``figure`` in percent, whatever its ``units`` (``fraction`` or ``percent``).
 
-    Two benchmarks with the same header (a synthetic val and test set) keep their own names.
+    >>> as_percent({"figure": 0.25, "units": "fraction"}), as_percent({"figure": 25.0, "units": "percent"})
+    (25.0, 25.0)
+    """
+    value = float(figure["figure"])
+    return value if figure["units"] == "percent" else 100.0 * value
+
+
+def table_values(figures: dict[str, dict[str, Any]], columns: dict[str, str]) -> dict[str, float]:
+    """Percent figure per table column; ``columns`` maps a benchmark to its column header.
+
+    Two benchmarks with the same header (a synthetic val and test set): the first by name gets the
+    header, the other keeps its own name.
     """
     values: dict[str, float] = {}
-    for benchmark, block in summary.items():
-        if block["n"] == 0:
-            continue
+    for benchmark, figure in sorted(figures.items()):
         header = columns.get(benchmark) or benchmark
-        values[benchmark if header in values else header] = 100.0 * block["score"]
+        values[benchmark if header in values else header] = as_percent(figure)
     return values
 
 
@@ -109,12 +119,15 @@ def markdown_table(model: str, values: dict[str, float], table_columns: Sequence
     ])
 
 
-def results_document(summary: dict[str, dict[str, Any]], table: dict[str, float], model: str,
-                     config: dict[str, Any]) -> dict[str, Any]:
-    """results.json, laid out like lmms-eval's: ``results`` per benchmark (figure, per-family and
-    per-category scores with counts), ``n-samples``, the table row, ``model`` and ``config``."""
+def results_document(summary: dict[str, dict[str, Any]], figures: dict[str, dict[str, Any]],
+                     table: dict[str, float], model: str, config: dict[str, Any]) -> dict[str, Any]:
+    """results.json, laid out like lmms-eval's: ``results`` per benchmark (the protocol's figure,
+    units and categories, with the counts and per-family means of ``summary``), ``n-samples``,
+    the table row, ``model`` and ``config``."""
+    results = {b: {**figures.get(b, {}), "n": s["n"], "excluded": s["excluded"], "metrics": s["metrics"]}
+               for b, s in summary.items()}
     return {
-        "results": summary,
+        "results": results,
         "n-samples": {b: {"scored": s["n"], "excluded": s["excluded"]} for b, s in summary.items()},
         "table": table,
         "model": model,

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from callbacks.evaluation import Generation
 from callbacks.rewards.accuracy import reasoning_accuracy
 from callbacks.rewards.format import perception_format, reasoning_format
 from callbacks.rewards.judges import JudgeRequest, RuleBasedJudge
@@ -158,15 +159,20 @@ class VideoLVLMModule(L.LightningModule):
         self.skipped_samples += sum(s.skipped for s in batch)
         self.log("data/skipped_samples", float(self.skipped_samples), batch_size=len(batch))
 
-    def generate_answers(self, batch: list[Sample], prompts: list[str] | None = None) -> list[str]:
-        """Decoded answers for a batch with the evaluation decoding settings.
+    def generate_answers(self, batch: list[Sample], prompts: list[str] | None = None,
+                         generation: Generation | None = None) -> list[str]:
+        """Decoded answers for a batch.
 
         ``prompts`` are user texts (an evaluation callback's benchmark-specific prompts); by
-        default the process-aware prompt of each record. Documented hook for callbacks.
+        default the process-aware prompt of each record. ``generation`` (new tokens, temperature,
+        top_p; temperature 0 is greedy) replaces the module's ``eval_*`` settings, for protocols
+        that prescribe their own. Documented hook for callbacks.
         """
+        if generation is None:
+            generation = Generation(self.eval_max_new_tokens, self.eval_temperature, self.eval_top_p)
         ids = self.backbone.generate(
-            self.prompts_of(batch, prompts), [s.clip for s in batch], self.eval_max_new_tokens,
-            do_sample=self.eval_temperature > 0, temperature=self.eval_temperature or 1.0, top_p=self.eval_top_p,
+            self.prompts_of(batch, prompts), [s.clip for s in batch], generation.max_new_tokens,
+            do_sample=generation.temperature > 0, temperature=generation.temperature or 1.0, top_p=generation.top_p,
         )
         return self.backbone.tokenizer.batch_decode(ids, skip_special_tokens=True)
 

@@ -1,16 +1,20 @@
-"""One adapter per benchmark: which records count, the prompt, the category key and the metric.
+"""One adapter per benchmark, scored under a chosen protocol: ``video_r1``, ``lmms_eval`` or ``p2r``.
 
-Each adapter implements the protocol of ``callbacks.evaluation.adapter.BenchmarkAdapter`` for the
-evaluation callback, on p2r's :class:`~p2r.data.datamodule.Sample`. The records are Video-R1's
-evaluation files (``eval_<name>.json``) or shards made from them; every benchmark is asked with
-p2r's prompt (:func:`p2r.data.prompts.build_prompt`: question, lettered options, the
-observation/think/answer template unless ``template`` is off, and the answer rule of the
-problem type), as Video-R1 asked every benchmark with one prompt and a per-type answer rule.
+Each adapter implements ``callbacks.evaluation.adapter.BenchmarkAdapter`` for the evaluation
+callback on p2r's :class:`~p2r.data.datamodule.Sample`, and hands everything protocol-specific
+(which questions count, the prompt, decoding settings, reading, score, figure) to the rules of its
+protocol (:func:`p2r.evaluation.protocol.make_rules`). ``protocol`` is set per run on the
+callback and may be overridden per adapter; an adapter left at None takes the callback's, and
+with neither the default is ``video_r1``.
 
-Categories come from the record's own fields when it carries one (``category_fields``, looked up
-in the fields the record kept beyond the schema and in ``facts``); otherwise VSI-Bench reads the
-question type from its fixed question templates and VideoMME the duration class from the
-decoded video's length; anything else is ``other``.
+Records: ``video_r1`` and ``p2r`` read the Video-R1 layout (``eval_<name>.json``); ``lmms_eval``
+reads the benchmark's own dataset row, which a record carries whole under ``native`` with its
+lmms-eval task under ``task`` (``tools/native_records.py`` makes such records from the Hugging
+Face rows, with the Video-R1-layout fields too, so one set of records serves every protocol).
+
+Categories under ``video_r1`` and ``p2r`` come from the record's own fields
+(:mod:`p2r.evaluation.categories`), else VideoMME's duration class from the decoded video's
+length, else ``other``; under ``lmms_eval`` they are lmms-eval's.
 
 Registry: :data:`BENCHMARKS` maps a benchmark name to its adapter class, :func:`make_benchmark`
 builds one by name.
@@ -20,143 +24,163 @@ from __future__ import annotations
 
 from typing import Any
 
-from callbacks.evaluation import Scored
+from callbacks.evaluation import Generation, Scored
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import build_prompt
 from p2r.data.records import VideoRecord
-from p2r.evaluation.scoring import (
-    MRAConvention,
-    mra_score,
-    reward_score,
-    score_by_type,
-    videomme_duration,
-    vsi_question_type,
-)
+from p2r.evaluation.categories import OTHER, videomme_duration
+from p2r.evaluation.judge import EvalJudge
+from p2r.evaluation.lmms_eval import NativeRow, resolve_task
+from p2r.evaluation.protocol import ProtocolName, make_rules
+from p2r.evaluation.scoring import MRAConvention, reward_score
 
-OTHER = "other"  # the category of a record that names none and gives no way to derive one
+DEFAULT_PROTOCOL = "video_r1"
 
 
-def record_field(record: VideoRecord, names: list[str]) -> str | None:
-    """The first non-empty value among ``names`` in the record's fields beyond the schema
-    (``extra``, when the record type keeps them) and its ``facts``; None if there is none."""
-    sources: list[dict[str, Any]] = [getattr(record, "extra", None) or {}, record.facts or {}]
-    for name in names:
-        for source in sources:
-            value = source.get(name)
-            if value not in (None, ""):
-                return str(value)
-    return None
+def native_row(benchmark: str, record: VideoRecord) -> NativeRow:
+    """The lmms-eval dataset row a record carries (``native``) with its task (``task``); raises
+    naming the record when it carries none."""
+    row = record.extra.get("native")
+    if not isinstance(row, dict):
+        raise ValueError(
+            f"{benchmark} record {record.id!r} has no 'native' row: protocol lmms_eval scores the benchmark's own "
+            "dataset rows. Make the records with tools/native_records.py from the Hugging Face rows, or choose "
+            "protocol video_r1 or p2r for Video-R1's eval files."
+        )
+    return NativeRow(row, resolve_task(benchmark, record.extra.get("task"), f"{benchmark} record {record.id!r}"))
 
 
 class VideoBenchmark:
-    """A benchmark of Video-R1 evaluation records, scored as Video-R1's ``eval_bench.py`` scores
-    them by problem type (see :func:`p2r.evaluation.scoring.score_by_type`)."""
+    """A benchmark scored under a protocol (see module doc)."""
 
+    name = ""  # registry name: data.test_sets key and eval_<name>.json
     column = ""  # header of this benchmark in the summary table (VideoP2R's Table 1)
-    CATEGORY_FIELDS: tuple[str, ...] = ()  # record fields that name the category, in order
 
     def __init__(
         self,
-        template: bool = True,
+        protocol: ProtocolName | None = None,
+        template: str = "video_r1",
+        prompt_template: bool = True,
         category_fields: list[str] | None = None,
         mra_convention: MRAConvention = "video_r1",
+        judge: EvalJudge | None = None,
+        protocol_generation: bool = True,
     ) -> None:
         """
         Args:
-            template: Ask for the observation/think/answer template (False: the bare question and
-                answer rule, for base models).
-            category_fields: Record fields naming the category, first non-empty wins (default:
-                the benchmark's usual field names).
-            mra_convention: Mean relative accuracy convention for numerical answers scored by MRA:
-                video_r1 (the paper's, strict <) or lmms_eval (<=).
+            protocol: video_r1 (Video-R1's eval_bench.py), lmms_eval (lmms-eval 0.7.3's task) or p2r
+                (lenient, not comparable); None: the evaluation callback's setting.
+            template: Reasoning template of the video_r1 prompt: video_r1 (think/answer) or videop2r
+                (observation/think/answer).
+            prompt_template: p2r protocol: ask for the observation/think/answer template (False: the
+                bare question and answer rule, for base models).
+            category_fields: Record fields naming the category under video_r1 and p2r, first
+                non-empty wins (default: the benchmark's usual field names).
+            mra_convention: p2r protocol: mean relative accuracy convention, video_r1 (strict <) or
+                lmms_eval (<=). The other protocols use their own.
+            judge: lmms_eval protocol: the OpenAI-compatible judge for MMVU open questions and
+                TempCompass (None: those questions count as not judged).
+            protocol_generation: Decode with the protocol's settings (tokens, temperature); False:
+                the module's eval_* settings.
         """
+        self.protocol = protocol
         self.template = template
-        self.category_fields = list(category_fields) if category_fields is not None else list(self.CATEGORY_FIELDS)
+        self.prompt_template = prompt_template
+        self.category_fields = list(category_fields) if category_fields is not None else None
         self.mra_convention = mra_convention
+        self.judge = judge
+        self.protocol_generation = protocol_generation
+        self._rules: dict[str, Any] = {}
+
+    @property
+    def active_protocol(self) -> str:
+        return self.protocol or DEFAULT_PROTOCOL
+
+    def rules(self) -> Any:
+        """This benchmark's rules under the active protocol (built once per protocol)."""
+        protocol = self.active_protocol
+        if protocol not in self._rules:
+            options: dict[str, Any] = {
+                "video_r1": {"template": self.template, "category_fields": self.category_fields},
+                "lmms_eval": {"ask": self.judge},
+                "p2r": {"template": self.prompt_template, "mra_convention": self.mra_convention,
+                        "category_fields": self.category_fields},
+            }.get(protocol, {})
+            self._rules[protocol] = make_rules(protocol, self.name, **options)
+        return self._rules[protocol]
+
+    def doc(self, sample: Sample) -> VideoRecord | NativeRow:
+        """The record as the active protocol reads it."""
+        return native_row(self.name, sample.record) if self.active_protocol == "lmms_eval" else sample.record
 
     def includes(self, sample: Sample) -> bool:
-        """Whether the sample counts in this benchmark (all of them, unless a subset is reported)."""
-        return True
+        """Whether the sample counts in this benchmark as the protocol reports it."""
+        return self.rules().includes(self.doc(sample))
 
     def prompt(self, sample: Sample) -> str:
-        return build_prompt(sample.record, self.template)
+        return self.rules().prompt(self.doc(sample))
+
+    def generation(self, sample: Sample) -> Generation | None:
+        return self.rules().generation(self.doc(sample)) if self.protocol_generation else None
 
     def category(self, sample: Sample) -> str:
-        return record_field(sample.record, self.category_fields) or self.derived_category(sample) or OTHER
+        return self.rules().category(self.doc(sample)) or self.derived_category(sample) or OTHER
 
     def derived_category(self, sample: Sample) -> str | None:
-        """The category when no record field names it (None: unknown)."""
+        """The category when neither the record nor the protocol names one (None: unknown)."""
         return None
 
     def score(self, sample: Sample, output: str) -> Scored:
-        return score_by_type(output, sample.record, self.mra_convention)
+        return self.rules().score(self.doc(sample), output)
 
-
-class MultipleChoiceSubset(VideoBenchmark):
-    """A benchmark reported on its multiple-choice questions only (the paper's MMVU and VCR-Bench)."""
-
-    def includes(self, sample: Sample) -> bool:
-        return sample.record.problem_type == "multiple choice"
+    def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The benchmark's figure under the active protocol, from its predictions lines."""
+        return {"protocol": self.active_protocol, **self.rules().aggregate(rows)}
 
 
 class VSIBench(VideoBenchmark):
-    """VSI-Bench: multiple-choice accuracy and, for every numerical question, MRA; the benchmark's
-    figure is the mean of the two (the paper's). Category: the question type."""
+    """VSI-Bench: multiple-choice accuracy and MRA on the numerical questions."""
 
-    column = "VSI"
-    CATEGORY_FIELDS = ("original_question_type", "question_type")
-
-    def derived_category(self, sample: Sample) -> str | None:
-        return vsi_question_type(sample.record.problem)
-
-    def score(self, sample: Sample, output: str) -> Scored:
-        if sample.record.problem_type == "multiple choice":
-            return score_by_type(output, sample.record, self.mra_convention)
-        return mra_score(output, sample.record, self.mra_convention)
+    name, column = "vsibench", "VSI"
 
 
 class VideoMMMU(VideoBenchmark):
-    """VideoMMMU: option letters, and numbers to 2 decimals for its open numerical questions.
-    Category: the track (Perception, Comprehension, Adaptation)."""
+    """VideoMMMU: the Perception, Comprehension and Adaptation tracks."""
 
-    column = "VideoMMMU"
-    CATEGORY_FIELDS = ("track", "subset", "category")
+    name, column = "videommmu", "VideoMMMU"
 
 
-class MMVU(MultipleChoiceSubset):
-    """MMVU, multiple-choice subset. Category: the discipline."""
+class MMVU(VideoBenchmark):
+    """MMVU: the multiple-choice subset under video_r1 and p2r (the paper's); lmms-eval's whole
+    validation split under lmms_eval."""
 
-    column = "MMVU"
-    CATEGORY_FIELDS = ("discipline", "subject", "field")
+    name, column = "mmvu", "MMVU"
 
 
-class VCRBench(MultipleChoiceSubset):
-    """VCR-Bench, multiple-choice subset. Category: the reasoning dimension."""
+class VCRBench(VideoBenchmark):
+    """VCR-Bench (the paper's: video chain-of-thought reasoning), multiple-choice subset. Not in
+    lmms-eval: its ``vcrbench`` is VCRBench, another benchmark (clip ordering)."""
 
-    column = "VCR"
-    CATEGORY_FIELDS = ("dimension", "task", "category")
+    name, column = "vcrbench", "VCR"
 
 
 class MVBench(VideoBenchmark):
-    """MVBench. Category: the task (20 of them)."""
+    """MVBench: 20 tasks."""
 
-    column = "MVBench"
-    CATEGORY_FIELDS = ("task_type", "task", "sub_task")
+    name, column = "mvbench", "MVBench"
 
 
 class TempCompass(VideoBenchmark):
-    """TempCompass (multiple-choice). Category: the temporal dimension (action, speed, direction, ...)."""
+    """TempCompass: multi-choice (Video-R1's file); lmms-eval has four answer formats."""
 
-    column = "TempCompass"
-    CATEGORY_FIELDS = ("dim", "dimension", "task_type")
+    name, column = "tempcompass", "TempCompass"
 
 
 class VideoMME(VideoBenchmark):
-    """VideoMME without subtitles (the prompt is the question and its options only). Category: the
-    duration class, from the record or else from the decoded video's length."""
+    """VideoMME without subtitles. Category: the duration class, from the record or else from the
+    decoded video's length."""
 
-    column = "VideoMME"
-    CATEGORY_FIELDS = ("duration",)
+    name, column = "videomme", "VideoMME"
 
     def derived_category(self, sample: Sample) -> str | None:
         clip = sample.clip
@@ -165,11 +189,26 @@ class VideoMME(VideoBenchmark):
         return videomme_duration(clip.total_frames / clip.fps)
 
 
-class Synthetic(VideoBenchmark):
-    """p2r's synthetic set: every problem type scored by the reasoning-accuracy reward (regression
-    as 1 - relative error, not MRA). Category: the problem type."""
+class Synthetic:
+    """p2r's synthetic set, with no reference protocol: p2r's prompt and module decoding, every
+    problem type scored by the reasoning-accuracy reward (regression as 1 - relative error), the
+    figure the plain mean. Category: the problem type."""
 
-    column = "synthetic"
+    name, column = "synthetic", "synthetic"
+    protocol = "p2r"
+
+    def __init__(self, prompt_template: bool = True) -> None:
+        """
+        Args:
+            prompt_template: Ask for the observation/think/answer template (False: the bare question).
+        """
+        self.prompt_template = prompt_template
+
+    def includes(self, sample: Sample) -> bool:
+        return True
+
+    def prompt(self, sample: Sample) -> str:
+        return build_prompt(sample.record, self.prompt_template)
 
     def category(self, sample: Sample) -> str:
         return sample.record.problem_type
@@ -178,19 +217,12 @@ class Synthetic(VideoBenchmark):
         return reward_score(output, sample.record)
 
 
-BENCHMARKS: dict[str, type[VideoBenchmark]] = {
-    "vsibench": VSIBench,
-    "videommmu": VideoMMMU,
-    "mmvu": MMVU,
-    "vcrbench": VCRBench,
-    "mvbench": MVBench,
-    "tempcompass": TempCompass,
-    "videomme": VideoMME,
-    "synthetic": Synthetic,
+BENCHMARKS: dict[str, type] = {
+    cls.name: cls for cls in (VSIBench, VideoMMMU, MMVU, VCRBench, MVBench, TempCompass, VideoMME, Synthetic)
 }
 
 
-def make_benchmark(name: str, **options: Any) -> VideoBenchmark:
+def make_benchmark(name: str, **options: Any) -> Any:
     """The adapter registered as ``name`` (the eval file's ``eval_<name>.json``), built with ``options``."""
     if name not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")

@@ -1,19 +1,21 @@
-"""Answer extraction and metrics of the benchmarks, as pure functions (text in, numbers out).
+"""The ``p2r`` protocol (p2r's own lenient reading) and mean relative accuracy.
 
-The answer is the text inside ``<answer>`` or else the whole output (METHOD.md), read by the same
-parsers as the rewards (``callbacks.rewards.parsing``): option letters from "(B)", "B.", "B: text",
-"The answer is B" or a bare "b"; numbers from digits or number words. Two departures from
-Video-R1's ``eval_bench.py``, both in the lenient direction: a multiple-choice answer counts when
-the letter it names is right (Video-R1 demanded the answer text be exactly the letter), and a
-number is read out of text ("about 3.5 m"; Video-R1 needed the bare number, and for numerical
-questions also the same use of a decimal point as the ground truth).
+NOT comparable to a published number: use the ``video_r1`` or ``lmms_eval`` protocol for that.
+The answer is the text inside ``<answer>`` or else the whole output, read by the lenient parsers
+of the rewards (``callbacks.rewards.parsing``): option letters from "(B)", "B.", "B: text", "The
+answer is B", a bare "b" or the option's text; numbers from digits or number words inside text.
+Video-R1's ``eval_bench.py`` needs the exact letter, the bare number and, for numerical questions,
+the same use of a decimal point as the truth. The prompt is p2r's (:func:`p2r.data.prompts.build_prompt`),
+decoding is the module's own setting, and a benchmark's figure is the unweighted mean over its
+metric families (VSI-Bench: multiple-choice accuracy and MRA) of each family's mean.
 
 Mean relative accuracy (VSI-Bench's numerical questions) exists in two conventions that differ
 where the relative error meets a threshold, and each is reproduced with its reference
 implementation's arithmetic, float artifacts included (tests hold hand-worked values):
 
 - ``video_r1`` (the paper's; Video-R1 ``eval_bench.py``): float32 tensors, thresholds
-  ``arange(0.5, 0.975, 0.05)``, relative error ``|p - t| / (|t| + 1e-8)``, strict ``<``;
+  ``arange(0.5, 0.975, 0.05)``, relative error ``|p - t| / (|t| + 1e-8)``, strict ``<``, the
+  float32 mean of the hits as a Python float (0.9 is 0.8999999761581421);
 - ``lmms_eval`` (lmms-eval's ``vsibench``): float64, thresholds ``linspace(0.5, 0.95, 10)``,
   relative error ``|p - t| / t``, ``<=``; a zero ground truth (a division by zero there) gives
   error 0 for a zero prediction and infinity otherwise.
@@ -21,16 +23,18 @@ implementation's arithmetic, float artifacts included (tests hold hand-worked va
 
 from __future__ import annotations
 
-import re
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from callbacks.evaluation import Scored
+from callbacks.evaluation.report import family_mean
 from callbacks.rewards.accuracy import reasoning_accuracy
 from callbacks.rewards.parsing import extract_answer, parse_number, parse_option_letter
+from p2r.data.prompts import build_prompt
 from p2r.data.records import VideoRecord
+from p2r.evaluation.categories import record_category
 
 MRAConvention = Literal["video_r1", "lmms_eval"]
 MRA_CONVENTIONS: tuple[str, ...] = ("video_r1", "lmms_eval")
@@ -42,6 +46,8 @@ def mean_relative_accuracy(prediction: float, truth: float, convention: MRAConve
 
     >>> mean_relative_accuracy(3.0, 4.0), mean_relative_accuracy(3.0, 4.0, "lmms_eval")
     (0.5, 0.6)
+    >>> mean_relative_accuracy(9.0, 10.0)
+    0.8999999761581421
     """
     if convention == "video_r1":
         pred = torch.tensor(prediction, dtype=torch.float32)
@@ -49,7 +55,7 @@ def mean_relative_accuracy(prediction: float, truth: float, convention: MRAConve
         error = torch.abs(pred - target) / (torch.abs(target) + 1e-8)
         thresholds = torch.arange(0.5, 0.95 + 0.05 / 2, 0.05, dtype=torch.float32)
         hits = error < (1 - thresholds)
-        return int(hits.sum()) / len(thresholds)
+        return hits.float().mean().item()
     if convention == "lmms_eval":
         if truth == 0:
             error = 0.0 if prediction == 0 else float("inf")
@@ -103,43 +109,46 @@ def score_by_type(output: str, record: VideoRecord, convention: MRAConvention = 
     return reward_score(output, record)
 
 
-# VSI-Bench question types from the fixed wording of its question templates, for records that do
-# not carry the type; first match wins. Names as in VSI-Bench and lmms-eval.
-_VSI_TEMPLATES = (
-    ("object_counting", r"\bhow many\b"),
-    ("object_size_estimation", r"longest dimension"),
-    ("room_size_estimation", r"size of (?:this|the) room|room size"),
-    ("object_abs_distance", r"direct distance"),
-    ("object_rel_distance", r"which of these objects.*\bclosest\b"),
-    ("object_rel_direction_hard", r"standing by.*facing.*front-left"),
-    ("object_rel_direction_medium", r"standing by.*facing.*left, right, or back"),
-    ("object_rel_direction_easy", r"standing by.*facing"),
-    ("route_planning", r"\brobot\b|navigate to"),
-    ("obj_appearance_order", r"appearance order"),
-)
+class LenientRules:
+    """One benchmark under the ``p2r`` protocol (see module doc)."""
 
+    protocol = "p2r"
 
-def vsi_question_type(question: str) -> str | None:
-    """The VSI-Bench question type of a question, from its template wording; None if none fits.
+    def __init__(self, benchmark: str, template: bool = True, mra_convention: MRAConvention = "video_r1",
+                 category_fields: list[str] | None = None) -> None:
+        if mra_convention not in MRA_CONVENTIONS:
+            raise ValueError(f"unknown MRA convention {mra_convention!r}, expected one of {MRA_CONVENTIONS}")
+        self.benchmark = benchmark
+        self.template = template
+        self.mra_convention = mra_convention
+        self.category_fields = category_fields
 
-    >>> vsi_question_type("How many chair(s) are in this room?")
-    'object_counting'
-    """
-    for name, pattern in _VSI_TEMPLATES:
-        if re.search(pattern, question, re.IGNORECASE | re.DOTALL):
-            return name
-    return None
+    def includes(self, record: VideoRecord) -> bool:
+        return self.benchmark not in ("mmvu", "vcrbench") or record.problem_type == "multiple choice"
 
+    def prompt(self, record: VideoRecord) -> str:
+        return build_prompt(record, self.template)
 
-def videomme_duration(seconds: float) -> str:
-    """VideoMME's duration class of a video (short < 2 min, medium 4-15 min, long 30-60 min).
+    def generation(self, record: VideoRecord) -> None:
+        return None  # the module's eval_max_new_tokens / eval_temperature / eval_top_p
 
-    The classes leave gaps; the cut points are put in the middle of them (3 and 22.5 minutes)
-    so that a decoder's slightly-off duration never changes the class.
+    def category(self, record: VideoRecord) -> str | None:
+        return record_category(self.benchmark, record, self.category_fields)
 
-    >>> videomme_duration(95), videomme_duration(600), videomme_duration(2400)
-    ('short', 'medium', 'long')
-    """
-    if seconds < 180:
-        return "short"
-    return "medium" if seconds < 1350 else "long"
+    def score(self, record: VideoRecord, output: str) -> Scored:
+        if self.benchmark == "vsibench" and record.problem_type != "multiple choice":
+            return mra_score(output, record, self.mra_convention)
+        return score_by_type(output, record, self.mra_convention)
+
+    def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The unweighted mean over metric families of each family's mean, overall and per category."""
+        def by_family(subset: list[dict[str, Any]]) -> dict[str, list[float]]:
+            families: dict[str, list[float]] = {}
+            for row in subset:
+                families.setdefault(row["metric"], []).append(float(row["score"]))
+            return families
+
+        categories = {name: family_mean(by_family([r for r in rows if r["category"] == name]))
+                      for name in sorted({r["category"] for r in rows})}
+        return {"figure": family_mean(by_family(rows)) if rows else 0.0, "units": "fraction",
+                "metric": "mean over metric families", "categories": categories}

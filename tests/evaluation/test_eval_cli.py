@@ -62,26 +62,29 @@ def test_tiny_model_on_the_synthetic_benchmark_writes_predictions_and_results_an
     assert sorted(r["id"] for r in rows) == sorted(records) and sorted(generated) == sorted(records)
     for row in rows:
         record = records[row["id"]]
-        assert set(row) == {"id", "benchmark", "category", "metric", "prompt", "output", "parsed", "truth", "score"}
+        assert set(row) == {"id", "benchmark", "protocol", "category", "metric", "prompt", "output", "parsed", "truth",
+                            "score", "details", "record"}
         assert (row["benchmark"], row["category"], row["metric"]) == ("synthetic", record["problem_type"], "accuracy")
+        assert row["protocol"] == "p2r" and row["record"]["solution"] == record["solution"]  # rescorable as it came in
         assert row["prompt"].startswith(record["problem"]) and "<observation>" in row["prompt"]
         assert row["score"] == reasoning_accuracy(row["output"], record["solution"], record["problem_type"], record["options"])
     results = json.loads((tmp_path / "results.json").read_text())
     block = results["results"]["synthetic"]
-    assert block["n"] == 8 and block["excluded"] == 0
-    assert block["score"] == pytest.approx(math.fsum(r["score"] for r in rows) / 8)
-    types = [r["problem_type"] for r in records.values()]
-    assert {c: b["n"] for c, b in block["categories"].items()} == {t: types.count(t) for t in set(types)}
+    assert block["n"] == 8 and block["excluded"] == 0 and block["units"] == "fraction"
+    assert block["figure"] == pytest.approx(math.fsum(r["score"] for r in rows) / 8)
+    types = {r["problem_type"] for r in records.values()}
+    assert block["categories"] == pytest.approx(
+        {t: math.fsum(r["score"] for r in rows if r["category"] == t) / sum(r["category"] == t for r in rows) for t in types})
     assert results["model"] == "TinyQwen25VL" and results["config"]["benchmarks"]["synthetic"]["class"] == "p2r.evaluation.benchmarks.Synthetic"
     assert results["config"]["module"]["eval_max_new_tokens"] == 24
-    assert float(cli.trainer.callback_metrics["test/synthetic/accuracy"]) == pytest.approx(block["score"])
+    assert float(cli.trainer.callback_metrics["test/synthetic/accuracy"]) == pytest.approx(block["figure"])
     evaluation = next(cb for cb in cli.trainer.callbacks if isinstance(cb, BenchmarkEvaluation))
     assert json.loads(json.dumps(evaluation.results)) == results
     printed = capsys.readouterr()
     table = printed.out
-    assert f"synthetic={block['score']:.3f}" in printed.err  # the bar's running score, final value
+    assert f"synthetic={block['figure']:.3f}" in printed.err  # the bar's running score, final value
     assert "| model | VSI | VideoMMMU | MMVU | VCR | MVBench | TempCompass | VideoMME | synthetic | avg |" in table
-    assert f"| TinyQwen25VL | - | - | - | - | - | - | - | {100 * block['score']:.1f} | - |" in table
+    assert f"| TinyQwen25VL | - | - | - | - | - | - | - | {100 * block['figure']:.1f} | - |" in table
 
     # Resume: one finished answer is marked (it must survive), three are dropped (they must be redone).
     rows[0]["output"], rows[0]["score"] = "SENTINEL", 1.0
@@ -92,7 +95,15 @@ def test_tiny_model_on_the_synthetic_benchmark_writes_predictions_and_results_an
     again = read_jsonl(tmp_path / "predictions.jsonl")
     assert sorted(r["id"] for r in again) == sorted(records) and again[0]["output"] == "SENTINEL"
     rerun = json.loads((tmp_path / "results.json").read_text())["results"]["synthetic"]
-    assert rerun["n"] == 8 and rerun["score"] == pytest.approx(math.fsum(r["score"] for r in again) / 8)
+    assert rerun["n"] == 8 and rerun["figure"] == pytest.approx(math.fsum(r["score"] for r in again) / 8)
+
+    # Predictions made under another protocol are never counted as this run's.
+    again[0]["protocol"] = "lmms_eval"
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in again))
+    with pytest.raises(RuntimeError, match="tools/rescore.py"):
+        run_test(synthetic, tmp_path)
+    again[0]["protocol"] = "p2r"
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in again))
 
     # A different model never resumes these predictions.
     (tmp_path / "run.json").write_text(json.dumps({"model": "Qwen/Qwen2.5-VL-7B-Instruct", "ckpt_path": None}))

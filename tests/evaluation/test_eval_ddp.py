@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from callbacks.evaluation import BenchmarkEvaluation
+from callbacks.evaluation import BenchmarkEvaluation, Generation
 from p2r.data.datamodule import VideoDataModule
 from p2r.data.video import FrameSampling
 from p2r.evaluation import MMVU, Synthetic, VSIBench
@@ -43,7 +43,9 @@ class Scripted(L.LightningModule):
     def test_step(self, batch, batch_idx):
         pass
 
-    def generate_answers(self, batch, prompts):
+    def generate_answers(self, batch, prompts, generation=None):
+        # Video-R1's decoding for its protocol's benchmarks, the module's own (None) for the synthetic set.
+        assert generation == (None if batch[0].benchmark == "synthetic" else Generation(1024, 0.1, 0.001)), generation
         with (out / f"generated.{tag}.rank{self.global_rank}.txt").open("a") as f:
             f.writelines(s.record.id + "\n" for s in batch)
         answers = []
@@ -66,7 +68,8 @@ dm = VideoDataModule(
     media_root=str(data), eval_batch_size=3, num_workers=0,
     eval_frames=FrameSampling(fps=4.0, min_frames=4, max_frames=4, min_pixels=784, max_pixels=784),
 )
-evaluation = BenchmarkEvaluation({"synthetic": Synthetic(), "vsibench": VSIBench(), "mmvu": MMVU()}, output_dir=str(out))
+evaluation = BenchmarkEvaluation({"synthetic": Synthetic(), "vsibench": VSIBench(), "mmvu": MMVU()}, output_dir=str(out),
+                                 protocol="video_r1")
 trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
                     enable_progress_bar=False, enable_model_summary=False, callbacks=[evaluation])
 trainer.test(Scripted(), datamodule=dm, verbose=False)
@@ -84,7 +87,7 @@ def eval_records(videos: list[str]) -> tuple[list[dict], list[dict]]:
         numeric = i % 2 == 0
         vsi.append({
             "problem_id": f"vsi-{i}", "problem": COUNTS[i % 3] if numeric else "Which of these objects (sofa, tv) is the closest to the bed?",
-            "problem_type": "numerical" if numeric else "multiple choice", "data_type": "video", "path": video,
+            "problem_type": "regression" if numeric else "multiple choice", "data_type": "video", "path": video,
             "options": [] if numeric else ["A. sofa", "B. tv", "C. lamp", "D. desk"],
             "solution": f"<answer>{3 + 7 * i}</answer>" if numeric else f"<answer>{'ABCD'[i % 4]}</answer>",
         })
@@ -143,7 +146,8 @@ def test_two_ddp_ranks_give_the_totals_of_one_process(tmp_path):
     assert results_two["n-samples"] == results_one["n-samples"] == {
         "mmvu": {"scored": 7, "excluded": 2}, "synthetic": {"scored": 9, "excluded": 0}, "vsibench": {"scored": 9, "excluded": 0}}
     vsi_block = results_one["results"]["vsibench"]
-    assert set(vsi_block["metrics"]) == {"accuracy", "mra"} and 0 < vsi_block["score"] < 1
+    assert set(vsi_block["metrics"]) == {"accuracy", "mra"} and 0 < vsi_block["figure"] < 1
+    assert vsi_block["figure"] == (vsi_block["mean_acc"] + vsi_block["mean_mra"]) / 2
     assert results_two["config"]["world_size"] == 2
 
     # Resume with two ranks: nothing is generated; rank 1 has no row at all, rank 0 holds the old ones.

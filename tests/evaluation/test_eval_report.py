@@ -70,10 +70,15 @@ def test_summary_does_not_depend_on_row_order_and_empty_benchmarks_stay_valid_js
     json.dumps(only_excluded, allow_nan=False)
 
 
+# Protocol figures come in the reference's units: VSI-Bench (lmms-eval) and Video-R1 in fractions,
+# MVBench (lmms-eval) in percent; the table shows percent.
+FIGURES = {"vsibench": {"figure": 0.352, "units": "fraction"}, "mvbench": {"figure": 50.0, "units": "percent"},
+           "mmvu": {"figure": 1.0, "units": "fraction"}}
+
+
 def test_table_has_the_papers_columns_dashes_for_missing_and_avg_only_when_complete():
-    summary = summarize(ROWS)
-    values = table_values(summary, {"vsibench": "VSI", "mvbench": "MVBench", "mmvu": "MMVU"})
-    assert values == {"VSI": pytest.approx(100 * summary["vsibench"]["score"]), "MVBench": 50.0, "MMVU": 100.0}
+    values = table_values(FIGURES, {"vsibench": "VSI", "mvbench": "MVBench", "mmvu": "MMVU"})
+    assert values == {"VSI": pytest.approx(35.2), "MVBench": 50.0, "MMVU": 100.0}
     lines = markdown_table("Qwen2.5-VL-7B", values).splitlines()
     assert lines[0] == "| model | VSI | VideoMMMU | MMVU | VCR | MVBench | TempCompass | VideoMME | avg |"
     assert lines[2].split(" | ")[1:] == [f"{values['VSI']:.1f}", "-", "100.0", "-", "50.0", "-", "-", "- |"]
@@ -82,18 +87,20 @@ def test_table_has_the_papers_columns_dashes_for_missing_and_avg_only_when_compl
 
 
 def test_two_sets_with_one_header_keep_both_columns():
-    summary = summarize([(("val", "OCR", "accuracy"), 1.0), (("synthetic", "OCR", "accuracy"), 0.0)])
-    assert table_values(summary, {"val": "synthetic", "synthetic": "synthetic"}) == {"synthetic": 0.0, "val": 100.0}
+    figures = {"val": {"figure": 1.0, "units": "fraction"}, "synthetic": {"figure": 0.0, "units": "fraction"}}
+    assert table_values(figures, {"val": "synthetic", "synthetic": "synthetic"}) == {"synthetic": 0.0, "val": 100.0}
 
 
 def test_results_document_layout():
     summary = summarize(ROWS)
-    doc = results_document(summary, {"VSI": 50.0}, "Qwen/Qwen2.5-VL-7B-Instruct", {"ckpt_path": None})
+    figures = {b: {**f, "categories": {"x": 1.0}} for b, f in FIGURES.items()}
+    doc = results_document(summary, figures, {"VSI": 35.2}, "Qwen/Qwen2.5-VL-7B-Instruct", {"ckpt_path": None})
     assert set(doc) == {"results", "n-samples", "table", "model", "config"}
     assert doc["n-samples"]["mmvu"] == {"scored": 1, "excluded": 1}
-    assert doc["results"]["vsibench"]["categories"]["room_size_estimation"] == {
-        "score": 0.1, "n": 1, "metrics": {"mra": {"score": 0.1, "n": 1}}}
-    assert not math.isnan(json.loads(json.dumps(doc))["results"]["mvbench"]["score"])
+    vsi = doc["results"]["vsibench"]
+    assert (vsi["figure"], vsi["units"], vsi["categories"], vsi["n"]) == (0.352, "fraction", {"x": 1.0}, 6)
+    assert vsi["metrics"]["mra"]["n"] == 3
+    assert not math.isnan(json.loads(json.dumps(doc))["results"]["mvbench"]["figure"])
 
 
 def test_read_predictions_keeps_the_first_line_per_id_and_skips_a_torn_line(tmp_path, caplog):
