@@ -29,7 +29,7 @@ import torch
 
 from callbacks.evaluation import Scored
 from callbacks.rewards.accuracy import reasoning_accuracy
-from callbacks.rewards.parsing import extract_answer, parse_number, parse_option_letter
+from callbacks.rewards.parsing import lenient_answer, parse_number, parse_option_letter
 from p2r.data.records import VideoRecord
 
 MRAConvention = Literal["video_r1", "lmms_eval"]
@@ -68,7 +68,7 @@ def read_answer(output: str, record: VideoRecord) -> str | float | None:
     >>> read_answer("<think>it falls</think><answer>(b) down</answer>", mc)
     'B'
     """
-    text = extract_answer(output)
+    text = lenient_answer(output)
     if record.problem_type == "multiple choice":
         return parse_option_letter(text, len(record.options), record.options)
     if record.problem_type in ("numerical", "regression"):
@@ -85,11 +85,11 @@ def mra_score(output: str, record: VideoRecord, convention: MRAConvention) -> Sc
 
 
 def reward_score(output: str, record: VideoRecord) -> Scored:
-    """The reasoning-accuracy reward of the training runs, for any problem type (option letter,
+    """The reasoning-accuracy reward with its lenient reader, for any problem type (option letter,
     number to 2 decimals, 1 - WER, ROUGE, 1 - relative error)."""
     return Scored(
         read_answer(output, record),
-        reasoning_accuracy(output, record.solution, record.problem_type, record.options),
+        reasoning_accuracy(output, record.solution, record.problem_type, record.options, answer_reader="lenient"),
         "accuracy",
         read_answer(record.solution, record),
     )
