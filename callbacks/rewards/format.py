@@ -5,9 +5,11 @@ METHOD.md says only "the perception text is inside <observation>...</observation
 that each process is judged on its own segment (``callbacks.segments``) and the template order
 observation -> think -> answer is the only one that scores on both:
 
-- perception: the completion opens (after whitespace) with ``<observation>``, holds exactly one
-  opening and one closing observation tag, in that order, with non-blank text between them and no
-  other tag inside;
+- perception: the completion holds exactly one opening and one closing observation tag, in that
+  order, with non-blank text between them and no other tag inside, and no think or answer tag
+  before it. Plain text before ``<observation>`` is reasoning text (METHOD.md) and costs the
+  reasoning format only: Rformat_P judges the perception text, and its advantage trains the
+  perception tokens, which did not write that text;
 - reasoning: the reasoning segment (the completion with its perception blocks cut out) is exactly
   ``<think>T</think> <answer>A</answer>``, only whitespace around and between, T and A non-blank
   and tag-free, one think and one answer. Stray text before ``<think>`` or after ``</answer>`` is
@@ -34,7 +36,8 @@ from callbacks.segments import reasoning_text
 _ANY_TAG = re.compile(r"</?(?:observation|think|answer)>", re.IGNORECASE)
 _OBSERVATION_OPEN = re.compile(r"<observation>", re.IGNORECASE)
 _OBSERVATION_CLOSE = re.compile(r"</observation>", re.IGNORECASE)
-_OBSERVATION = re.compile(r"\s*<observation>(.*?)</observation>", re.DOTALL)
+_OBSERVATION = re.compile(r"<observation>(.*?)</observation>", re.DOTALL)
+_REASONING_TAG = re.compile(r"</?(?:think|answer)>", re.IGNORECASE)
 _REASONING = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 _VIDEO_R1_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 
@@ -44,17 +47,22 @@ def _clean(inner: str) -> bool:
 
 
 def perception_format(completion: str) -> float:
-    """1 when the completion opens with one well-formed, non-empty observation block, else 0.
+    """1 when the completion has one well-formed, non-empty observation block before any think or
+    answer tag, else 0.
 
     >>> perception_format("<observation>A red ball.</observation><think>x</think><answer>A</answer>")
     1.0
-    >>> perception_format("Sure. <observation>A red ball.</observation>")
+    >>> perception_format("Sure. <observation>A red ball.</observation>")  # the stray text is reasoning's
+    1.0
+    >>> perception_format("<think>x</think><observation>A red ball.</observation>")
     0.0
     """
     if len(_OBSERVATION_OPEN.findall(completion)) != 1 or len(_OBSERVATION_CLOSE.findall(completion)) != 1:
         return 0.0
-    match = _OBSERVATION.match(completion)
-    return 1.0 if match and _clean(match.group(1)) else 0.0
+    match = _OBSERVATION.search(completion)
+    if match is None or _REASONING_TAG.search(completion, 0, match.start()):
+        return 0.0
+    return 1.0 if _clean(match.group(1)) else 0.0
 
 
 def reasoning_format(completion: str) -> float:

@@ -185,7 +185,7 @@ def verify(text: str, record: VideoRecord, min_score: float, truncated: bool = F
     if not perception_ok and not reasoning_ok:
         return Outcome("verification", "malformed trace", "no well-formed observation, think or answer" + cut, text, score)
     if not perception_ok:
-        return Outcome("verification", "malformed observation", "the reply must open with one observation block" + cut, text, score)
+        return Outcome("verification", "malformed observation", "one observation block must come before the think and answer" + cut, text, score)
     if not reasoning_ok:
         return Outcome("verification", "malformed think/answer", "one think block then one answer block must follow" + cut, text, score)
     if score < min_score:

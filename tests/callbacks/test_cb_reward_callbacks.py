@@ -34,7 +34,7 @@ COMPLETIONS = [
     # s0: right answer, good format, sufficient observation
     "<observation>A man walks in and picks up a cup from the table.</observation>\n"
     "<think>He lifts the cup before anything else, which is option B.</think>\n<answer>B</answer>",
-    # s1: text before the observation, wrong answer, observation without the evidence
+    # s1: text before the observation (reasoning text), wrong answer, observation without the evidence
     "Sure. <observation>A man.</observation><think>He leaves.</think><answer>C</answer>",
     # s2: right number, good format, sufficient observation (but too long for the length bonus)
     "<observation>Three cars are parked along the street.</observation>\n<think>3 cars.</think>\n<answer>3</answer>",
@@ -46,7 +46,7 @@ R_LENGTHS = [400, 5, 330, 20]
 
 EXPECTED = {
     "reasoning/accuracy": [1.0, 0.0, 1.0, 0.0],
-    "perception/format": [1.0, 0.0, 1.0, 0.0],
+    "perception/format": [1.0, 1.0, 1.0, 0.0],  # s1's stray "Sure." costs the reasoning format only
     "reasoning/format": [1.0, 0.0, 1.0, 1.0],
     "perception/accuracy": [1.0, 0.0, 1.0, 0.0],
     "perception/length": [0.2, 0.0, 0.0, 0.0],  # s2: 400 > 320 perception tokens
@@ -73,9 +73,9 @@ def test_every_reward_by_hand():
     assert rewards == EXPECTED
     assert rollouts.reward_process == {name: name.split("/")[0] for name in EXPECTED}
     totals = rollouts.process_totals()
-    assert totals["perception"] == pytest.approx([2.2, 0.0, 2.0, 0.0])
+    assert totals["perception"] == pytest.approx([2.2, 1.0, 2.0, 0.0])
     assert totals["reasoning"] == pytest.approx([2.2, 0.0, 2.2, 1.0])
-    assert rollouts.total() == pytest.approx([4.4, 0.0, 4.2, 1.0])
+    assert rollouts.total() == pytest.approx([4.4, 1.0, 4.2, 1.0])
     assert rollouts.dropped_prompts() == [False, False]
 
 

@@ -220,7 +220,8 @@ def test_reasoning_accuracy_picks_the_reader():
         (trace(), 1.0, 1.0),
         ("  " + trace() + "\n", 1.0, 1.0),
         ("<observation>x</observation><think>t</think><answer>3</answer>", 1.0, 1.0),  # no whitespace needed
-        ("Sure! " + trace(), 0.0, 0.0),  # stray text before: breaks both
+        ("Sure! " + trace(), 1.0, 0.0),  # stray text before is reasoning text: breaks reasoning only
+        ("<think>t</think><observation>x</observation><answer>3</answer>", 0.0, 1.0),  # observation after think
         (trace() + " Hope this helps.", 1.0, 0.0),  # stray text after </answer>: reasoning only
         ("<think>t</think><answer>3</answer>", 0.0, 1.0),  # no observation
         ("<observation>x</observation>", 1.0, 0.0),  # no reasoning
