@@ -26,7 +26,7 @@ from typing import Any
 
 from callbacks.evaluation import Generation, Scored
 from p2r.data.datamodule import Sample
-from p2r.data.prompts import build_prompt
+from p2r.data.prompts import PromptTemplate, build_prompt
 from p2r.data.records import VideoRecord
 from p2r.evaluation.categories import OTHER, videomme_duration
 from p2r.evaluation.judge import EvalJudge
@@ -59,8 +59,7 @@ class VideoBenchmark:
     def __init__(
         self,
         protocol: ProtocolName | None = None,
-        template: str = "video_r1",
-        prompt_template: bool = True,
+        template: PromptTemplate | None = None,
         category_fields: list[str] | None = None,
         mra_convention: MRAConvention = "video_r1",
         judge: EvalJudge | None = None,
@@ -70,10 +69,10 @@ class VideoBenchmark:
         Args:
             protocol: video_r1 (Video-R1's eval_bench.py), lmms_eval (lmms-eval 0.7.3's task) or p2r
                 (lenient, not comparable); None: the evaluation callback's setting.
-            template: Reasoning template of the video_r1 prompt: video_r1 (think/answer) or videop2r
-                (observation/think/answer).
-            prompt_template: p2r protocol: ask for the observation/think/answer template (False: the
-                bare question and answer rule, for base models).
+            template: Prompt template under video_r1 and p2r (:mod:`p2r.data.prompts`): video_r1_eval
+                (Video-R1's eval_bench.py prompt, video_r1's default), videop2r (observation/think/answer,
+                p2r's default and what p2r trains with), video_r1 (Video-R1's training prompt) or none
+                (the bare question and answer rule). lmms_eval always asks with lmms-eval's prompts.
             category_fields: Record fields naming the category under video_r1 and p2r, first
                 non-empty wins (default: the benchmark's usual field names).
             mra_convention: p2r protocol: mean relative accuracy convention, video_r1 (strict <) or
@@ -85,7 +84,6 @@ class VideoBenchmark:
         """
         self.protocol = protocol
         self.template = template
-        self.prompt_template = prompt_template
         self.category_fields = list(category_fields) if category_fields is not None else None
         self.mra_convention = mra_convention
         self.judge = judge
@@ -100,11 +98,11 @@ class VideoBenchmark:
         """This benchmark's rules under the active protocol (built once per protocol)."""
         protocol = self.active_protocol
         if protocol not in self._rules:
+            template = {"template": self.template} if self.template is not None else {}
             options: dict[str, Any] = {
-                "video_r1": {"template": self.template, "category_fields": self.category_fields},
+                "video_r1": {**template, "category_fields": self.category_fields},
                 "lmms_eval": {"ask": self.judge},
-                "p2r": {"template": self.prompt_template, "mra_convention": self.mra_convention,
-                        "category_fields": self.category_fields},
+                "p2r": {**template, "mra_convention": self.mra_convention, "category_fields": self.category_fields},
             }.get(protocol, {})
             self._rules[protocol] = make_rules(protocol, self.name, **options)
         return self._rules[protocol]
@@ -191,24 +189,24 @@ class VideoMME(VideoBenchmark):
 
 class Synthetic:
     """p2r's synthetic set, with no reference protocol: p2r's prompt and module decoding, every
-    problem type scored by the reasoning-accuracy reward (regression as 1 - relative error), the
-    figure the plain mean. Category: the problem type."""
+    problem type scored by the reasoning-accuracy reward with its lenient reader (regression as
+    1 - relative error), the figure the plain mean. Category: the problem type."""
 
     name, column = "synthetic", "synthetic"
     protocol = "p2r"
 
-    def __init__(self, prompt_template: bool = True) -> None:
+    def __init__(self, template: PromptTemplate = "videop2r") -> None:
         """
         Args:
-            prompt_template: Ask for the observation/think/answer template (False: the bare question).
+            template: Prompt template (:mod:`p2r.data.prompts`): videop2r, video_r1, video_r1_eval or none.
         """
-        self.prompt_template = prompt_template
+        self.template = template
 
     def includes(self, sample: Sample) -> bool:
         return True
 
     def prompt(self, sample: Sample) -> str:
-        return build_prompt(sample.record, self.prompt_template)
+        return build_prompt(sample.record, self.template)
 
     def category(self, sample: Sample) -> str:
         return sample.record.problem_type

@@ -5,7 +5,7 @@ The answer is the text inside ``<answer>`` or else the whole output, read by the
 of the rewards (``callbacks.rewards.parsing``): option letters from "(B)", "B.", "B: text", "The
 answer is B", a bare "b" or the option's text; numbers from digits or number words inside text.
 Video-R1's ``eval_bench.py`` needs the exact letter, the bare number and, for numerical questions,
-the same use of a decimal point as the truth. The prompt is p2r's (:func:`p2r.data.prompts.build_prompt`),
+the same use of a decimal point as the truth. The prompt is p2r's (:func:`p2r.data.prompts.build_prompt`, the videop2r template by default),
 decoding is the module's own setting, and a benchmark's figure is the unweighted mean over its
 metric families (VSI-Bench: multiple-choice accuracy and MRA) of each family's mean.
 
@@ -31,8 +31,8 @@ import torch
 from callbacks.evaluation import Scored
 from callbacks.evaluation.report import family_mean
 from callbacks.rewards.accuracy import reasoning_accuracy
-from callbacks.rewards.parsing import extract_answer, parse_number, parse_option_letter
-from p2r.data.prompts import build_prompt
+from callbacks.rewards.parsing import lenient_answer, parse_number, parse_option_letter
+from p2r.data.prompts import PromptTemplate, build_prompt
 from p2r.data.records import VideoRecord
 from p2r.evaluation.categories import record_category
 
@@ -74,7 +74,7 @@ def read_answer(output: str, record: VideoRecord) -> str | float | None:
     >>> read_answer("<think>it falls</think><answer>(b) down</answer>", mc)
     'B'
     """
-    text = extract_answer(output)
+    text = lenient_answer(output)
     if record.problem_type == "multiple choice":
         return parse_option_letter(text, len(record.options), record.options)
     if record.problem_type in ("numerical", "regression"):
@@ -91,11 +91,11 @@ def mra_score(output: str, record: VideoRecord, convention: MRAConvention) -> Sc
 
 
 def reward_score(output: str, record: VideoRecord) -> Scored:
-    """The reasoning-accuracy reward of the training runs, for any problem type (option letter,
+    """The reasoning-accuracy reward with its lenient reader, for any problem type (option letter,
     number to 2 decimals, 1 - WER, ROUGE, 1 - relative error)."""
     return Scored(
         read_answer(output, record),
-        reasoning_accuracy(output, record.solution, record.problem_type, record.options),
+        reasoning_accuracy(output, record.solution, record.problem_type, record.options, answer_reader="lenient"),
         "accuracy",
         read_answer(record.solution, record),
     )
@@ -114,7 +114,7 @@ class LenientRules:
 
     protocol = "p2r"
 
-    def __init__(self, benchmark: str, template: bool = True, mra_convention: MRAConvention = "video_r1",
+    def __init__(self, benchmark: str, template: PromptTemplate = "videop2r", mra_convention: MRAConvention = "video_r1",
                  category_fields: list[str] | None = None) -> None:
         if mra_convention not in MRA_CONVENTIONS:
             raise ValueError(f"unknown MRA convention {mra_convention!r}, expected one of {MRA_CONVENTIONS}")

@@ -165,7 +165,7 @@ def test_synthetic_scores_the_five_problem_types_with_the_reasoning_reward():
         (sample("How many shapes appear?", "<answer>3</answer>", "numerical"), "<answer>three</answer>", 1.0),
         (sample("What word is written?", "<answer>CAT</answer>", "OCR"), "<answer>CAT</answer>", 1.0),
         (sample("What word is written?", "<answer>CAT</answer>", "OCR"), "<answer>cat</answer>", 0.0),
-        (sample("How far does it travel?", "<answer>2</answer>", "regression"), "<answer>1.5</answer>", 0.75),
+        (sample("How far does it travel?", "<answer>2</answer>", "regression"), "<answer>1.5</answer>", 1 - (0.5 + 1e-9) / (2 + 1e-9)),
         (sample("Describe the video.", "<answer>A red circle moves from the left to the right.</answer>", "free-form"),
          "<answer>A red circle moves from the left to the right.</answer>", 1.0),
     ]
@@ -235,7 +235,7 @@ def test_registry_covers_the_papers_table_and_builds_by_name():
 
 def test_prompt_has_question_options_and_answer_rule_and_template_switch():
     s = sample("What is the boy doing?", "<answer>B</answer>")
-    with_template, bare = MVBench(protocol="p2r").prompt(s), MVBench(protocol="p2r", prompt_template=False).prompt(s)
+    with_template, bare = MVBench(protocol="p2r").prompt(s), MVBench(protocol="p2r", template="none").prompt(s)
     assert with_template.startswith("What is the boy doing?\nOptions:\nA. running\nB. jumping")
     assert "<observation>" in with_template and "<observation>" not in bare
     assert "option's letter" in bare
