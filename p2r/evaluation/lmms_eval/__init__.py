@@ -24,14 +24,12 @@ different benchmark (ordering shuffled clips of a procedure), so ``vcrbench`` ha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from callbacks.evaluation import Generation, Scored
 from p2r.evaluation.lmms_eval import mmvu, mvbench, tempcompass, videomme, videommmu, vsibench
-from p2r.evaluation.lmms_eval.common import strip_reasoning_tags
+from p2r.evaluation.lmms_eval.common import Ask, strip_reasoning_tags
 
-# A judge: (chat messages, request settings) -> the reply text, or None when there is no reply.
-Ask = Callable[[list[dict[str, str]], dict[str, Any]], "str | None"]
 
 NOT_IN_LMMS_EVAL = (
     "lmms-eval 0.7.3 has no VCR-Bench of the paper: its 'vcrbench' task is VCRBench (Sarkar et al.), "
@@ -59,6 +57,11 @@ TASKS: dict[str, dict[str, str]] = {
 }
 _TASK_CONFIG = {task: config for tasks in TASKS.values() for config, task in tasks.items()}
 _TASK_BENCHMARK = {task: name for name, tasks in TASKS.items() for task in tasks.values()}
+
+
+def dataset_config(task: str) -> str:
+    """The dataset config of an lmms-eval task (``mvbench_action_count`` -> ``action_count``)."""
+    return _TASK_CONFIG[task]
 
 
 def benchmark_of_task(name: str) -> str | None:

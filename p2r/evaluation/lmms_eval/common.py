@@ -18,6 +18,11 @@ Both are written from lmms-eval's rules and checked against hand-worked cases
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+# A judge: (chat messages, request settings) -> the reply text, or None when there is no reply.
+Ask = Callable[[list[dict[str, str]], dict[str, Any]], "str | None"]
+
 DEFAULT_REASONING_TAGS: tuple[tuple[str, str], ...] = (("<think>", "</think>"), ("<analysis>", "</analysis>"))
 
 

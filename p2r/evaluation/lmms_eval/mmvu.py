@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Any, Callable
+from typing import Any
 
 from callbacks.evaluation import Scored
-from p2r.evaluation.lmms_eval.common import strip_reasoning_tags
+from p2r.evaluation.lmms_eval.common import Ask, strip_reasoning_tags
 
 MAX_NEW_TOKENS = 1024
 TEMPERATURE = 0.7
@@ -89,8 +89,6 @@ FIELDS = {
 }
 SUPERSCRIPTS = {"²": "^2", "³": "^3", "¹": "^1", "⁰": "^0", "⁴": "^4", "⁵": "^5", "⁶": "^6", "⁷": "^7", "⁸": "^8", "⁹": "^9"}
 
-# A judge: (chat messages, request settings) -> the reply text, or None when there is no reply.
-Ask = Callable[[list[dict[str, str]], dict[str, Any]], "str | None"]
 
 
 def is_multiple_choice(row: dict[str, Any]) -> bool:

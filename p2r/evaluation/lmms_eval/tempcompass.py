@@ -28,9 +28,10 @@ speed, direction, order, attribute_change); captioning rows add ``mc_question`` 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from callbacks.evaluation import Scored
+from p2r.evaluation.lmms_eval.common import Ask
 
 FORMATS = {"multi-choice": "tempcompass_multi_choice", "yes_no": "tempcompass_yes_no",
            "caption_matching": "tempcompass_caption_matching", "captioning": "tempcompass_captioning"}
@@ -77,7 +78,6 @@ _CAPTIONING_LINES = (
 )
 CAPTIONING_PROMPT = "\n" + "\n".join("    " + line if line else "" for line in _CAPTIONING_LINES) + "\n    "
 
-Ask = Callable[[list[dict[str, str]], dict[str, Any]], "str | None"]
 
 
 def prompt(row: dict[str, Any], form: str) -> str:
