@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from p2r.evaluation.judge import EvalJudge
 from p2r.evaluation.lmms_eval import LmmsEvalRules, NativeRow, TASKS, resolve_task
 from p2r.evaluation.lmms_eval.common import extract_mcq_answer, strip_reasoning_tags
 from p2r.evaluation.lmms_eval.vsibench import read_number
@@ -376,3 +377,19 @@ def test_videomme_prompt_score_and_figure():
     long = {**ME, "duration": "long"}
     figure = rules.aggregate(rows_of(rules, [(ME, None, "B"), (ME, None, "C"), (long, None, "B"), (long, None, "B")]))
     assert (figure["figure"], figure["units"], figure["categories"]) == (75.0, "percent", {"short": 50.0, "long": 100.0})
+
+
+# --- the judge on an OpenAI-compatible server ---------------------------------------------------------
+def test_eval_judge_sends_lmms_evals_requests_and_a_dead_server_leaves_questions_not_judged(chat_server, chat_payload, monkeypatch):
+    server = chat_server([(200, chat_payload(200, "Incorrect"), 0.0), (200, chat_payload(200, "Correct"), 0.0)])
+    monkeypatch.setenv("P2R_JUDGE_API_KEY", "sk-test")
+    judge = EvalJudge(server.base_url, "gpt-3.5-turbo-1106", max_retries=0)
+    rules = LmmsEvalRules("tempcompass", ask=judge)
+    assert rules.score(NativeRow(TC_MC, "tempcompass_multi_choice"), "(B)").score == 0.0
+    assert rules.score(NativeRow(TC_MC, "tempcompass_multi_choice"), "(B)").score == 1.0
+    body = server.requests[0]["body"]
+    assert body["model"] == "gpt-3.5-turbo-1106" and body["max_tokens"] == 128 and body["presence_penalty"] == 1
+    assert server.requests[0]["headers"]["Authorization"] == "Bearer sk-test"
+    dead = LmmsEvalRules("mmvu", ask=EvalJudge("http://127.0.0.1:9/v1", "judge", timeout_s=1.0, max_retries=0))
+    scored = dead.score(NativeRow(mmvu_open("DFS"), "mmvu_val"), "BFS")
+    assert (scored.score, scored.details["judged"]) == (0.0, False)

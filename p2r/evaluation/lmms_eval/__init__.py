@@ -120,8 +120,9 @@ class LmmsEvalRules:
         return videomme.prompt(row)
 
     def generation(self, doc: NativeRow) -> Generation:
-        """The task YAML's decoding settings as lmms-eval's Qwen2.5-VL model applies them (greedy
-        unless the temperature is above 0)."""
+        """The task YAML's decoding settings as lmms-eval's Qwen2.5-VL chat model (what
+        ``--model qwen2_5_vl`` runs) applies them: greedy unless the temperature is above 0, 128 new
+        tokens when the task sets none, no stop strings."""
         tokens = {"vsibench": vsibench.MAX_NEW_TOKENS, "videommmu": videommmu.MAX_NEW_TOKENS,
                   "mmvu": mmvu.MAX_NEW_TOKENS, "mvbench": mvbench.MAX_NEW_TOKENS,
                   "tempcompass": tempcompass.MAX_NEW_TOKENS, "videomme": videomme.MAX_NEW_TOKENS}[self.benchmark]

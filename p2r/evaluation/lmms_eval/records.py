@@ -15,23 +15,12 @@ reading of the row, not Video-R1's own file: VSI-Bench's numerical questions bec
 
 from __future__ import annotations
 
-import json
 import string
 from typing import Any
 
+from callbacks.evaluation.report import jsonable
 from p2r.evaluation.lmms_eval import LmmsEvalRules, NativeRow, dataset_config, resolve_task
 from p2r.evaluation.lmms_eval.videommmu import format_options
-
-
-def _json_values(row: dict[str, Any]) -> dict[str, Any]:
-    kept = {}
-    for key, value in row.items():
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError):
-            continue
-        kept[key] = value
-    return kept
 
 
 def _lettered(texts: list[str]) -> list[str]:
@@ -98,6 +87,6 @@ def native_record(benchmark: str, row: dict[str, Any], task: str | None, positio
         "data_type": "video",
         "path": LmmsEvalRules(benchmark).video_path(NativeRow(row, task)),
         "task": task,
-        "native": _json_values(row),
+        "native": jsonable(row),
     }
 

@@ -8,8 +8,8 @@ cache folder), ``question`` (options included), ``answer``, ``dim`` (the tempora
 speed, direction, order, attribute_change); captioning rows add ``mc_question`` and ``mc_answer``.
 
 - Prompt: the question, then "\\nPlease directly give the best option:" (multi-choice, caption
-  matching), "\\nPlease answer yes or no:" (yes/no), nothing (captioning). Greedy, no token limit
-  of the task's own (lmms-eval's Qwen2.5-VL model allows 32,768).
+  matching), "\\nPlease answer yes or no:" (yes/no), nothing (captioning). Greedy; the task sets no
+  token limit, so lmms-eval's Qwen2.5-VL chat model (what ``--model qwen2_5_vl`` runs) allows 128.
 - multi-choice: right when the output equals the answer, or is a bare letter A-D, or starts with
   "X." or "X)", and that letter is the answer's first character; anything else goes to the judge.
 - yes_no: the lower-cased output starting with "yes" / "no" (so "not sure" reads "no") against
@@ -37,7 +37,7 @@ FORMATS = {"multi-choice": "tempcompass_multi_choice", "yes_no": "tempcompass_ye
            "caption_matching": "tempcompass_caption_matching", "captioning": "tempcompass_captioning"}
 POST_PROMPTS = {"multi-choice": "\nPlease directly give the best option:", "yes_no": "\nPlease answer yes or no:",
                 "caption_matching": "\nPlease directly give the best option:", "captioning": ""}
-MAX_NEW_TOKENS = 32768  # lmms-eval's Qwen2.5-VL default when a task sets none
+MAX_NEW_TOKENS = 128  # lmms-eval's Qwen2.5-VL chat model (what --model qwen2_5_vl runs) when a task sets none
 CACHE_DIR = "tempcompass"
 DIMENSIONS = ("speed", "direction", "action", "order", "attribute_change")
 
