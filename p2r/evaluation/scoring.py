@@ -1,8 +1,9 @@
 """Answer extraction and metrics of the benchmarks, as pure functions (text in, numbers out).
 
-The answer is the text inside ``<answer>`` or else the whole output (METHOD.md), read by the same
-parsers as the rewards (``callbacks.rewards.parsing``): option letters from "(B)", "B.", "B: text",
-"The answer is B" or a bare "b"; numbers from digits or number words. Two departures from
+The answer is the text inside ``<answer>`` or else the whole output (METHOD.md), read by the
+reasoning reward's lenient reader (``answer_reader="lenient"``, ``callbacks.rewards.parsing``):
+option letters from "(B)", "B.", "B: text", "The answer is B" or a bare "b"; numbers from digits or
+number words. Two departures from
 Video-R1's ``eval_bench.py``, both in the lenient direction: a multiple-choice answer counts when
 the letter it names is right (Video-R1 demanded the answer text be exactly the letter), and a
 number is read out of text ("about 3.5 m"; Video-R1 needed the bare number, and for numerical
