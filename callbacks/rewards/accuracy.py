@@ -43,9 +43,8 @@ and an unknown type raises ``ValueError``.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
-
-from rouge_score import rouge_scorer
+from functools import cache
+from typing import Any, Callable, Literal
 
 from callbacks.rewards.parsing import lenient_answer, parse_number, parse_option_letter, video_r1_answer
 
@@ -130,7 +129,12 @@ def ocr_accuracy(prediction: str, truth: str) -> float:
     return max(0.0, min(1.0, 1 - word_error_rate(truth, prediction)))
 
 
-_rouge: rouge_scorer.RougeScorer | None = None
+@cache
+def _rouge_scorer() -> Any:
+    # Imported on first use: rouge_score loads nltk, about 2 s, which no other reward needs.
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 
 def free_form_accuracy(prediction: str, truth: str) -> float:
@@ -141,10 +145,7 @@ def free_form_accuracy(prediction: str, truth: str) -> float:
     >>> round(free_form_accuracy("cat", "cat"), 4)  # no bigram on either side: ROUGE-2 is 0
     0.6667
     """
-    global _rouge
-    if _rouge is None:
-        _rouge = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    scores = _rouge.score(truth, prediction)
+    scores = _rouge_scorer().score(truth, prediction)
     mean = (scores["rouge1"].fmeasure + scores["rouge2"].fmeasure + scores["rougeL"].fmeasure) / 3
     return max(0.0, min(1.0, mean))
 

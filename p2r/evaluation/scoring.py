@@ -1,8 +1,8 @@
 """The ``p2r`` protocol (p2r's own lenient reading) and mean relative accuracy.
 
 NOT comparable to a published number: use the ``video_r1`` or ``lmms_eval`` protocol for that.
-The answer is the text inside ``<answer>`` or else the whole output, read by the lenient parsers
-of the rewards (``callbacks.rewards.parsing``): option letters from "(B)", "B.", "B: text", "The
+The answer is the text inside ``<answer>`` or else the whole output, read by the reasoning
+reward's lenient reader (``answer_reader="lenient"``, ``callbacks.rewards.parsing``): option letters from "(B)", "B.", "B: text", "The
 answer is B", a bare "b" or the option's text; numbers from digits or number words inside text.
 Video-R1's ``eval_bench.py`` needs the exact letter, the bare number and, for numerical questions,
 the same use of a decimal point as the truth. The prompt is p2r's (:func:`p2r.data.prompts.build_prompt`, the videop2r template by default),
