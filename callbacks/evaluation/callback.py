@@ -2,17 +2,23 @@
 
 The callback owns the evaluation loop's bookkeeping; everything benchmark-specific comes from the
 injected adapters (``callbacks.evaluation.adapter``), and generation from the module's documented
-hook ``pl_module.generate_answers(batch, prompts)``. Because the callback has
+hook ``pl_module.generate_answers(batch, prompts, generation=None)`` (``generation``: the decoding
+settings the adapter's protocol prescribes, if any). Because the callback has
 ``generates_answers = True``, p2r's modules skip their own answer check in validation and test.
+``protocol`` is handed to every adapter that leaves its own at None; the callback never reads it.
 
 - ``test``: for each batch, the samples not already in ``predictions.jsonl`` get their adapter's
-  prompt, are generated, scored and appended to the file at once; a progress bar (rank 0) counts
-  the answers and shows each benchmark's running mean score (Lightning's own bars show no metrics
-  in test, so configs turn them off: ``trainer.enable_progress_bar: false``). At the end,
-  ``test/<benchmark>/accuracy`` (and, for benchmarks with several metric families,
+  prompt, are generated, scored and appended to the file at once (with the protocol, the
+  adapter's per-question ``details`` and the record itself, so that a run can be rescored); a
+  progress bar (rank 0) counts the answers and shows each benchmark's running mean score
+  (Lightning's own bars show no metrics in test, so configs turn them off:
+  ``trainer.enable_progress_bar: false``). At the end rank 0 computes each benchmark's figure with
+  its adapter's ``aggregate`` from the merged predictions file, ``test/<benchmark>/accuracy`` (the
+  figure as a fraction; and, for benchmarks with several metric families,
   ``test/<benchmark>/metric/<family>``) are logged, ``results.json`` is written and the paper's
   Table 1 is printed as Markdown.
-- ``validate`` and fit's validation loop: the same scoring and logging under ``val/``, no files.
+- ``validate`` and fit's validation loop: the same scoring, logged under ``val/`` as the mean over
+  metric families (there is no predictions file to aggregate from), no files.
 - ``fit`` with ``every_n_train_steps``: every N optimizer steps the callback itself runs over the
   datamodule's ``val_dataloader()`` (at most ``max_samples``) and logs under ``eval/``.
 
@@ -21,7 +27,7 @@ every rank appends to its own ``predictions.rank<r>.jsonl``, which rank 0 merges
 ``predictions.jsonl`` at the end. Resuming: a rerun into the same ``output_dir`` skips every
 (benchmark, id) already in the predictions files and counts their stored scores in the totals;
 ``run.json`` records the model and checkpoint so that a different model never resumes another's
-predictions. Periodic evaluation during fit splits ``max_samples`` evenly over ranks; with a
+predictions, and predictions made under another protocol are refused. Periodic evaluation during fit splits ``max_samples`` evenly over ranks; with a
 sharded strategy (FSDP) every rank must then see the same number of batches.
 """
 
