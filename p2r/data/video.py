@@ -162,6 +162,17 @@ def resize_frames(frames: np.ndarray, cfg: FrameSampling) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames])
 
 
+# The causes a decoding failure is counted under (tools/make_shards.py --verify), in the order
+# they are looked for in its message.
+MEDIA_CAUSES = ("empty file", "truncated", "no video stream", "an image", "not a video container", "no decoder",
+                "decoding failed", "cannot decode image")
+
+
+def media_cause(error: MediaError) -> str:
+    """The short cause of a decoding failure, one of MEDIA_CAUSES ("other" when none fits)."""
+    return next((cause for cause in MEDIA_CAUSES if cause in str(error)), "other")
+
+
 # ---- PyAV -------------------------------------------------------------------------------------
 
 

@@ -110,6 +110,34 @@ def test_fit_pixels_respects_budget_factor_and_aspect(budget):
             assert abs((h / w) / (height / width) - 1) <= 28 / h + 28 / w, (height, width, h, w)
 
 
+@pytest.mark.parametrize(
+    ("size", "expected", "area_vs_budget"),
+    [
+        # min = max = 12544: rounded 140x168 is too large, scaled by 1/1.421 and floored: below min.
+        ((144, 176), (84, 112), "below"),
+        # rounded 56x112 is too small, scaled by 1.584 and ceiled: above max.
+        ((50, 100), (84, 168), "above"),
+    ],
+)
+def test_fit_pixels_with_a_budget_narrower_than_one_rounding_step(size, expected, area_vs_budget):
+    """The documented exception: flooring (ceiling) keeps max (min), not the other bound."""
+    cfg = FrameSampling(min_pixels=12544, max_pixels=12544)
+    h, w = fit_pixels(*size, cfg)
+    assert (h, w) == expected
+    assert (h * w < cfg.min_pixels) if area_vs_budget == "below" else (h * w > cfg.max_pixels)
+
+
+def test_fit_pixels_is_qwen_smart_resize():
+    qwen = pytest.importorskip("qwen_vl_utils", reason="pip install -e '.[bench]' brings qwen-vl-utils")
+    for budget in [(16 * 784, 128 * 784), (12544, 12544), (784, 3136), (128 * 784, 768 * 784)]:
+        cfg = FrameSampling(min_pixels=budget[0], max_pixels=budget[1])
+        for height in range(17, 2200, 61):
+            for width in range(17, 2200, 53):
+                theirs = qwen.smart_resize(height, width, factor=28, min_pixels=budget[0], max_pixels=budget[1])
+                if min(theirs) > 0:  # smart_resize floors a side to 0 at extreme aspect ratios; we keep 28
+                    assert fit_pixels(height, width, cfg) == theirs, (height, width, budget)
+
+
 def test_decode_video_samples_and_budgets_real_mp4(ramp_mp4, tmp_path):
     clip = decode_video(ramp_mp4, DEFAULT, name="ramp")
     # 48 frames at 8 fps = 6 s -> 12 frames, centres of 4-frame bins; 64x64 is below the minimum
