@@ -233,7 +233,9 @@ def _read_frame_table(container, stream) -> FrameTable:
     times = [float((p - pts[0]) * tb) for p in pts]
     rate = stream.average_rate or stream.guessed_rate
     duration = frame_table_duration(times, float(rate) if rate else 0.0)
-    if declared and duration < 0.9 * declared - 2 * duration / len(times):
+    # Without a frame count (MKV, WebM, MPEG-TS) a cut shows as frames ending well before the declared
+    # duration; with one (MP4, AVI) the count decides, so a long-held last frame is never "truncated".
+    if not stream.frames and declared and duration < 0.9 * declared - 2 * duration / len(times):
         raise BrokenMedia(f"truncated {kind}: frames end at {duration:.2f} s of the {declared:.2f} s it declares")
     return FrameTable(pts, times, [p for p, key in entries if key], duration)
 
@@ -262,16 +264,16 @@ class _PyAVFrames:
         if rows is None or pts in self.done:
             return
         turns = (frame.rotation // 90) % 4 if frame.rotation else 0
-        shown_h, shown_w = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
-        h, w = fit_pixels(shown_h, shown_w, self.cfg)
+        if self.out is None:  # sized by the first frame taken: later ones (a mid-stream size change) follow it
+            shown_h, shown_w = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
+            self.out = np.empty((self.count, *fit_pixels(shown_h, shown_w, self.cfg), 3), dtype=np.uint8)
+        h, w = self.out.shape[1:3]
         rgb = frame.reformat(
             width=h if turns % 2 else w, height=w if turns % 2 else h, format="rgb24",
             interpolation="BICUBIC", src_color_range=frame.color_range, threads=1,
         ).to_ndarray()
         if turns:
             rgb = np.rot90(rgb, k=turns)
-        if self.out is None:
-            self.out = np.empty((self.count, h, w, 3), dtype=np.uint8)
         self.out[rows] = rgb
         self.done.add(pts)
 
@@ -288,14 +290,17 @@ class _PyAVFrames:
         ``skip`` lets the decoder drop non-reference frames that are not wanted."""
         codec = self.stream.codec_context
         pending = sorted(self.slots)
+        sought: set[int] = set()  # each keyframe is sought once: a seek that lands early then decodes on
         self.container.seek(0)  # back to the start (a stream-time seek lands late in MPEG-TS)
         for packet in self.container.demux(self.stream):
             remaining = [p for p in pending if p not in self.done]
             if not remaining:
                 break
-            if seek and packet.is_keyframe and packet.pts is not None and packet.pts < self._key_of(remaining[0]):
+            key = self._key_of(remaining[0])
+            if seek and packet.is_keyframe and packet.pts is not None and packet.pts < key and key not in sought:
                 self._drain(codec)  # the next wanted frame is in a later group: jump to it
-                self.container.seek(self._key_of(remaining[0]), stream=self.stream, backward=True, any_frame=False)
+                sought.add(key)
+                self.container.seek(key, stream=self.stream, backward=True, any_frame=False)
                 continue
             if skip:
                 codec.skip_frame = "DEFAULT" if packet.pts in self.slots else "NONREF"
@@ -311,7 +316,8 @@ class _PyAVFrames:
         return [self.table.times[self.table.pts.index(p)] for p in sorted(self.slots) if p not in self.done]
 
 
-def _decode_pyav(source: str | io.BytesIO, cfg: FrameSampling) -> Clip:
+def _decode_pyav(source: str | io.BytesIO, cfg: FrameSampling, seek: bool = True, skip: bool = True) -> Clip:
+    """PyAV's decode; ``seek``/``skip`` off only to measure what they bring (tools/bench_decode.py)."""
     import av  # imported here: only the data path needs it
 
     try:
@@ -336,11 +342,11 @@ def _decode_pyav(source: str | io.BytesIO, cfg: FrameSampling) -> Clip:
         picks = sample_frame_indices(table.times, table.duration, num_frames_to_sample(table.duration, cfg))
         frames = _PyAVFrames(container, stream, table, picks, cfg)
         try:
-            frames.decode(seek=True, skip=True)
-            if frames.missing():  # a seek that landed late (MPEG-TS), or a stream that defies skipping: go plainly
+            frames.decode(seek=seek, skip=skip)
+            if frames.missing() and (seek or skip):  # a seek that landed late (MPEG-TS), or a stream that defies skipping: go plainly
                 frames.decode(seek=False, skip=False)
-        except av.FFmpegError as err:
-            raise MediaError(f"{codec_name} in {kind}: decoding failed ({err})") from err
+        except Exception as err:  # FFmpeg's errors, and anything odd a damaged stream provokes
+            raise MediaError(f"{codec_name} in {kind}: decoding failed ({type(err).__name__}: {err})") from err
         missing = frames.missing()
         if missing or frames.out is None:
             raise MediaError(
