@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
+import logging
 import re
 from pathlib import Path
 
@@ -312,3 +314,29 @@ def test_real_registry_video_through_decode_encode_forward(tiny25):
         logits = tiny25(**batch)
     assert logits.shape == (1, batch["input_ids"].shape[1], len(tiny25.tokenizer))
     assert torch.isfinite(logits).all()
+
+
+def test_the_datamodule_skip_warning_names_the_shard_the_key_and_the_cause(video_zoo, tmp_path, caplog):
+    from p2r.data import datamodule
+    from p2r.data.shards import _write_one_shard
+
+    record = json.dumps({"problem": "How many?", "solution": "<answer>2</answer>", "path": "clip.mp4",
+                         "data_type": "video", "problem_type": "numerical"}).encode()
+    shard = tmp_path / "zoo-000000.tar"
+    _write_one_shard(shard, [
+        ("cut", record, "mkv", video_zoo["truncated_mkv"].data),
+        ("sound", record, "mp4", video_zoo["audio_only"].data),
+        ("still", record, "mp4", video_zoo["jpeg_named_mp4"].data),
+        ("fine", record, "mp4", video_zoo["av1"].data),
+    ])
+    stream = datamodule.ShardStream([str(shard)], ZOO, batch_size=1, train=False)
+    with caplog.at_level(logging.WARNING, logger="p2r.data.datamodule"):
+        samples = [sample for batch in stream for sample in batch]
+    assert [s.record.id for s in samples] == ["fine"] and samples[0].skipped == 3
+    skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping sample")]
+    assert skips == [
+        f"skipping sample: {shard}:cut: cannot decode video: pyav: truncated matroska,webm: no video frames of the 2.00 s it declares",
+        f"skipping sample: {shard}:sound: cannot decode video: pyav: no video stream in the mov,mp4,m4a,3gp,3g2,mj2 "
+        "container (streams: audio (aac))",
+        f"skipping sample: {shard}:still: cannot decode video: pyav: an image (jpeg_pipe), not a video",
+    ]
