@@ -361,7 +361,7 @@ def _decode_pyav(source: str | io.BytesIO, cfg: FrameSampling, seek: bool = True
 def _head(source: str | io.BytesIO) -> bytes:
     """The first bytes of a path or buffer (to name the cause of an open failure)."""
     if isinstance(source, io.BytesIO):
-        return source.getbuffer()[:16].tobytes()
+        return source.getvalue()[:16]  # getvalue shares the bytes it was made from (no copy)
     try:
         with open(source, "rb") as f:
             return f.read(16)
