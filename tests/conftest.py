@@ -1,15 +1,20 @@
-"""Shared fixtures: a small synthetic data set made once per session, tiny backbone sizes, and a
-fake OpenAI-compatible chat server on loopback (judges, the chat client and the CoT teacher)."""
+"""Shared fixtures: a small synthetic data set made once per session, tiny backbone sizes, a zoo of
+tiny videos in every common codec and container (and broken ones), and a fake OpenAI-compatible
+chat server on loopback (judges, the chat client and the CoT teacher)."""
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -44,6 +49,117 @@ def ramp_mp4() -> bytes:
     """A real 64x64 H.264 clip, 48 frames at 8 fps, frame t uniformly grey at level 20 + 4 t."""
     frames = [np.full((64, 64, 3), 20 + 4 * t, dtype=np.uint8) for t in range(48)]
     return encode_mp4(frames, fps=8)
+
+
+def zoo_frames(count: int, height: int = 48, width: int = 64) -> list[np.ndarray]:
+    """Frame t is grey at level 20 + 12 t, with a white block in its top-left ninth (for rotation)."""
+    frames = []
+    for t in range(count):
+        frame = np.full((height, width, 3), 20 + 12 * t, dtype=np.uint8)
+        frame[: height // 3, : width // 3] = 255
+        frames.append(frame)
+    return frames
+
+
+def encode_video(
+    frames: list[np.ndarray],
+    codec: str = "libx264",
+    container: str = "mp4",
+    pix_fmt: str = "yuv420p",
+    rate: int = 8,
+    pts: list[int] | None = None,
+    time_base: Fraction | None = None,
+    options: dict[str, str] | None = None,
+    rotation: int | None = None,
+    color_range: int | None = None,
+) -> bytes:
+    """Encode RGB frames with PyAV; ``pts``/``time_base`` give each frame its own timestamp (VFR)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=None if pts else rate, options={"threads": "1", **(options or {})})
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], pix_fmt
+        if time_base is not None:
+            stream.time_base = stream.codec_context.time_base = time_base
+        if color_range is not None:
+            stream.codec_context.color_range = color_range
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for index, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format=pix_fmt, dst_color_range=color_range)
+            if color_range is not None:
+                video_frame.color_range = color_range
+            video_frame.pts = pts[index] if pts else index
+            if time_base is not None:
+                video_frame.time_base = time_base
+            out.mux(stream.encode(video_frame))
+        out.mux(stream.encode())
+    return buffer.getvalue()
+
+
+@dataclass
+class ZooVideo:
+    """A generated test video: its bytes, the extension it is stored under, and what decoding must give."""
+
+    data: bytes
+    ext: str
+    cause: str = ""  # "" when it must decode; else a word the MediaError must contain
+    frames: int = 16  # frames in the clip (frame t has grey level 20 + 12 t)
+
+
+def _audio_only_mp4() -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=16000)
+        for index in range(4):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, index * 1024
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(zoo_frames(1)[0]).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+# VFR: 16 frames, 12 of them in the first 1.2 s and 4 spread over the next 8.8 s (time base 1/10 s).
+VFR_PTS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 40, 60, 80, 100]
+
+
+@pytest.fixture(scope="session")
+def video_zoo() -> dict[str, ZooVideo]:
+    """Tiny videos (64x48, 16 frames at 8 fps unless named otherwise) in every common codec and
+    container, the odd ones users meet, and broken ones with the cause their error must name."""
+    frames = zoo_frames(16)
+    h264 = encode_video(frames)
+    mkv = encode_video(frames, container="matroska")
+    svt = {"preset": "12", "svtav1-params": "lp=1"}
+    return {
+        "h264": ZooVideo(h264, "mp4"),
+        "av1": ZooVideo(encode_video(frames, "libsvtav1", options=svt), "mp4"),
+        "mpegts_named_mp4": ZooVideo(encode_video(frames, container="mpegts"), "mp4"),
+        "vp9_webm": ZooVideo(encode_video(frames, "libvpx-vp9", "webm", options={"deadline": "realtime", "cpu-used": "8"}), "webm"),
+        "hevc_10bit": ZooVideo(encode_video(frames, "libx265", pix_fmt="yuv420p10le", options={"x265-params": "log-level=error"}), "mp4"),
+        "yuv444p": ZooVideo(encode_video(frames, pix_fmt="yuv444p"), "mp4"),
+        "mjpeg_avi": ZooVideo(encode_video(frames, "mjpeg", "avi", pix_fmt="yuvj420p"), "avi"),
+        "mpeg4_mkv": ZooVideo(encode_video(frames, "mpeg4", "matroska"), "mkv"),
+        "rotated_90": ZooVideo(encode_video(frames, rotation=90), "mp4"),
+        "grayscale_ffv1": ZooVideo(encode_video(frames, "ffv1", "matroska", pix_fmt="gray"), "mkv"),
+        "full_range": ZooVideo(encode_video(frames, color_range=2), "mp4"),
+        "one_frame": ZooVideo(encode_video(frames[:1]), "mp4", frames=1),
+        "odd_33x17": ZooVideo(encode_video(zoo_frames(16, 17, 33), pix_fmt="yuv444p"), "mp4"),
+        "vfr": ZooVideo(encode_video(frames, pts=VFR_PTS, time_base=Fraction(1, 10)), "mp4"),
+        "truncated_mp4": ZooVideo(h264[: len(h264) // 2], "mp4", cause="truncated"),
+        "truncated_mkv": ZooVideo(mkv[: len(mkv) // 2], "mkv", cause="truncated"),
+        "audio_only": ZooVideo(_audio_only_mp4(), "mp4", cause="no video stream"),
+        "jpeg_named_mp4": ZooVideo(_jpeg(), "mp4", cause="an image"),
+        "garbage": ZooVideo(b"not a video at all" * 50, "mp4", cause="not a video container"),
+        "empty": ZooVideo(b"", "mp4", cause="empty"),
+    }
 
 
 @pytest.fixture(scope="session")

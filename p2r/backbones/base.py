@@ -222,10 +222,13 @@ class VideoBackbone(nn.Module):
         else:
             from transformers.video_utils import VideoMetadata
 
+            # Real timestamps reach the processor as positions in units of the average frame period:
+            # Qwen3-VL prints position / fps (= the frame's timestamp, uneven for VFR clips) and
+            # Qwen2.5-VL spaces frames by duration / frame count; a constant-rate clip gives its indices.
             meta = VideoMetadata(
                 total_num_frames=clip.total_frames,
                 fps=clip.fps,
-                frames_indices=clip.frame_indices,
+                frames_indices=[t * clip.fps for t in clip.timestamps],
                 height=clip.frames.shape[1],
                 width=clip.frames.shape[2],
             )

@@ -2,9 +2,9 @@
 
 Shards come from ``tools/make_shards.py`` or ``tools/make_synthetic.py`` (any URL or brace
 pattern webdataset accepts: local paths, ``pipe:``, ``https://``, ``s3`` via pipe). Each sample
-is decoded in a worker (decord for video, PIL for images), its frames sampled and resized by the
-split's :class:`~p2r.data.video.FrameSampling`, and yielded as a :class:`Sample`; batches are
-plain lists of samples, because the backbone builds tensors itself.
+is decoded in a worker (:func:`~p2r.data.video.decode_video` for video, PIL for images), its
+frames sampled and resized by the split's :class:`~p2r.data.video.FrameSampling`, and yielded as
+a :class:`Sample`; batches are plain lists of samples, because the backbone builds tensors itself.
 
 Splitting: training streams resampled shards and every rank yields exactly the same number of
 batches per epoch (so DDP/FSDP never waits on a rank that ran dry). Evaluation reads every shard

@@ -1,5 +1,9 @@
 """Validate Video-R1 / VideoP2R records against their media, and pack them into WebDataset shards.
 
+Validation checks each record's fields and that its media file exists and is not empty;
+:func:`verify_media` also decodes every file's sampled frames (in worker processes), so media that
+would only be skipped during training is reported before it is written.
+
 A shard is a plain tar file; each sample is two members sharing one key: ``KEY.json`` (the
 record, :meth:`VideoRecord.to_dict` as UTF-8 JSON) and ``KEY.<ext>`` (the media bytes, ``ext``
 one of :data:`MEDIA_EXTENSIONS`). WebDataset groups members by the text before the first dot of
@@ -18,12 +22,19 @@ import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from p2r.data.records import RecordError, VideoRecord, parse_record
+from tqdm import tqdm
 
-MEDIA_EXTENSIONS = ("mp4", "avi", "webm", "mkv", "mov", "jpg", "jpeg", "png")
+from p2r.data.records import RecordError, VideoRecord, parse_record
+from p2r.data.video import FrameSampling, MediaError, decode_image, decode_video, media_cause
+
+# The same lists as p2r.data.datamodule's (importing it here would load Lightning into the tool).
+VIDEO_EXTENSIONS = ("mp4", "avi", "webm", "mkv", "mov")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
 SHARD_DIGITS = 6
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 # Fixed member metadata, so the same samples always give byte-identical shards.
@@ -188,6 +199,44 @@ def validate_records(
         first_seen[record.id] = where
         good.append((record, path))
     return good, bad
+
+
+def undecodable_reason(path: str, data_type: str, frames: FrameSampling) -> str | None:
+    """Why the media at ``path`` cannot be used as the DataModule would decode it (None when it can).
+
+    A video record with a video extension is decoded as a video (its sampled frames, ``frames``),
+    anything else as an image. The reason starts with ``undecodable <kind>, <cause>`` (counted by
+    :func:`reason_kind`).
+    """
+    is_video = data_type == "video" and media_extension(path) in VIDEO_EXTENSIONS
+    try:
+        if is_video:
+            decode_video(path, frames, name=path)
+        else:
+            decode_image(path, frames, name=path)
+    except MediaError as err:
+        return f"undecodable {'video' if is_video else 'image'}, {media_cause(err)}: {err}"
+    return None
+
+
+def _undecodable_reason_of(job: tuple[str, str, FrameSampling]) -> str | None:
+    return undecodable_reason(*job)
+
+
+def verify_media(
+    good: list[tuple[VideoRecord, Path]], frames: FrameSampling, workers: int, progress: bool = True
+) -> tuple[list[tuple[VideoRecord, Path]], list[tuple[str, str]]]:
+    """Decode every record's media in ``workers`` processes; split into decodable ones and the rest.
+
+    ``bad`` holds ``("id <record id>", reason)``, in the order of ``good``.
+    """
+    jobs = [(str(path), record.data_type, frames) for record, path in good]
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(_undecodable_reason_of, jobs, chunksize=max(1, min(16, len(jobs) // (4 * max(1, workers)))))
+        reasons = list(tqdm(results, total=len(jobs), desc="verifying media", unit="file", disable=not progress))
+    kept = [item for item, reason in zip(good, reasons) if reason is None]
+    bad = [(f"id {record.id!r}", reason) for (record, _), reason in zip(good, reasons) if reason is not None]
+    return kept, bad
 
 
 def reason_kind(reason: str) -> str:

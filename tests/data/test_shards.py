@@ -181,7 +181,7 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
 def test_make_shards_help():
     done = run_tool("--help")
     assert done.returncode == 0
-    for flag in ("--records", "--media-root", "--out", "--prefix", "--samples-per-shard", "--strict"):
+    for flag in ("--records", "--media-root", "--out", "--prefix", "--samples-per-shard", "--strict", "--verify", "--workers"):
         assert flag in done.stdout
 
 
@@ -205,3 +205,42 @@ def test_make_shards_on_real_data(mixed_records, tmp_path):
     strict = run_tool("--records", str(source), "--media-root", str(media), "--out", str(tmp_path / "s"), "--strict")
     assert strict.returncode == 1
     assert (tmp_path / "s" / "train-000000.tar").is_file()
+
+
+def test_make_shards_says_decodability_was_not_checked_without_verify(mixed_records, tmp_path):
+    records, media = mixed_records
+    source = tmp_path / "t.json"
+    source.write_text(json.dumps(records), encoding="utf-8")
+    done = run_tool("--records", str(source), "--media-root", str(media), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "decodability was not checked" in done.stdout
+
+
+def test_make_shards_verify_decodes_everything_and_never_writes_the_undecodable(video_zoo, tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    names = ["h264", "av1", "mpegts_named_mp4", "vp9_webm", "rotated_90", "one_frame",
+             "truncated_mp4", "truncated_mkv", "audio_only", "jpeg_named_mp4", "garbage"]
+    for name in names:
+        (media / f"{name}.{video_zoo[name].ext}").write_bytes(video_zoo[name].data)
+    image = tmp_path / "media" / "fake.png"
+    image.write_bytes(b"\x89PNG not really")
+    records = [raw(name, f"{name}.{video_zoo[name].ext}") for name in names]
+    records.append(raw("fake_png", "fake.png", data_type="image"))
+    source = tmp_path / "t.json"
+    source.write_text(json.dumps(records), encoding="utf-8")
+    out = tmp_path / "shards"
+
+    done = run_tool("--records", str(source), "--media-root", str(media), "--out", str(out), "--verify", "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    assert "6 of 12 records are usable, 6 bad" in done.stdout
+    counts = {line.split(maxsplit=1)[1]: int(line.split()[0]) for line in done.stdout.splitlines()
+              if line.startswith("  ") and line.split()[0].isdigit()}
+    assert counts == {"undecodable video, truncated": 2, "undecodable video, no video stream": 1,
+                      "undecodable video, an image": 1, "undecodable video, not a video container": 1,
+                      "undecodable image, cannot decode image": 1}
+    assert "id 'truncated_mkv': undecodable video, truncated: " in done.stdout
+    assert "verifying media" in done.stderr  # the progress bar
+    assert "decodability was not checked" not in done.stdout
+    written = [json.loads(s["json"])["id"] for s in read_shards(done.stdout.strip().splitlines()[-1])]
+    assert written == ["h264", "av1", "mpegts_named_mp4", "vp9_webm", "rotated_90", "one_frame"]

@@ -1,9 +1,13 @@
-"""Frame counts, frame indices, the pixel budget, and decoding real mp4/png bytes (and a real clip)."""
+"""Frame counts, sampling by timestamp, the pixel budget, and decoding every common codec and
+container (generated with PyAV), broken files with their cause named, and a real clip."""
 
 from __future__ import annotations
 
 import importlib.util
 import io
+import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import VFR_PTS, encode_video, zoo_frames
+from p2r.data import video as video_module
 from p2r.data.video import (
     FrameSampling,
     MediaError,
@@ -25,26 +31,26 @@ DEFAULT = FrameSampling()  # 2 fps, 4..16 frames, multiple of 2, 16*28*28..128*2
 
 
 @pytest.mark.parametrize(
-    ("total", "fps", "expected"),
+    ("duration", "expected"),
     [
-        (120, 30.0, 8),  # 4 s x 2 fps
-        (48, 8.0, 12),  # 6 s x 2 fps
-        (300, 30.0, 16),  # 20 wanted, capped at max_frames
-        (30, 30.0, 4),  # 2 wanted, raised to min_frames
-        (75, 30.0, 4),  # 2.5 s -> 5 -> rounded down to the multiple of 2
-        (135, 30.0, 8),  # 4.5 s -> 9 -> 8
-        (5, 0.0, 10),  # unknown fps: every frame counts as one second
+        (4.0, 8),  # 4 s x 2 fps
+        (6.0, 12),
+        (10.0, 16),  # 20 wanted, capped at max_frames
+        (1.0, 4),  # 2 wanted, raised to min_frames
+        (2.5, 4),  # 5 -> rounded down to the multiple of 2
+        (4.5, 8),  # 9 -> 8
+        (0.04, 4),  # one frame of a 25 fps clip: still min_frames (frames repeat)
     ],
 )
-def test_num_frames_to_sample(total, fps, expected):
-    assert num_frames_to_sample(total, fps, DEFAULT) == expected
+def test_num_frames_to_sample(duration, expected):
+    assert num_frames_to_sample(duration, DEFAULT) == expected
 
 
 def test_num_frames_rounding_never_goes_below_min_frames():
     odd_min = FrameSampling(fps=1.0, min_frames=3, max_frames=16)
-    assert num_frames_to_sample(60, 30.0, odd_min) == 4  # 2 s -> 3 (min) -> not 2
+    assert num_frames_to_sample(2.0, odd_min) == 4  # 2 s -> 3 (min) -> not 2
     single = FrameSampling(fps=1.0, min_frames=1, max_frames=9, frame_multiple=1)
-    assert num_frames_to_sample(300, 30.0, single) == 9
+    assert num_frames_to_sample(10.0, single) == 9
 
 
 @pytest.mark.parametrize(
@@ -57,13 +63,24 @@ def test_num_frames_rounding_never_goes_below_min_frames():
         (1, 2, [0, 0]),
     ],
 )
-def test_sample_frame_indices(total, n, expected):
-    assert sample_frame_indices(total, n) == expected
+def test_sample_frame_indices_at_a_constant_rate_takes_bin_centres(total, n, expected):
+    fps = 29.97  # not a binary fraction: the bin centres must still hit these exact frames
+    assert sample_frame_indices([i / fps for i in range(total)], total / fps, n) == expected
+
+
+def test_sample_frame_indices_by_time_for_a_variable_rate():
+    # Frames at 0, 0.1, ..., 1.1 s, then 4, 6, 8, 10 s (VFR_PTS / 10); duration 10 x 16/15 s.
+    times = [p / 10 for p in VFR_PTS]
+    duration = 10 * 16 / 15
+    # Bin centres 0.33, 1.0, 1.67, 2.33, ... 10.33 s: each takes the frame on screen at that time.
+    assert sample_frame_indices(times, duration, 16) == [3, 10, 11, 11, 11, 11, 12, 12, 12, 13, 13, 13, 14, 14, 14, 15]
+    # By index (the old way) 15 of 16 picks would fall in the first 1.2 s.
+    assert sum(times[i] < 1.2 for i in sample_frame_indices(times, duration, 16)) == 6
 
 
 def test_sample_frame_indices_of_an_empty_video_raise():
     with pytest.raises(MediaError, match="no frames"):
-        sample_frame_indices(0, 4)
+        sample_frame_indices([], 0.0, 4)
 
 
 @pytest.mark.parametrize(
@@ -95,13 +112,42 @@ def test_fit_pixels_respects_budget_factor_and_aspect(budget):
             assert abs((h / w) / (height / width) - 1) <= 28 / h + 28 / w, (height, width, h, w)
 
 
+@pytest.mark.parametrize(
+    ("size", "expected", "area_vs_budget"),
+    [
+        # min = max = 12544: rounded 140x168 is too large, scaled by 1/1.421 and floored: below min.
+        ((144, 176), (84, 112), "below"),
+        # rounded 56x112 is too small, scaled by 1.584 and ceiled: above max.
+        ((50, 100), (84, 168), "above"),
+    ],
+)
+def test_fit_pixels_with_a_budget_narrower_than_one_rounding_step(size, expected, area_vs_budget):
+    """The documented exception: flooring (ceiling) keeps max (min), not the other bound."""
+    cfg = FrameSampling(min_pixels=12544, max_pixels=12544)
+    h, w = fit_pixels(*size, cfg)
+    assert (h, w) == expected
+    assert (h * w < cfg.min_pixels) if area_vs_budget == "below" else (h * w > cfg.max_pixels)
+
+
+def test_fit_pixels_is_qwen_smart_resize():
+    qwen = pytest.importorskip("qwen_vl_utils", reason="pip install -e '.[bench]' brings qwen-vl-utils")
+    for budget in [(16 * 784, 128 * 784), (12544, 12544), (784, 3136), (128 * 784, 768 * 784)]:
+        cfg = FrameSampling(min_pixels=budget[0], max_pixels=budget[1])
+        for height in range(17, 2200, 61):
+            for width in range(17, 2200, 53):
+                theirs = qwen.smart_resize(height, width, factor=28, min_pixels=budget[0], max_pixels=budget[1])
+                if min(theirs) > 0:  # smart_resize floors a side to 0 at extreme aspect ratios; we keep 28
+                    assert fit_pixels(height, width, cfg) == theirs, (height, width, budget)
+
+
 def test_decode_video_samples_and_budgets_real_mp4(ramp_mp4, tmp_path):
     clip = decode_video(ramp_mp4, DEFAULT, name="ramp")
     # 48 frames at 8 fps = 6 s -> 12 frames, centres of 4-frame bins; 64x64 is below the minimum
     # area, so frames grow to 112x112 (12544 pixels).
     assert clip.frame_indices == [2, 6, 10, 14, 18, 22, 26, 30, 34, 38, 42, 46]
     assert clip.frames.shape == (12, 112, 112, 3) and clip.frames.dtype == np.uint8
-    assert (clip.fps, clip.total_frames, clip.is_image, clip.sampled_fps) == (8.0, 48, False, 2.0)
+    assert (clip.fps, clip.total_frames, clip.is_image) == (8.0, 48, False)
+    assert clip.timestamps == [i / 8 for i in clip.frame_indices]
     # The frames really are the sampled ones: frame t is grey level 20 + 4 t.
     levels = clip.frames.reshape(12, -1).mean(1)
     np.testing.assert_allclose(levels, [20 + 4 * i for i in clip.frame_indices], atol=4)
@@ -111,11 +157,108 @@ def test_decode_video_samples_and_budgets_real_mp4(ramp_mp4, tmp_path):
     np.testing.assert_array_equal(from_path.frames, clip.frames)
 
 
-@pytest.mark.parametrize("corrupt", [b"garbage" * 100, b"", "truncated"])
-def test_corrupt_video_raises_media_error_naming_it(ramp_mp4, corrupt):
-    data = ramp_mp4[: len(ramp_mp4) // 2] if corrupt == "truncated" else corrupt
-    with pytest.raises(MediaError, match=r"^shard-000003\.tar:clip-9: cannot decode video"):
-        decode_video(data, DEFAULT, name="shard-000003.tar:clip-9")
+ZOO = FrameSampling(fps=8.0, min_frames=4, max_frames=16, min_pixels=784, max_pixels=64 * 64)
+DECODABLE = ["h264", "av1", "mpegts_named_mp4", "vp9_webm", "hevc_10bit", "yuv444p", "mjpeg_avi", "mpeg4_mkv",
+             "rotated_90", "grayscale_ffv1", "full_range", "one_frame", "odd_33x17", "vfr"]
+BROKEN = ["truncated_mp4", "truncated_mkv", "audio_only", "jpeg_named_mp4", "garbage", "empty"]
+
+
+def grey_levels(frames: np.ndarray) -> np.ndarray:
+    """Each frame's level in its bottom-right corner (away from the white block in the top-left)."""
+    return frames[:, -8:, -8:].reshape(len(frames), -1).mean(1)
+
+
+@pytest.mark.parametrize("name", DECODABLE)
+def test_every_common_codec_and_container_decodes_the_right_frames(video_zoo, name):
+    video = video_zoo[name]
+    clip = decode_video(video.data, ZOO, name=name)
+    expected_shape = (28, 28) if name == "odd_33x17" else (56, 56)  # 33x17 rounds up to the 784 minimum
+    assert clip.frames.shape == (len(clip.frame_indices), *expected_shape, 3) and clip.frames.dtype == np.uint8
+    assert clip.total_frames == video.frames
+    # Frame t is grey level 20 + 12 t: the frames that came out are the ones the indices name.
+    np.testing.assert_allclose(grey_levels(clip.frames), [20 + 12 * i for i in clip.frame_indices], atol=4)
+
+
+def test_rotation_and_full_range_are_honoured(video_zoo):
+    rotated = decode_video(video_zoo["rotated_90"].data, ZOO).frames[0]
+    # Displayed 90 degrees counter-clockwise: the white top-left block is now bottom-left.
+    assert rotated[-8:, :8].mean() > 240 and rotated[:8, :8].mean() < 40
+    full = decode_video(video_zoo["full_range"].data, ZOO).frames[0]
+    # Read as limited range, level 20 would come out near 5 and the white block clipped from 255 sooner.
+    assert abs(full[-8:, -8:].mean() - 20) < 3 and full[:8, :8].mean() > 250
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_undecodable_files_name_the_sample_and_the_cause(video_zoo, name):
+    with pytest.raises(MediaError, match=rf"^shard-000003\.tar:clip-9: cannot decode video: pyav: .*{video_zoo[name].cause}"):
+        decode_video(video_zoo[name].data, ZOO, name="shard-000003.tar:clip-9")
+
+
+def test_a_truncated_stream_says_where_its_frames_end():
+    data = encode_video(zoo_frames(16), container="matroska")
+    with pytest.raises(MediaError, match=r"truncated matroska,webm: frames end at \d\.\d\d s of the 2\.00 s it declares"):
+        decode_video(data[: len(data) * 3 // 4], ZOO)
+
+
+@pytest.mark.parametrize("name", ["h264", "vp9_webm", "hevc_10bit", "yuv444p", "mjpeg_avi", "mpeg4_mkv", "grayscale_ffv1",
+                                  "full_range", "one_frame", "vfr"])
+def test_pyav_and_decord_give_the_same_frames_at_the_same_timestamps(video_zoo, name):
+    data = video_zoo[name].data
+    # 64x48 within a 64*48..64*48 budget at size factor 16: no resizing, full-resolution frames.
+    exact = FrameSampling(fps=8.0, min_frames=4, max_frames=16, min_pixels=64 * 48, max_pixels=64 * 48, size_factor=16)
+    ours = decode_video(data, FrameSampling(**{**exact.__dict__, "decoders": ["pyav"]}))
+    theirs = decode_video(data, FrameSampling(**{**exact.__dict__, "decoders": ["decord"]}))
+    assert ours.frame_indices == theirs.frame_indices and ours.total_frames == theirs.total_frames
+    np.testing.assert_allclose(ours.timestamps, theirs.timestamps, atol=0.01)  # decord rounds to 10 ms
+    np.testing.assert_array_equal(ours.frames, theirs.frames)
+    # Resized, the two differ only by the order of colour conversion and scaling.
+    small = [decode_video(data, FrameSampling(**{**ZOO.__dict__, "decoders": [d]})).frames.astype(int) for d in ("pyav", "decord")]
+    assert np.abs(small[0] - small[1]).mean() < 2.0
+
+
+def test_decoders_fall_back_per_file_in_the_configured_order(video_zoo, monkeypatch):
+    calls = []
+
+    def failing(source, cfg):
+        calls.append("pyav")
+        raise MediaError("pretend PyAV cannot read this")
+
+    monkeypatch.setitem(video_module._DECODERS, "pyav", failing)
+    clip = decode_video(video_zoo["h264"].data, ZOO)
+    assert calls == ["pyav"] and clip.frames.shape == (16, 56, 56, 3)  # decord took over
+    with pytest.raises(MediaError, match="cannot decode video: pyav: pretend"):
+        decode_video(video_zoo["av1"].data, ZOO)  # decord has no AV1 decoder: PyAV's reason is reported
+    only_decord = decode_video(video_zoo["h264"].data, FrameSampling(**{**ZOO.__dict__, "decoders": ["decord"]}))
+    assert calls == ["pyav", "pyav"] and only_decord.frames.shape == (16, 56, 56, 3)
+
+
+def test_sparse_sampling_with_seeks_and_skipped_frames_gets_exactly_the_sampled_frames():
+    # 60 frames, a keyframe every 6 and B-frames: 4 sampled frames make PyAV seek between groups and
+    # let the decoder drop the unsampled non-reference frames. Frame t is grey level 10 + 4 t.
+    frames = [np.full((48, 64, 3), 10 + 4 * t, dtype=np.uint8) for t in range(60)]
+    data = encode_video(frames, options={"g": "6", "bf": "2", "sc_threshold": "0"})
+    cfg = FrameSampling(fps=0.5, min_frames=4, max_frames=4, min_pixels=784, max_pixels=64 * 64)
+    clip = decode_video(data, cfg)
+    assert clip.frame_indices == [7, 22, 37, 52]
+    np.testing.assert_allclose(grey_levels(clip.frames), [10 + 4 * i for i in clip.frame_indices], atol=3)
+    plain = decode_video(data, FrameSampling(**{**cfg.__dict__, "decoders": ["decord"]}))
+    assert np.abs(plain.frames.astype(int) - clip.frames.astype(int)).mean() < 2.0
+
+
+def test_vfr_clip_is_sampled_evenly_in_time_and_the_processor_gets_the_real_timestamps(video_zoo, tiny_sizes):
+    from p2r.backbones import TinyQwen3VL
+
+    clip = decode_video(video_zoo["vfr"].data, ZOO)
+    assert clip.frame_indices == [3, 10, 11, 11, 11, 11, 12, 12, 12, 13, 13, 13, 14, 14, 14, 15]
+    np.testing.assert_allclose(clip.timestamps, [VFR_PTS[i] / 10 for i in clip.frame_indices], atol=1e-3)
+    assert clip.fps == pytest.approx(16 / (10 * 16 / 15))  # frames / duration
+    backbone = TinyQwen3VL(**tiny_sizes)
+    prompt = backbone.render_prompt("What happens?", "video")
+    text = backbone.tokenizer.decode(backbone.encode([prompt], [clip])["input_ids"][0])
+    # Qwen3-VL prints the mean time of each pair of frames, to 0.1 s: the real times, not index / fps
+    # (which would give 2.0, 7.3, 7.7, ... for these indices at the average rate of 1.5 fps).
+    shown = [float(t) for t in re.findall(r"<(\d+\.\d) seconds>", text)]
+    assert shown == pytest.approx([0.65, 1.1, 1.1, 4.0, 5.0, 6.0, 8.0, 9.0], abs=0.051)
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -171,3 +314,29 @@ def test_real_registry_video_through_decode_encode_forward(tiny25):
         logits = tiny25(**batch)
     assert logits.shape == (1, batch["input_ids"].shape[1], len(tiny25.tokenizer))
     assert torch.isfinite(logits).all()
+
+
+def test_the_datamodule_skip_warning_names_the_shard_the_key_and_the_cause(video_zoo, tmp_path, caplog):
+    from p2r.data import datamodule
+    from p2r.data.shards import _write_one_shard
+
+    record = json.dumps({"problem": "How many?", "solution": "<answer>2</answer>", "path": "clip.mp4",
+                         "data_type": "video", "problem_type": "numerical"}).encode()
+    shard = tmp_path / "zoo-000000.tar"
+    _write_one_shard(shard, [
+        ("cut", record, "mkv", video_zoo["truncated_mkv"].data),
+        ("sound", record, "mp4", video_zoo["audio_only"].data),
+        ("still", record, "mp4", video_zoo["jpeg_named_mp4"].data),
+        ("fine", record, "mp4", video_zoo["av1"].data),
+    ])
+    stream = datamodule.ShardStream([str(shard)], ZOO, batch_size=1, train=False)
+    with caplog.at_level(logging.WARNING, logger="p2r.data.datamodule"):
+        samples = [sample for batch in stream for sample in batch]
+    assert [s.record.id for s in samples] == ["fine"] and samples[0].skipped == 3
+    skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping sample")]
+    assert skips == [
+        f"skipping sample: {shard}:cut: cannot decode video: pyav: truncated matroska,webm: no video frames of the 2.00 s it declares",
+        f"skipping sample: {shard}:sound: cannot decode video: pyav: no video stream in the mov,mp4,m4a,3gp,3g2,mj2 "
+        "container (streams: audio (aac))",
+        f"skipping sample: {shard}:still: cannot decode video: pyav: an image (jpeg_pipe), not a video",
+    ]
