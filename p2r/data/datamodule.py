@@ -30,7 +30,7 @@ import logging
 import math
 import tarfile
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -421,6 +421,7 @@ class VideoDataModule(L.LightningDataModule):
         self.media_root = media_root
         self.limits = StreamLimits(record_limits or RecordLimits(), max_media_bytes, max_unusable_in_a_row)
         self._train_plan: tuple[list[str], int] | None = None  # (shard URLs, samples per epoch), from setup
+        self._restored_position: dict[str, Any] | None = None  # the training stream's position in a resumed checkpoint
 
     def setup(self, stage: str) -> None:
         """Check the data settings of ``stage`` before the model is built: every shard pattern
@@ -469,6 +470,10 @@ class VideoDataModule(L.LightningDataModule):
                 urls.extend(matches)
         return urls
 
+    def _trainer_epoch(self) -> int | None:
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else None
+
     def _world(self) -> int:
         trainer = getattr(self, "trainer", None)
         return trainer.world_size if trainer is not None else _rank_and_world()[1]
@@ -483,9 +488,24 @@ class VideoDataModule(L.LightningDataModule):
         )
         stream.length = per_worker * workers
         self._train_loader = ResumableLoader(
-            stream, num_workers=self.num_workers, prefetch_factor=2 if self.num_workers > 0 else None
+            stream, trainer_epoch=self._trainer_epoch, num_workers=self.num_workers,
+            prefetch_factor=2 if self.num_workers > 0 else None,
         )
+        if self._restored_position is not None:  # restored before the loader existed
+            self._train_loader.restore(self._restored_position)
         return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """What checkpoints keep of the data module: the training stream's position (see ResumableLoader)."""
+        loader = getattr(self, "_train_loader", None)
+        position = loader.position() if loader is not None else self._restored_position
+        return {"train_position": position} if position is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_position = state_dict.get("train_position")
+        loader = getattr(self, "_train_loader", None)
+        if loader is not None and self._restored_position is not None:
+            loader.restore(self._restored_position)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Called for the batch the model is about to use (not for the one Lightning prefetched).
@@ -552,8 +572,10 @@ class TrainBatch(list):
 class ResumableLoader(DataLoader):
     """The training DataLoader, with its place in the stream saved in checkpoints.
 
-    Lightning stores ``state_dict()`` in every checkpoint and hands it to ``load_state_dict`` on
-    ``--ckpt_path`` resume. The state says which epoch it is (the shard order and shuffle derive
+    The datamodule stores :meth:`position` in every checkpoint and hands it back to :meth:`restore`
+    on ``--ckpt_path`` resume (Lightning's own loader-state mechanism is not used: it loads nothing
+    when the schedule asked for ``estimated_stepping_batches`` before the checkpoint was restored,
+    which every ``max_epochs`` run does). The state says which epoch it is (the shard order and shuffle derive
     from the seed and the epoch) and, per worker, how many batches and raw samples it had
     delivered up to the last batch the model TRAINED on (Lightning prefetches one batch ahead,
     so the datamodule reports each batch as it goes to the model: :meth:`trained_on`). A resumed
@@ -565,12 +587,15 @@ class ResumableLoader(DataLoader):
     An epoch is exactly ``len(self)`` batches: it ends when the model has trained on the last of
     them (Lightning stops iterating at the loader's length and never runs the iterator out), or
     when a plain loop runs the iterator out, whichever comes first; the next ``iter`` starts the
-    next epoch. A checkpoint taken after the last batch of an epoch therefore resumes at the start
-    of the next one.
+    next epoch. ``trainer_epoch`` (the trainer's current epoch, when there is a trainer) is obeyed
+    when it is ahead: Lightning does not hand the loader its saved state when it resumes from a
+    checkpoint taken at the last batch of an epoch, and a loader still at that epoch would replay
+    it; ``limit_train_batches`` epochs likewise each start their own epoch's order.
     """
 
-    def __init__(self, stream: SizedShardStream, **kwargs: Any) -> None:
+    def __init__(self, stream: SizedShardStream, trainer_epoch: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
         super().__init__(stream, batch_size=None, **kwargs)
+        self.trainer_epoch = trainer_epoch
         self.epoch = 0
         self.trained = 0  # batches of this epoch the model has trained on
         self.raw: list[int] = [0] * self._workers  # per worker: raw position after its last trained batch
@@ -583,6 +608,10 @@ class ResumableLoader(DataLoader):
         self.epoch, self.trained, self.raw = self.epoch + 1, 0, [0] * self._workers
 
     def __iter__(self) -> Iterator[TrainBatch]:
+        # Runs at the first next(), when the trainer's epoch is the one that consumes these batches.
+        ahead = self.trainer_epoch() if self.trainer_epoch is not None else None
+        if ahead is not None and ahead > self.epoch:
+            self.epoch, self.trained, self.raw = ahead, 0, [0] * self._workers
         if self.trained >= len(self):  # a state saved as the epoch ended, before the epoch was advanced
             self._next_epoch()
         epoch = self.epoch
@@ -606,7 +635,8 @@ class ResumableLoader(DataLoader):
         if self.trained >= len(self):
             self._next_epoch()
 
-    def state_dict(self) -> dict[str, Any]:
+    def position(self) -> dict[str, Any]:
+        """Where the stream is (a collective under DDP: every rank must call it)."""
         state = {"epoch": self.epoch, "trained": self.trained, "workers": self._workers, "raw": [list(self.raw)]}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
@@ -614,7 +644,8 @@ class ResumableLoader(DataLoader):
             state["raw"] = gathered
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`position` (before the next ``iter``)."""
         rank, world = _rank_and_world()
         self.epoch, self.trained = int(state["epoch"]), int(state["trained"])
         if state["workers"] != self._workers or len(state["raw"]) != world:

@@ -105,19 +105,18 @@ def _as_text(value: Any, name: str, where: str) -> str:
         raise RecordError(f"{where}: {name!r} is a number that cannot be written as text ({err})") from err
 
 
-def _nesting(value: Any) -> int:
-    """How deep lists and dicts nest in ``value`` (0 for a scalar), without recursion."""
-    deepest, stack = 0, [(value, 0)]
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """True when lists and dicts nest more than ``limit`` levels deep in ``value`` (checked without recursion)."""
+    stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
         children = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else None
         if children is None:
             continue
-        deepest = max(deepest, depth + 1)
-        if deepest > MAX_NESTING:
-            return deepest
+        if depth + 1 > limit:
+            return True
         stack.extend((child, depth + 1) for child in children)
-    return deepest
+    return False
 
 
 def _parse_options(value: Any, where: str) -> list[str]:
@@ -192,7 +191,7 @@ def parse_record(
         raise RecordError(f"{where}: 'facts' must be an object")
     known = set(REQUIRED_FIELDS) | {"id", "options", "observation", "process", "output", "data_source", "facts"}
     extra = {k: v for k, v in raw.items() if k not in known}
-    if _nesting([facts, extra]) > MAX_NESTING + 1:
+    if _nests_deeper(facts, MAX_NESTING) or any(_nests_deeper(v, MAX_NESTING) for v in extra.values()):
         raise RecordError(f"{where}: 'facts' or an extra field nests lists/objects deeper than {MAX_NESTING} levels")
     rec_id = raw.get("id", raw.get("problem_id"))
     rec_id = _as_text(rec_id, "id", where) if rec_id not in (None, "") else (default_id or where)
