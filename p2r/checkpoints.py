@@ -133,12 +133,25 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException as err:
         with contextlib.suppress(OSError):
             partial.unlink()
-        if isinstance(err, OSError):
-            kept = "the previous file is unchanged" if path.exists() else "there was no previous file"
-            hint = " (the disk is full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-            raise OSError(err.errno, f"could not write checkpoint {path}{hint}: {err.strerror or err}; {kept}") from err
-        raise
+        cause = _os_error_in(err)
+        if cause is None:
+            raise
+        kept = "the previous file is unchanged" if path.exists() else "there was no previous file"
+        hint = " (the disk is full)" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise OSError(cause.errno, f"could not write checkpoint {path}{hint}: {cause.strerror or cause}; {kept}") from err
     fsync_folder(path.parent)
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` (torch.save reports a full disk as a RuntimeError raised while
+    closing its zip writer, with the OSError as its context)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _is_local(path: str | Path) -> bool:
