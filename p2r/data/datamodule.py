@@ -186,6 +186,7 @@ class ShardStream(IterableDataset):
             skips.skip(item.kind, str(item))
             return None
         try:
+            item = {k: v.read() if isinstance(v, _LazyBytes) else v for k, v in item.items()}
             sample = decode_sample(item, self.frames, self.limits.record)
         except Exception as err:  # whatever one sample does, it costs that sample only
             message = str(err)[:500]  # RecordError and MediaError name the sample themselves
@@ -314,7 +315,8 @@ def _record_file_samples(path: str, media_root: str, benchmark: str, max_media_b
 
 
 class _LazyBytes:
-    """A media file's bytes, read when first asked for (only the worker that decodes it reads it)."""
+    """A media file's bytes, read when its sample is decoded (only by the worker that decodes it;
+    a file that cannot be read then costs that sample only)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -347,10 +349,7 @@ class EvalStream(ShardStream):
                     yield item if isinstance(item, Unusable) else {**item, "__benchmark__": name}
 
     def _raw_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any] | Unusable]:
-        for item in itertools.islice(self._set_items(), slot, None, slots):
-            if not isinstance(item, Unusable):
-                item = {k: v.read() if isinstance(v, _LazyBytes) else v for k, v in item.items()}
-            yield item
+        return itertools.islice(self._set_items(), slot, None, slots)
 
 
 class VideoDataModule(L.LightningDataModule):

@@ -103,3 +103,24 @@ def test_the_datamodule_carries_the_position_through_a_checkpoint(synthetic_root
         dm2.load_state_dict(saved)
     assert seen + [ids(b) for b in resumed] == whole
     assert VideoDataModule().state_dict() == {}  # nothing to save before training
+
+
+@pytest.mark.parametrize(("world", "workers"), [(1, 0), (1, 2), (2, 2)])
+def test_an_epoch_ends_when_its_last_batch_is_trained_on_without_running_the_iterator_out(synthetic_root, monkeypatch,
+                                                                                      world, workers):
+    """Lightning takes exactly len(loader) batches and never asks for more: the next iter must be the
+    next epoch, not a one-batch remainder of this one (the phantom epoch that cost every other epoch)."""
+    for rank in range(world):
+        monkeypatch.setattr(datamodule, "_rank_and_world", lambda: (rank, world))
+        dm, dl = loader(synthetic_root, workers)
+        dm._world = lambda: world
+        dl = dm.train_dataloader()
+        plain, reference = loader(synthetic_root, workers)
+        plain._world = lambda: world
+        reference = plain.train_dataloader()
+        expected = [[ids(b) for b in reference] for _ in range(3)]  # three plain epochs, each run out
+        for epoch in range(3):
+            it = iter(dl)
+            got = train(dm, it, len(dl))  # as Lightning does: exactly len batches, the iterator left open
+            assert got == expected[epoch]
+            assert dl.position()["epoch"] == epoch + 1 and dl.position()["trained"] == 0
