@@ -427,7 +427,8 @@ class VideoDataModule(L.LightningDataModule):
         matches, every records file exists, local training shards hold samples."""
         if stage == "fit":
             self._train_plan = self._plan_training()
-            if self.val_shards:
+            trainer = getattr(self, "trainer", None)
+            if self.val_shards and (trainer is None or trainer.limit_val_batches):  # 0: fit never validates
                 self._expand(self.val_shards, "val_shards")
         elif stage == "validate":
             self._expand(self.val_shards, "val_shards")

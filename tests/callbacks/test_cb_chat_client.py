@@ -168,3 +168,20 @@ def test_the_key_is_redacted_before_a_server_text_is_cut(serve, monkeypatch, sta
     messages = [reply.error, *(error for _, _, error in retries)]
     assert all("x" * 190 + "***" in m for m in messages), messages
     assert not any(SECRET[:6] in m for m in messages)
+
+
+def test_the_environment_proxy_is_used_as_urllib_would(monkeypatch):
+    from callbacks.chat_client import _Deadline
+
+    for name in ("https_proxy", "http_proxy", "no_proxy", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("no_proxy", "internal.example")
+    tunnel, target = ChatCompletionsClient("https://api.example/v1", KEY_ENV)._connection(_Deadline(1.0))
+    assert (tunnel.host, tunnel.port, tunnel._tunnel_host, tunnel._tunnel_port) == ("proxy.example", 3128, "api.example", 443)
+    assert target == "/v1/chat/completions"  # TLS to the server through a CONNECT tunnel
+    plain, target = ChatCompletionsClient("http://judge.example:8000/v1", KEY_ENV)._connection(_Deadline(1.0))
+    assert (plain.host, plain.port, target) == ("proxy.example", 3128, "http://judge.example:8000/v1/chat/completions")
+    direct, target = ChatCompletionsClient("http://internal.example:8000/v1", KEY_ENV)._connection(_Deadline(1.0))
+    assert (direct.host, direct.port, target) == ("internal.example", 8000, "/v1/chat/completions")
