@@ -2,14 +2,23 @@
 
 The perception judge (:class:`callbacks.rewards.judges.OpenAIChatJudge`) and the CoT teacher
 (``p2r.cot.teachers.OpenAIChatTeacher``) both talk to a vLLM / SGLang / provider server; this is
-the one place that knows how: stdlib ``urllib`` only (no client library to pin), the API key read
-from an environment variable at each request and never stored (so it cannot reach a ``repr``, a
-log, hyperparameters or a saved config), the key redacted from every error in case a server echoes
-it, bounded retries with exponential backoff on failures that may pass (timeouts, connection
-errors, HTTP 408/429/5xx), and no retry on the ones that will not (other HTTP errors, a malformed
-body). :meth:`ChatCompletionsClient.complete` never raises: callers run it from worker threads
-inside long jobs, and turn a failure into their own failed result. What the reply MEANS (a verdict,
-a trace, whether a cut reply matters) stays with the caller.
+the one place that knows how: the standard library only (``http.client``; no client library to
+pin), the API key read from an environment variable at each request and never stored (so it
+cannot reach a ``repr``, a log, hyperparameters or a saved config), bounded retries with
+exponential backoff on failures that may pass (timeouts, connection errors, HTTP 408/429/5xx), and
+no retry on the ones that will not (other HTTP errors, a malformed or oversized body).
+:meth:`ChatCompletionsClient.complete` never raises: callers run it from worker threads inside long
+jobs, and turn a failure into their own failed result. What the reply MEANS (a verdict, a trace,
+whether a cut reply matters) stays with the caller.
+
+Bounds, whatever the server does: ``timeout_s`` is a deadline on each whole attempt (connect, send,
+status and headers, body), enforced by shutting the socket down when it passes, so a server that
+trickles its reply a byte at a time cannot hold a training step longer than
+``(1 + max_retries) * timeout_s`` plus the backoff sleeps; a reply body is read up to
+``max_response_bytes`` and no further. Any text from the server that reaches a message is first
+stripped of the API key and only then cut to length, so no part of the key survives a cut.
+Proxies from the usual environment variables (``https_proxy``, ``no_proxy``, ...) are used as
+``urllib`` would, without proxy authentication.
 
 It lives in ``callbacks`` because ``callbacks`` must never import ``p2r``, while ``p2r`` may import
 ``callbacks``.
@@ -17,15 +26,16 @@ It lives in ``callbacks`` because ``callbacks`` must never import ``p2r``, while
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
+import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.client import HTTPException
 from typing import Any
 
 OnRetry = Callable[[int, int, str], None]
@@ -49,8 +59,49 @@ class ChatReply:
     latency_s: float = 0.0
 
 
+EXCERPT_CHARS = 200  # how much of a server's words an error message quotes
+
+
 class _RetryableError(Exception):
     """A failure worth another attempt: timeouts, connection errors, HTTP 408/429/5xx."""
+
+
+class _Deadline:
+    """Shuts a connection's socket down when an attempt's time is up, waking any blocked read."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+        self.passed = False
+        self._connection: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def left(self) -> float:
+        return max(0.001, self.end - time.monotonic())
+
+    def watch(self, connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._connection = connection
+        self._timer.start()
+
+    def check(self) -> None:
+        if self.passed or time.monotonic() >= self.end:
+            self.passed = True
+            raise TimeoutError("deadline passed")
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.passed = True
+            sock = self._connection.sock if self._connection is not None else None
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 class ChatCompletionsClient:
@@ -67,6 +118,7 @@ class ChatCompletionsClient:
         timeout_s: float = 60.0,
         max_retries: int = 3,
         backoff_s: float = 1.0,
+        max_response_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         """
         Args:
@@ -74,15 +126,17 @@ class ChatCompletionsClient:
                 already ending in ``/chat/completions`` is used as is).
             api_key_env: NAME of the environment variable holding the API key (never the key itself);
                 unset or empty means no ``Authorization`` header (a local vLLM needs none).
-            timeout_s: per-attempt socket timeout in seconds.
+            timeout_s: deadline in seconds on each whole attempt (connect, send, headers and body).
             max_retries: extra attempts after a retryable failure.
             backoff_s: sleep before retry k (1-based) is ``backoff_s * 2**(k-1)`` seconds.
+            max_response_bytes: longest reply body read; a longer one fails the call without a retry.
         """
         self.base_url = base_url.rstrip("/")
         self.api_key_env = api_key_env
         self.timeout_s = timeout_s
         self.max_retries = max(0, max_retries)
         self.backoff_s = backoff_s
+        self.max_response_bytes = max_response_bytes
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
@@ -93,9 +147,20 @@ class ChatCompletionsClient:
         return self.base_url if self.base_url.endswith("/chat/completions") else self.base_url + "/chat/completions"
 
     def redact(self, text: str) -> str:
-        """``text`` with the current API key replaced by ``***``: for any message that may hold a server's words."""
+        """``text`` with the current API key replaced by ``***`` (also as JSON escapes it): for any
+        message that may hold a server's words. Redact before cutting a text short, never after."""
         key = os.environ.get(self.api_key_env)
-        return text.replace(key, "***") if key else text
+        if not key:
+            return text
+        for form in {key, json.dumps(key)[1:-1]}:
+            text = text.replace(form, "***")
+        return text
+
+    def excerpt(self, data: bytes | str, limit: int = EXCERPT_CHARS) -> str:
+        """The start of a server's reply for a message: decoded, redacted, THEN cut to ``limit`` characters."""
+        text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+        text = self.redact(text)
+        return text if len(text) <= limit else text[:limit] + "..."
 
     def complete(self, body: dict[str, Any], on_retry: OnRetry | None = None) -> ChatReply:
         """Send ``body`` (model, messages, sampling settings) and return the reply; never raises.
@@ -128,27 +193,76 @@ class ChatCompletionsClient:
             return ChatReply(text=text, finish_reason=finish_reason, latency_s=time.monotonic() - start)
         return ChatReply(text=None, error=error, latency_s=time.monotonic() - start)
 
+    def _connection(self, deadline: _Deadline) -> tuple[http.client.HTTPConnection, str]:
+        """A connection to the server (through the environment's proxy, if one applies) and the request target."""
+        url = urllib.parse.urlsplit(self.url)
+        if url.scheme not in ("http", "https"):
+            raise ValueError(f"unsupported URL scheme {url.scheme!r} in {self.url}")
+        https = url.scheme == "https"
+        target = urllib.parse.urlunsplit(("", "", url.path or "/", url.query, ""))
+        proxy = None if urllib.request.proxy_bypass(url.hostname or "") else urllib.request.getproxies().get(url.scheme)
+        if not proxy:
+            kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
+            return kind(url.hostname, url.port, timeout=deadline.left()), target
+        via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if https:  # a CONNECT tunnel through the proxy, TLS to the server
+            connection = http.client.HTTPSConnection(via.hostname, via.port or 8080, timeout=deadline.left())
+            connection.set_tunnel(url.hostname, url.port or 443)
+            return connection, target
+        return http.client.HTTPConnection(via.hostname, via.port or 8080, timeout=deadline.left()), self.url
+
+    def _read_body(self, response: http.client.HTTPResponse, deadline: _Deadline) -> bytes:
+        """The reply body, read in pieces until the end, the deadline or ``max_response_bytes``."""
+        declared = response.getheader("Content-Length")
+        if declared and declared.isdigit() and int(declared) > self.max_response_bytes:
+            raise RuntimeError(f"reply body of {int(declared):,} bytes is over max_response_bytes={self.max_response_bytes:,}")
+        chunks, size = [], 0
+        while True:
+            deadline.check()
+            chunk = response.read1(65536)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > self.max_response_bytes:
+                raise RuntimeError(f"reply body is over max_response_bytes={self.max_response_bytes:,}")
+            chunks.append(chunk)
+
     def _post(self, data: bytes) -> tuple[str, str | None]:
         """One attempt: the reply text and finish reason; raises :class:`_RetryableError` or another error."""
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)  # read per request, never kept
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        http_request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        deadline = _Deadline(self.timeout_s)
+        connection = None
         try:
-            with urllib.request.urlopen(http_request, timeout=self.timeout_s) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as err:
-            message = f"HTTP {err.code}: {err.read()[:200].decode(errors='replace')}"
-            if err.code in (408, 429) or err.code >= 500:
-                raise _RetryableError(message) from None
-            raise RuntimeError(message) from None
-        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, HTTPException) as err:
-            raise _RetryableError(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from None
+            connection, target = self._connection(deadline)
+            deadline.watch(connection)
+            connection.connect()
+            deadline.check()
+            connection.request("POST", target, body=data, headers=headers)
+            deadline.check()
+            response = connection.getresponse()
+            payload = self._read_body(response, deadline)
+        except (OSError, http.client.HTTPException) as err:
+            if deadline.passed or isinstance(err, (TimeoutError, socket.timeout)):
+                raise _RetryableError(f"timed out: no complete reply within timeout_s={self.timeout_s:g} s") from None
+            raise _RetryableError(f"{type(err).__name__}: {err}") from None
+        finally:
+            deadline.cancel()
+            if connection is not None:
+                connection.close()
+        if response.status >= 400:
+            message = f"HTTP {response.status}: {self.excerpt(payload)}"
+            if response.status in (408, 429) or response.status >= 500:
+                raise _RetryableError(message)
+            raise RuntimeError(message)
         try:
             choice = json.loads(payload)["choices"][0]
             content = choice["message"].get("content")
             finish_reason = choice.get("finish_reason")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise RuntimeError(f"malformed chat-completions response: {payload[:200]!r}") from None
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
+            raise RuntimeError(f"malformed chat-completions response: {self.excerpt(payload)!r}") from None
+        if content is not None and not isinstance(content, str):
+            raise RuntimeError(f"malformed chat-completions response: content is {type(content).__name__}, not text")
         return content or "", finish_reason if isinstance(finish_reason, str) else None

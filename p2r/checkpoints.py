@@ -1,7 +1,19 @@
-"""Reading the backbone weights of a p2r checkpoint, whatever wrote it.
+"""Checkpoints: written so that no crash breaks one, kept final, and read back whatever wrote them.
 
-A Lightning checkpoint is one ``.ckpt`` file (single device, DDP, FSDP1 full state) or, from a
-sharded FSDP2 run (``configs/strategy/fsdp2.yaml``), a folder: Lightning's ``meta.pt`` plus
+Writing. :func:`atomic_write` writes a file beside its destination under a hidden temporary name,
+flushes and fsyncs it, renames it over the destination (atomic within one filesystem) and fsyncs
+the folder, so the destination is always either the previous complete file or the new complete
+one, whatever kills the process and whatever filesystems TMPDIR and the checkpoint folder are on
+(Lightning's own save stages the file in TMPDIR and, across filesystems, falls back to a copy
+that truncates the previous file first). A full disk fails the save with an error and leaves the
+previous file as it was. :class:`AtomicCheckpointIO` is the Trainer's checkpoint writer that
+does this; ``p2r.cli`` installs it on every run (sharded FSDP2 folders are handled by
+``p2r.strategies.FSDP2Strategy``). :class:`FinalCheckpoint` keeps ``last.ckpt`` the final state
+of a run however it ends. :func:`check_writable` refuses folders that cannot be written before
+anything is built.
+
+Reading. A Lightning checkpoint is one ``.ckpt`` file (single device, DDP, FSDP1 full state) or,
+from a sharded FSDP2 run (``configs/strategy/fsdp2.yaml``), a folder: Lightning's ``meta.pt`` plus
 torch.distributed.checkpoint (DCP) files holding ``{"state_dict": ..., "optimizer_0": ...}``.
 Both give the same ``backbone.*`` tensors; from a folder only those are read, in one process
 and without a process group (the optimizer state, often twice the model's size, stays on disk).
@@ -10,10 +22,21 @@ Used by ``weights_from`` (the next stage's starting weights) and ``tools/export_
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO
 
+import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 BACKBONE_PREFIX = "backbone."
 # DCP flattens the nested {"state_dict": {...}} with dots.
@@ -64,3 +87,160 @@ def _read_distributed(path: Path, what: str) -> dict[str, torch.Tensor]:
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         dcp.load(request, checkpoint_id=path, no_dist=True)
     return request["state_dict"]
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+PARTIAL_SUFFIX = ".partial"  # a file or folder being written; never a checkpoint Lightning looks for
+
+
+def _partial_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename or a new entry in ``folder`` durable (a no-op where the filesystem cannot)."""
+    with contextlib.suppress(OSError):  # some network filesystems refuse fsync on a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(file)`` so that it is always the old or the new complete file.
+
+    The data go to a hidden temporary file beside ``path`` (same folder, so the same filesystem),
+    which is flushed, fsynced and renamed over ``path``; then the folder is fsynced. The previous
+    file stays untouched until the rename. Temporary files left by writers that were killed are
+    removed first. On any error (a full disk, a kill signal turned into an exception) the
+    temporary file is removed and the error raised, naming ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*{PARTIAL_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    partial = _partial_name(path)
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides, as for any file
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        cause = _os_error_in(err)
+        if cause is None:
+            raise
+        kept = "the previous file is unchanged" if path.exists() else "there was no previous file"
+        hint = " (the disk is full)" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise OSError(cause.errno, f"could not write checkpoint {path}{hint}: {cause.strerror or cause}; {kept}") from err
+    fsync_folder(path.parent)
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` (torch.save reports a full disk as a RuntimeError raised while
+    closing its zip writer, with the OSError as its context)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _is_local(path: str | Path) -> bool:
+    text = str(path)
+    return "://" not in text or text.startswith("file://")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with :func:`atomic_write` for local paths (see the module doc).
+
+    The checkpoint is serialised straight into the temporary file (no second copy in memory).
+    Remote URLs (``s3://``, ...) keep Lightning's own writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(str(path).removeprefix("file://"), lambda f: torch.save(checkpoint, f))
+
+
+def install_atomic_checkpoint_io(trainer: L.Trainer) -> None:
+    """Make ``trainer`` write single-file checkpoints with :class:`AtomicCheckpointIO`, unless a
+    config chose another writer (a plugin that is not Lightning's default ``TorchCheckpointIO``)."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def check_writable(folders: dict[str, str | Path]) -> None:
+    """Create each folder if needed and write a probe file in it; raise naming the option otherwise.
+
+    ``folders`` maps the option that set a folder (``trainer.default_root_dir``, ...) to the
+    folder. Run before the model is built, so a read-only checkpoint folder fails in seconds, not
+    at the first save hours later with the metrics of the steps before lost.
+    """
+    for option, folder in folders.items():
+        if not _is_local(folder):
+            continue
+        folder = Path(str(folder).removeprefix("file://"))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise PermissionError(
+                f"{option}: cannot write to {str(folder)!r} ({err.strerror or err}); checkpoints and logs go there: "
+                "point it at a writable folder"
+            ) from err
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> Path:
+    """Where ``--ckpt_path last`` looks: the ModelCheckpoint's ``last.ckpt`` (else the run folder's)."""
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+        return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+    return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+
+
+class FinalCheckpoint(L.Callback):
+    """``last.ckpt`` holds the final state of every run that ends or is stopped.
+
+    - The run ends (``max_steps``, ``max_epochs``, an early stop, the non-finite stop): Lightning's
+      ModelCheckpoint writes ``last.ckpt`` only at its ``every_n_train_steps`` (a run to step 10
+      with N = 7 would keep step 7), so this saves it at the end unless it was just saved at the
+      final step.
+    - SIGTERM (SLURM pre-emption or time limit, ``scancel``, Kubernetes eviction, a spot instance
+      reclaimed): Lightning stops at the end of the current batch on every rank; this saves
+      ``last.ckpt`` at that step before the process exits, and ``--ckpt_path last`` resumes there
+      (model, optimizer, schedule, callbacks, data position). SLURM: ask for the signal ahead of the
+      kill (``#SBATCH --signal=TERM@120``) so the save has time to finish.
+
+    Saves go where ``--ckpt_path last`` looks (the ModelCheckpoint's folder).
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        callback = trainer.checkpoint_callback
+        if not isinstance(callback, ModelCheckpoint) or not callback.save_last or trainer.global_step == 0:
+            return
+        # ModelCheckpoint saves last.ckpt with every periodic save, so a save at the final step means it is current.
+        if getattr(callback, "_last_global_step_saved", None) == trainer.global_step and callback.last_model_path:
+            return
+        self._save(trainer, "end of training")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer, "SIGTERM")
+
+    @staticmethod
+    def _save(trainer: L.Trainer, why: str) -> None:
+        path = last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"{why}: saved {path} at global step {trainer.global_step}; resume with --ckpt_path last")

@@ -8,6 +8,11 @@
 The model is chosen by ``model.class_path`` (``p2r.algorithms.sft.SFTModule``, ...), the backbone
 inside it by ``model.init_args.backbone.class_path``; every typed ``__init__`` argument becomes a
 documented option in ``--help``.
+
+Flags are matched exactly (argparse would otherwise take ``--trainer.max_step`` for
+``--trainer.max_steps`` without a word). Before ``fit`` builds anything, the folders checkpoints
+and logs go to must be writable. Every run writes single-file checkpoints atomically
+(:class:`p2r.checkpoints.AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ import os
 import warnings
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from p2r.algorithms.base import VideoLVLMModule
+from p2r.checkpoints import check_writable, install_atomic_checkpoint_io
 from p2r.data.datamodule import VideoDataModule
 
 # Noise that says nothing actionable to a p2r user; real problems still warn.
@@ -43,6 +51,27 @@ class P2RCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         return
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # Used for the main parser and every subcommand's: no flag is ever matched by its prefix.
+        return super().init_parser(**{**kwargs, "allow_abbrev": False})
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        install_atomic_checkpoint_io(trainer)
+        return trainer
+
+    def before_fit(self) -> None:
+        """Refuse output folders that cannot be written, before the model is built."""
+        trainer = self.trainer
+        folders = {"trainer.default_root_dir": trainer.default_root_dir}
+        for logger in trainer.loggers:
+            if getattr(logger, "save_dir", None):
+                folders[f"{type(logger).__name__}.save_dir"] = logger.save_dir
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                folders["ModelCheckpoint.dirpath"] = callback.dirpath
+        check_writable(folders)
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

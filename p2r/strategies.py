@@ -22,6 +22,7 @@ and ranks may stop after different numbers of tokens.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+
+from p2r.checkpoints import PARTIAL_SUFFIX, fsync_folder
 
 DType = Literal["bfloat16", "float16", "float32"]
 # Attribute of a sharded model: its units' reshard_after_forward setting outside gathered().
@@ -109,26 +112,33 @@ class FSDP2Strategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """Write a distributed checkpoint folder so that a crash never leaves a half-written one.
 
-        The ranks write ``<name>.partial`` (which ``--ckpt_path last`` ignores); rank 0 then moves
-        the old folder aside to ``<stem>-previous.ckpt``, renames the new one into place and deletes
-        the old one. A crash between the two renames leaves ``last-previous.ckpt``, complete, which
-        ``--ckpt_path last`` finds (Lightning takes the newest ``last*.ckpt``).
+        The ranks write ``<name>.partial`` (which ``--ckpt_path last`` ignores; DCP fsyncs each
+        shard file); rank 0 fsyncs Lightning's ``meta.pt`` and the folder, moves the old folder
+        aside to ``<stem>-previous.ckpt``, renames the new one into place, fsyncs the parent and
+        deletes the old one. A crash between the two renames leaves ``last-previous.ckpt``,
+        complete, which ``--ckpt_path last`` finds (Lightning takes the newest ``last*.ckpt``);
+        the next save puts it back in place before writing, so it is never deleted while it is
+        the only complete checkpoint. A failed write (a full disk) leaves the old folder as it was.
         """
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
-        partial = path.with_name(path.name + ".partial")
+        partial = path.with_name(path.name + PARTIAL_SUFFIX)
         previous = path.with_name(f"{path.stem}-previous{path.suffix}")
         if self.global_rank == 0:
+            if previous.exists() and not path.exists():  # a crash between the renames of the last save
+                previous.rename(path)
             for stale in (partial, previous):
                 shutil.rmtree(stale, ignore_errors=True)
         self.barrier("p2r-checkpoint-start")
         super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("p2r-checkpoint-written")
         if self.global_rank == 0:
+            _fsync_files(partial)
             if path.exists():
                 path.rename(previous)
             partial.rename(path)
+            fsync_folder(path.parent)
             shutil.rmtree(previous, ignore_errors=True)
         self.barrier("p2r-checkpoint-done")
 
@@ -153,6 +163,15 @@ class FSDP2Strategy(ModelParallelStrategy):
                 fully_shard(module, **options)
         fully_shard(model, **options)
         setattr(model, RESHARD_SETTING, self.reshard_after_forward)  # what gathered() restores
+
+
+def _fsync_files(folder: Path) -> None:
+    """fsync what rank 0 wrote into a checkpoint folder (Lightning's ``meta.pt``, DCP's metadata) and the folder."""
+    for item in folder.iterdir():
+        if item.is_file():
+            with open(item, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_folder(folder)
 
 
 def _refuse_quantized(model: nn.Module) -> None:

@@ -172,11 +172,25 @@ def tiny25(tiny_sizes):
     return backbone.eval()
 
 
+@dataclass(frozen=True)
+class Trickle:
+    """A reply sent slowly: ``data`` in pieces of ``piece`` bytes, one every ``every_s`` seconds.
+
+    ``data`` is the body (status and headers, with its Content-Length, go at once), or with
+    ``raw=True`` the whole HTTP response, status line and headers included."""
+
+    data: bytes
+    every_s: float
+    raw: bool = False
+    piece: int = 1
+
+
 class ChatServer:
     """POST /v1/chat/completions on 127.0.0.1, answered by ``respond(request) -> (status, payload, delay_s)``.
 
     ``request`` is {"path", "headers", "body"}; ``respond`` runs under a lock (a script can pop) and
-    may add keys to it; every request is recorded in ``requests``. ``close`` may be called twice.
+    may add keys to it; every request is recorded in ``requests``. ``payload`` is bytes, or a
+    :class:`Trickle` to send it slowly. ``close`` may be called twice.
     """
 
     def __init__(self, respond: Callable[[dict], tuple[int, bytes, float]]) -> None:
@@ -193,6 +207,8 @@ class ChatServer:
                     status, payload, delay = respond(request)
                     server.requests.append(request)
                 time.sleep(delay)
+                if isinstance(payload, Trickle):
+                    return self.trickle(status, payload)
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -201,6 +217,20 @@ class ChatServer:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and left
+
+            def trickle(self, status: int, reply: Trickle) -> None:
+                try:
+                    if not reply.raw:
+                        self.send_response(status)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(reply.data)))
+                        self.end_headers()
+                    for start in range(0, len(reply.data), reply.piece):
+                        self.wfile.write(reply.data[start : start + reply.piece])
+                        self.wfile.flush()
+                        time.sleep(reply.every_s)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up
 
             def log_message(self, *args):
                 pass
@@ -231,6 +261,12 @@ def _scripted(script: list[tuple[int, bytes, float]]) -> Callable[[dict], tuple[
     """A ``respond`` that plays (status, payload, delay_s) entries in turn, the last one repeating."""
     script = list(script)
     return lambda request: script.pop(0) if len(script) > 1 else script[0]
+
+
+@pytest.fixture
+def trickle():
+    """The :class:`Trickle` reply type, for ``chat_server`` scripts."""
+    return Trickle
 
 
 @pytest.fixture

@@ -6,7 +6,11 @@ boundary inside the run):
   never interrupted (model, optimizer, schedule and the data stream position all resume);
 - SIGTERM (SLURM pre-emption) saves ``last.ckpt`` at the current step before the process exits,
   and resuming from it also ends exactly where the uninterrupted run does;
-- a process killed while it writes a checkpoint never leaves a ``last.ckpt`` that cannot be loaded.
+- ``max_epochs=2`` trains exactly 2 x 9 steps, the cosine schedule ends at lr 0, and resuming
+  from the checkpoint taken at the last step of epoch 0 or in the middle of epoch 1 ends bit for
+  bit where the uninterrupted run does.
+
+(Killing savers, also across filesystems and on a full disk: ``tests/test_checkpoint_writes.py``.)
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 14  # 9 batches of 2 per epoch on the 18 training clips: the run crosses an epoch boundary
 
 
-def overlay(tmp: Path, run: Path, data: Path) -> Path:
+def overlay(tmp: Path, run: Path, data: Path, max_epochs: int = -1, every: int = 2) -> Path:
     path = tmp / f"{run.name}.yaml"
     path.write_text(f"""
 trainer:
-  max_steps: {STEPS}
-  max_epochs: -1
+  max_steps: {STEPS if max_epochs < 0 else -1}
+  max_epochs: {max_epochs}
   log_every_n_steps: 1
   limit_val_batches: 0
   enable_progress_bar: false
@@ -41,8 +45,8 @@ trainer:
       init_args: {{save_dir: {run}, name: logs}}
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {run}/checkpoints, save_last: true, every_n_train_steps: 2, save_top_k: -1}}
-    - class_path: p2r.preemption.CheckpointOnSigterm
+      init_args: {{dirpath: {run}/checkpoints, save_last: true, every_n_train_steps: {every}, save_top_k: -1}}
+    - class_path: p2r.checkpoints.FinalCheckpoint
 model:
   init_args:
     backbone:
@@ -106,10 +110,10 @@ def uninterrupted(tmp_path_factory, synthetic_root):
     return tmp, run_dir
 
 
-def assert_same_end(run_dir: Path, reference: Path) -> None:
+def assert_same_end(run_dir: Path, reference: Path, steps: int = STEPS) -> None:
     step, state = final_state(run_dir)
     ref_step, ref_state = final_state(reference)
-    assert step == ref_step == STEPS
+    assert step == ref_step == steps
     assert state.keys() == ref_state.keys()
     differ = [k for k in state if not torch.equal(state[k], ref_state[k])]
     assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"
@@ -143,28 +147,40 @@ def test_sigterm_saves_last_and_the_resumed_run_ends_the_same(uninterrupted, syn
     assert_same_end(run_dir, reference)
 
 
-SAVER = r"""
-import sys, torch
-from lightning.fabric.utilities.cloud_io import _atomic_save
-step = int(sys.argv[2])
-while True:  # what Lightning's TorchCheckpointIO does for every checkpoint, as fast as it can
-    step += 1
-    _atomic_save({"global_step": step, "state_dict": {"w": torch.full((4_000_000,), float(step))}}, sys.argv[1])
-"""
+EPOCH = 9  # batches per epoch: 18 clips in batches of 2
 
 
-def test_a_kill_during_a_save_never_leaves_a_broken_last_checkpoint(tmp_path):
-    target = tmp_path / "last.ckpt"
-    steps = []
-    for i, delay in enumerate((0.05, 0.13, 0.21, 0.34)):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(target), str(1000 * i)], env=ENV)
-        while not target.exists() or torch.load(target, weights_only=True)["global_step"] < 1000 * i:  # past start-up
-            assert proc.poll() is None
-            time.sleep(0.01)
-        time.sleep(delay)  # somewhere inside the save loop (each save writes 16 MB)
-        proc.kill()
-        proc.wait()
-        ckpt = torch.load(target, weights_only=True)
-        assert torch.equal(ckpt["state_dict"]["w"], torch.full((4_000_000,), float(ckpt["global_step"])))
-        steps.append(ckpt["global_step"] - 1000 * i)
-    assert max(steps) > 1  # the saver really overwrote the file while we killed it
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory, synthetic_root):
+    tmp = tmp_path_factory.mktemp("epochs")
+    run_dir = tmp / "straight"
+    run(command(overlay(tmp, run_dir, synthetic_root, max_epochs=2, every=3)))
+    return tmp, run_dir
+
+
+def test_max_epochs_trains_whole_epochs_and_the_schedule_ends_at_zero(two_epochs):
+    _, run_dir = two_epochs
+    rows = logged(run_dir, 0)
+    assert [int(r["step"]) for r in rows] == list(range(2 * EPOCH))  # no phantom one-batch epoch
+    assert [int(r["epoch"]) for r in rows] == [0] * EPOCH + [1] * EPOCH
+    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 * EPOCH
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0  # cosine over exactly the steps taken
+    lr = [float(r["train/lr"]) for r in csv.DictReader(open(run_dir / "logs/version_0/metrics.csv")) if r.get("train/lr")]
+    assert lr[-1] == 0.0 and lr[0] > lr[EPOCH] > 0
+
+
+@pytest.mark.parametrize("resume_step", [EPOCH, EPOCH + 3])  # the last step of epoch 0; the middle of epoch 1
+def test_resume_at_and_after_an_epoch_boundary_ends_like_the_uninterrupted_run(two_epochs, synthetic_root, resume_step):
+    tmp, reference = two_epochs
+    run_dir = tmp / f"from-{resume_step}"
+    config = overlay(tmp, run_dir, synthetic_root, max_epochs=2, every=3)
+    saved = reference / f"checkpoints/epoch={(resume_step - 1) // EPOCH}-step={resume_step}.ckpt"
+    done = run(command(config, "--ckpt_path", str(saved)))
+    steps = [int(r["step"]) for r in logged(run_dir, 0)]
+    assert steps == list(range(resume_step, 2 * EPOCH)), done.stderr[-2000:]
+    step, state = final_state(run_dir)
+    ref_step, ref_state = final_state(reference)
+    assert step == ref_step == 2 * EPOCH
+    differ = [k for k in state if not torch.equal(state[k], ref_state[k])]
+    assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"

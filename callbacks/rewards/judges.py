@@ -227,7 +227,8 @@ class OpenAIChatJudge(Judge):
             model: model name the server expects in the request body.
             api_key_env: NAME of the environment variable holding the API key (never the key itself).
             max_concurrency: requests in flight at once.
-            timeout_s: per-request socket timeout in seconds.
+            timeout_s: deadline in seconds on each whole request (connect, send, headers, reply body),
+                so a step waits at most (1 + max_retries) x timeout_s plus backoff for the judge.
             max_retries: extra attempts after a retryable failure (timeouts, 408, 429, 5xx).
             backoff_s: sleep before retry k is ``backoff_s * 2**k`` seconds.
             max_tokens: reply length limit; leave room when the judge model thinks before answering.
@@ -280,7 +281,7 @@ class OpenAIChatJudge(Judge):
             return JudgeResult(score=None, error=reply.error, latency_s=time.monotonic() - start)
         verdict = parse_verdict(reply.text)
         if verdict is None:
-            return JudgeResult(score=None, error=client.redact(f"no yes/no verdict in reply: {reply.text[:200]!r}"),
+            return JudgeResult(score=None, error=f"no yes/no verdict in reply: {client.excerpt(reply.text)!r}",
                                latency_s=time.monotonic() - start)
         return JudgeResult(score=1.0 if verdict else 0.0, latency_s=time.monotonic() - start)
 

@@ -10,6 +10,7 @@ rule judge can deduce the answer (does the model look at the video?).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import lightning as L
@@ -25,6 +26,7 @@ from p2r.algorithms.nonfinite import NonFiniteGuard, tensors_finite
 from p2r.backbones.base import VideoBackbone
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import PromptTemplate, build_prompt
+from p2r.data.shard_reader import SkipLog
 from p2r.strategies import is_sharded
 from p2r.optim import adamw_with_schedule
 
@@ -75,6 +77,8 @@ class VideoLVLMModule(L.LightningModule):
         self._backbone_ready = False
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self._bad_loss_in_step = False
+        self._stop_error: FloatingPointError | None = None  # raised at on_train_end (see count_step)
+        self.skip_log = SkipLog(logging.getLogger(__name__), "training records")
 
     def configure_model(self) -> None:
         self.backbone.build()
@@ -118,10 +122,26 @@ class VideoLVLMModule(L.LightningModule):
 
     def count_step(self, finite: bool, what: str) -> bool:
         """Record one optimizer step's outcome (already agreed across ranks): log the total of bad
-        steps and stop after too many in a row. Called once per optimizer step; returns ``finite``."""
-        self.nonfinite.record(finite, what, self.global_step)
+        steps and, after too many in a row, stop the run. Called once per optimizer step; returns ``finite``.
+
+        The stop is orderly: the trainer ends after this (skipped) step, so checkpoint callbacks
+        see a finished step and ``last.ckpt`` holds the final weights; the error is raised at
+        ``on_train_end``, after them, so the run still fails with the guard's message.
+        """
+        try:
+            self.nonfinite.record(finite, what, self.global_step)
+        except FloatingPointError as err:
+            self._stop_error = err
+            if self._trainer is None:
+                raise
+            self.trainer.should_stop = True
         self.log("train/nonfinite_steps", float(self.nonfinite.total), batch_size=1)
         return finite
+
+    def on_train_end(self) -> None:
+        if self._stop_error is not None:
+            error, self._stop_error = self._stop_error, None
+            raise error
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         # Automatic optimization: a step that saw a non-finite loss (in any accumulated batch) or
@@ -154,10 +174,24 @@ class VideoLVLMModule(L.LightningModule):
             user_texts = [build_prompt(s.record, self.prompt_template) for s in batch]
         return [self.backbone.render_prompt(u, s.record.data_type) for u, s in zip(user_texts, batch)]
 
-    def count_skipped(self, batch: list[Sample]) -> None:
-        """Add the samples the data workers dropped (malformed/undecodable) and log the total."""
-        self.skipped_samples += sum(s.skipped for s in batch)
-        self.log("data/skipped_samples", float(self.skipped_samples), batch_size=len(batch))
+    def count_skipped(self, batch: list[Sample], dropped: int = 0) -> None:
+        """Count what was skipped for this step: the items the data workers could not use while
+        assembling ``batch`` and ``dropped`` samples the algorithm could not use; log the run's total.
+
+        Every rank calls this once per training batch (a collective): the total is summed over the
+        ranks and saved in checkpoints, so ``data/skipped_samples`` counts every skip of the run.
+        """
+        step = torch.tensor(float(sum(s.skipped for s in batch) + dropped), device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            step = self.trainer.strategy.reduce(step, reduce_op="sum")
+        self.skipped_samples += int(step.item())
+        self.log("data/skipped_samples", float(self.skipped_samples), batch_size=max(1, len(batch)))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["p2r_skipped_samples"] = self.skipped_samples
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_samples = int(checkpoint.get("p2r_skipped_samples", 0))
 
     def generate_answers(self, batch: list[Sample], prompts: list[str] | None = None,
                          generation: Generation | None = None) -> list[str]:

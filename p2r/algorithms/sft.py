@@ -8,7 +8,8 @@ the loss over the prompt too). Paper scale: batch 8 x accumulation 2, Qwen2.5-VL
 16 frames at 128*28*28 pixels, bf16.
 
 Departures: a record without a CoT trace (no ``output`` and no ``observation``+``process``) is
-a data error and is skipped with a warning, not trained on as a bare answer.
+a data error: it is skipped with a warning and counted in ``data/skipped_samples``, not trained on
+as a bare answer.
 
 Launch:
     python -m p2r fit --config configs/sft.yaml                          # paper scale
@@ -17,7 +18,6 @@ Launch:
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -28,9 +28,6 @@ from p2r.algorithms.base import VideoLVLMModule
 from p2r.backbones.base import IGNORE_INDEX, move_to
 from p2r.data.datamodule import Sample
 from p2r.data.records import RecordError, target_text
-
-log = logging.getLogger(__name__)
-
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose label is not IGNORE_INDEX.
@@ -59,12 +56,13 @@ class SFTModule(VideoLVLMModule):
                 targets.append(target_text(s.record))
                 keep.append(s)
             except RecordError as err:
-                log.warning("skipping record for SFT: %s", err)
+                self.skip_log.skip("no CoT target", str(err))
         return keep, targets
 
     def training_step(self, batch: list[Sample], batch_idx: int) -> torch.Tensor | None:
-        self.count_skipped(batch)
-        batch, targets = self._trainable(batch)
+        trainable, targets = self._trainable(batch)
+        self.count_skipped(batch, dropped=len(batch) - len(trainable))
+        batch = trainable
         if not batch:
             return None
         inputs = self.backbone.encode(self.prompts_of(batch), [s.clip for s in batch], targets)

@@ -126,7 +126,7 @@ class ShardSource:
                 continue
             try:
                 record = parse_record(json.loads(raw["json"]), where=where, default_id=raw.get("__key__"))
-            except (RecordError, ValueError) as err:
+            except (RecordError, ValueError, RecursionError) as err:  # bad JSON, a 5000-digit number, deep nesting
                 self.rejected.append((where, str(err).removeprefix(f"{where}: ")))
                 continue
             ext = next((k for k in VIDEO_EXTS + IMAGE_EXTS if k in raw), None)

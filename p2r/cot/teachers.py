@@ -234,7 +234,7 @@ class OpenAIChatTeacher(Teacher):
             model: model name the server expects in the request body.
             api_key_env: NAME of the environment variable holding the API key (never the key itself).
             concurrency: requests in flight at once.
-            timeout_s: per-request socket timeout in seconds (a 72B model writing 1k tokens needs minutes).
+            timeout_s: deadline in seconds on each whole request (a 72B model writing 1k tokens needs minutes).
             max_retries: extra attempts after a retryable failure (timeouts, 408, 429, 5xx).
             backoff_s: sleep before retry k is ``backoff_s * 2**k`` seconds.
             max_tokens: reply length limit in tokens.

@@ -11,8 +11,15 @@ batches per epoch (so DDP/FSDP never waits on a rank that ran dry). Evaluation r
 in every worker and keeps sample ``i`` when ``i % (ranks x workers)`` is its slot, so each
 sample is seen exactly once across ranks and workers, whatever the shard count.
 
-A sample whose record is malformed or whose media cannot be decoded is skipped with a warning
-naming it; the count travels with the next batch (``Sample.skipped``) so the module logs the total.
+Nothing in the data can crash, hang or exhaust a run. Shards are read by
+:mod:`p2r.data.shard_reader` (links, duplicate and oversized members, non-tar and damaged shards
+become named skips); records are size-capped (``record_limits``) and type-checked before any
+tokenizing; any failure to decode one sample skips that sample. Each skip is warned about (the
+first ones one by one, then in summaries) and counted on the batch that was being assembled when
+it happened (``Sample.skipped`` of its first sample), so the module logs ``data/skipped_samples``
+at that step. ``max_unusable_in_a_row`` unusable items in a row (samples or whole shards) stop a
+training stream with an error: resampled shards never run out, so a shard set without a usable
+sample would otherwise loop forever.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import logging
 import math
 import tarfile
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,15 +39,16 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from p2r.data.records import RecordError, VideoRecord, parse_record
+from p2r.data.records import RecordError, RecordLimits, VideoRecord, parse_record
+from p2r.data.shard_reader import RECORD_EXT, SkipLog, Unusable, shard_items
 from p2r.data.video import Clip, FrameSampling, MediaError, decode_image, decode_video
 
 log = logging.getLogger(__name__)
 
-# Bad training samples in a row after which the stream gives up (see ShardStream._decoded).
-MAX_CONSECUTIVE_SKIPS = 1000
 VIDEO_EXTS = ("mp4", "avi", "webm", "mkv", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png")
+# Media bigger than this is skipped unread: an hour of 720p video is well under it.
+DEFAULT_MAX_MEDIA_BYTES = 4 * 1024**3
 
 
 @dataclass
@@ -49,24 +57,27 @@ class Sample:
 
     record: VideoRecord
     clip: Clip
-    skipped: int = 0  # malformed/undecodable samples this worker dropped just before this one
+    skipped: int = 0  # on a batch's first sample: what its worker skipped while assembling that batch
     benchmark: str = ""  # the evaluation set it came from (data.test_sets key), "" in training
     position: int = 0  # raw samples this worker had read when it yielded this one (the resume point)
 
 
-def decode_sample(raw: dict[str, Any], frames: FrameSampling) -> Sample:
+def decode_sample(raw: dict[str, Any], frames: FrameSampling, limits: RecordLimits | None = None) -> Sample:
     """Turn one raw webdataset sample (bytes by extension) into a :class:`Sample`.
 
-    Raises RecordError or MediaError naming the sample's key and shard.
+    ``limits`` caps the record's size (its JSON bytes, before parsing, and its texts). Raises
+    RecordError or MediaError naming the sample's key and shard.
     """
     where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
-    if "json" not in raw:
+    if RECORD_EXT not in raw:
         raise RecordError(f"{where}: sample has no .json record")
+    if limits is not None and len(raw[RECORD_EXT]) > limits.max_record_bytes:
+        raise RecordError(f"{where}: record is {len(raw[RECORD_EXT]):,} bytes, over max_record_bytes={limits.max_record_bytes:,}")
     try:
-        meta = json.loads(raw["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RecordError(f"{where}: record is not valid JSON ({err})") from err
-    record = parse_record(meta, where=where, default_id=raw.get("__key__"))
+        meta = json.loads(raw[RECORD_EXT])
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, a 5000-digit number, deep nesting
+        raise RecordError(f"{where}: record is not usable JSON ({type(err).__name__}: {str(err)[:200]})") from err
+    record = parse_record(meta, where=where, default_id=raw.get("__key__"), limits=limits)
     video_key = next((k for k in VIDEO_EXTS if k in raw), None)
     image_key = next((k for k in IMAGE_EXTS if k in raw), None)
     if record.data_type == "video" and video_key:
@@ -77,9 +88,11 @@ def decode_sample(raw: dict[str, Any], frames: FrameSampling) -> Sample:
 
 
 def count_samples(urls: list[str]) -> int | None:
-    """Samples in local tar shards, from the tar headers only (None if a shard is not a local file).
+    """Samples (keys with a ``.json`` record) in local tar shards, from the tar headers only (None
+    if a shard is not a local file).
 
-    A truncated or damaged shard counts the samples before the damage, with a warning naming it.
+    A shard that is not a tar counts 0; a truncated or damaged one counts the samples before the
+    damage; both with a warning naming the shard.
     """
     total = 0
     for url in urls:
@@ -89,24 +102,34 @@ def count_samples(urls: list[str]) -> int | None:
         try:
             with tarfile.open(url) as tar:
                 for member in tar:
-                    if member.isfile():
-                        keys.add(member.name.split(".", 1)[0])
-        except (OSError, tarfile.TarError) as err:
+                    name = member.name.rpartition("/")[2]
+                    if member.isfile() and "." in name and name.split(".", 1)[1].lower() == RECORD_EXT:
+                        keys.add(member.name[: len(member.name) - len(name)] + name.split(".", 1)[0])
+        except Exception as err:  # not a tar, truncated, damaged headers
             log.warning("shard %s is damaged (%s): counting the %d samples before the damage", url, err, len(keys))
         total += len(keys)
     return total
 
 
-def _skip_and_log(err: Exception) -> bool:
-    """webdataset handler: log a broken shard or tar member and go on (its own sleeps 0.5 s each time)."""
-    log.warning("skipping unreadable shard data: %s", err)
-    return True
+def _check_at_least(minimum: int, **settings: int) -> None:
+    for name, value in settings.items():
+        if value < minimum:
+            raise ValueError(f"data.{name} must be at least {minimum}, got {value}")
 
 
 def _rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """What one stream will read and how much failure it takes before giving up (see the module doc)."""
+
+    record: RecordLimits = RecordLimits()
+    max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES
+    max_unusable_in_a_row: int = 1000  # training only; 0: never stop
 
 
 class ShardStream(IterableDataset):
@@ -121,6 +144,7 @@ class ShardStream(IterableDataset):
         batches_per_worker: int | None = None,
         shuffle_buffer: int = 0,
         seed: int = 0,
+        limits: StreamLimits | None = None,
     ) -> None:
         self.urls = urls
         self.frames = frames
@@ -129,60 +153,78 @@ class ShardStream(IterableDataset):
         self.batches_per_worker = batches_per_worker
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.limits = limits or StreamLimits()
         self.epoch = 0
         # Resume point, set by the main process before workers start: the batches this rank had
-        # trained on this epoch and, per worker slot, the raw samples read up to its last one.
+        # trained on this epoch and, per worker slot, the raw items read up to its last one.
         self.resume_trained = 0
         self.resume_raw: list[int] = []
 
-    def _raw_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+    def _shard_items(self, url: str) -> Iterator[dict[str, Any] | Unusable]:
+        return shard_items(url, self.limits.record.max_record_bytes, self.limits.max_media_bytes)
+
+    def _raw_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any] | Unusable]:
+        """Raw samples and unusable items of this slot, in order (each counts as one resume position)."""
         if self.train:
             # Different shard order per rank/worker and epoch; reproducible from the seed.
             seed = self.seed + 1000 * self.epoch + slot
             # worker_seed: the order depends on our seed only (it already holds the worker slot),
             # not on the DataLoader's worker id, which a resumed loader maps to another slot.
             shards = wds.ResampledShards(self.urls, seed=seed, worker_seed=lambda: 0, deterministic=True)
-            stream = wds.tarfile_to_samples(handler=_skip_and_log)(iter(shards))
+            stream = (item for shard in shards for item in self._shard_items(shard["url"]))
             if self.shuffle_buffer > 0:
                 # Seeded: webdataset's default shuffle seeds from the pid and the clock.
                 stream = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), seed=seed)(stream)
             yield from stream
             return
-        shards = ({"url": u} for u in self.urls)
-        for i, raw in enumerate(wds.tarfile_to_samples(handler=_skip_and_log)(shards)):
-            if i % slots == slot:
-                yield raw
+        items = (item for url in self.urls for item in self._shard_items(url))
+        yield from itertools.islice(items, slot, None, slots)
 
-    def _decoded(self, slot: int, slots: int, start: int = 0) -> Iterator[Sample]:
-        """Decoded samples; each carries the count of bad samples skipped just before it.
+    def _decode(self, item: dict[str, Any] | Unusable, skips: SkipLog) -> Sample | None:
+        """The decoded sample, or None (warned about and noted in ``skips``) when it cannot be used."""
+        if isinstance(item, Unusable):
+            skips.skip(item.kind, str(item))
+            return None
+        try:
+            item = {k: v.read() if isinstance(v, _LazyBytes) else v for k, v in item.items()}
+            sample = decode_sample(item, self.frames, self.limits.record)
+        except Exception as err:  # whatever one sample does, it costs that sample only
+            message = str(err)[:500]  # RecordError and MediaError name the sample themselves
+            if not isinstance(err, (RecordError, MediaError)):
+                message = f"{item.get('__url__', '?')}:{item.get('__key__', '?')}: {type(err).__name__}: {message}"
+            skips.skip(type(err).__name__, message)
+            return None
+        sample.benchmark = item.get("__benchmark__", "")
+        return sample
 
-        One sample is held back so that bad samples after the last good one are counted on it.
-        A training stream that meets MAX_CONSECUTIVE_SKIPS bad samples in a row stops with an error
-        (resampled shards never run out, so shards without a usable sample would loop forever).
+    def _outcomes(self, slot: int, slots: int, start: int = 0) -> Iterator[Sample | None]:
+        """Each raw item of this slot from position ``start`` on: its Sample, or None when it was skipped.
+
+        A training stream that meets ``max_unusable_in_a_row`` unusable items in a row stops with
+        an error (resampled shards never run out, so shards without a usable sample would loop forever).
         """
-        skipped, held = 0, None
-        raws = self._raw_samples(slot, slots)
-        for position, raw in enumerate(itertools.islice(raws, start, None), start=start + 1):
-            try:
-                sample = decode_sample(raw, self.frames)
-            except (RecordError, MediaError, OSError) as err:
-                skipped += 1
-                log.warning("skipping sample: %s", err)
-                if self.train and skipped >= MAX_CONSECUTIVE_SKIPS:
-                    raise RuntimeError(
-                        f"{skipped} training samples in a row could not be used (last: {err}); "
-                        "check data.train_shards (tools/make_shards.py validates records and media)"
-                    ) from err
-                continue
-            sample.skipped, skipped = skipped, 0
-            sample.position = position
-            sample.benchmark = raw.get("__benchmark__", "")
-            if held is not None:
-                yield held
-            held = sample
-        if held is not None:
-            held.skipped += skipped
-            yield held
+        what = f"{'training' if self.train else 'evaluation'} data (worker slot {slot} of {slots})"
+        skips = SkipLog(log, what)
+        limit = self.limits.max_unusable_in_a_row if self.train else 0
+        in_a_row = 0
+        try:
+            for position, item in enumerate(itertools.islice(self._raw_samples(slot, slots), start, None), start=start + 1):
+                sample = self._decode(item, skips)
+                if sample is None:
+                    in_a_row += 1
+                    if limit and in_a_row >= limit:
+                        raise RuntimeError(
+                            f"{in_a_row} training items in a row could not be used ({dict(skips.kinds)}; last: "
+                            f"{skips.last}); check data.train_shards (tools/make_shards.py validates records and "
+                            "media) or raise data.max_unusable_in_a_row"
+                        )
+                    yield None
+                    continue
+                in_a_row = 0
+                sample.position = position
+                yield sample
+        finally:
+            skips.close()
 
     def __iter__(self) -> Iterator[list[Sample]]:
         rank, world = _rank_and_world()
@@ -194,15 +236,42 @@ class ShardStream(IterableDataset):
         slot, slots = rank * nworkers + wid, world * nworkers
         start = self.resume_raw[wid] if wid < len(self.resume_raw) else 0
         emitted = len(range(wid, self.resume_trained, nworkers))
+        if self.batches_per_worker is not None and emitted >= self.batches_per_worker:
+            return
+        # Skips are counted on the batch being assembled when they were read (on its first sample).
+        # An evaluation batch is held until the next good sample or the end of the stream, so the
+        # skips after the last sample are counted too.
         batch: list[Sample] = []
-        for sample in self._decoded(slot, slots, start):
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield batch
-                batch, emitted = [], emitted + 1
-                if self.batches_per_worker is not None and emitted >= self.batches_per_worker:
-                    break
-        if batch and not self.train:
+        skipped = 0
+        ready: list[Sample] | None = None
+        for outcome in self._outcomes(slot, slots, start):
+            if outcome is None:
+                skipped += 1
+                continue
+            if ready is not None:
+                yield ready
+                ready = None
+            batch.append(outcome)
+            if len(batch) < self.batch_size:
+                continue
+            batch[0].skipped, skipped = skipped, 0
+            if not self.train:
+                ready, batch = batch, []
+                continue
+            yield batch
+            batch, emitted = [], emitted + 1
+            if self.batches_per_worker is not None and emitted >= self.batches_per_worker:
+                return
+        if self.train:
+            return
+        last = batch or ready
+        if last:
+            last[0].skipped += skipped
+        elif skipped:
+            log.warning("evaluation worker slot %d of %d: %d item(s) skipped and no usable sample", slot, slots, skipped)
+        if ready is not None:
+            yield ready
+        if batch:
             yield batch
 
 
@@ -210,26 +279,50 @@ def _is_records_file(location: str) -> bool:
     return location.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz"))
 
 
-def _record_file_samples(path: str, media_root: str, benchmark: str, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+def _record_file_samples(path: str, media_root: str, benchmark: str, max_media_bytes: int) -> Iterator[dict[str, Any] | Unusable]:
     """Raw samples (webdataset layout) from a Video-R1 style records file + media folder.
 
-    Only this worker's records (index % slots == slot) have their media read from disk.
+    Media are read lazily: the bytes of a record are read only when the stream reaches it (the
+    caller slices the stream per worker before decoding, and a record of another worker is never
+    read past its JSON). A records file that cannot be read at all is an error naming it.
     """
     from p2r.data.shards import load_raw_records
 
-    for i, raw in enumerate(load_raw_records(Path(path))):
-        if i % slots != slot:
+    try:
+        records = load_raw_records(Path(path))
+    except Exception as err:
+        raise ValueError(f"data.test_sets.{benchmark}: cannot read records file {path} ({type(err).__name__}: {str(err)[:300]})") from err
+    for i, raw in enumerate(records):
+        where = f"{path}[{i}]"
+        try:
+            key = str(raw.get("id", raw.get("problem_id", i))) if isinstance(raw, dict) else str(i)
+            sample: dict[str, Any] = {"__key__": key, "__url__": where, "__benchmark__": benchmark}
+            if isinstance(raw, dict):
+                raw = {**raw, "id": key}
+                media = Path(media_root) / str(raw.get("path", ""))
+                ext = media.suffix.lower().lstrip(".")
+                if media.is_file() and ext in VIDEO_EXTS + IMAGE_EXTS:
+                    size = media.stat().st_size
+                    if size > max_media_bytes:
+                        yield Unusable(where, "media over its size cap", f"{media}: {size:,} bytes, max_media_bytes={max_media_bytes:,}")
+                        continue
+                    sample[ext] = _LazyBytes(media)
+            sample[RECORD_EXT] = json.dumps(raw).encode()
+        except Exception as err:  # a record that cannot even be written back as JSON
+            yield Unusable(where, "record cannot be read", f"{type(err).__name__}: {str(err)[:300]}")
             continue
-        sample = {"__key__": str(raw.get("id", raw.get("problem_id", i))) if isinstance(raw, dict) else str(i),
-                  "__url__": f"{path}[{i}]", "__benchmark__": benchmark}
-        if isinstance(raw, dict):
-            raw = {**raw, "id": sample["__key__"]}
-            media = Path(media_root) / str(raw.get("path", ""))
-            ext = media.suffix.lower().lstrip(".")
-            if media.is_file() and ext in VIDEO_EXTS + IMAGE_EXTS:
-                sample[ext] = media.read_bytes()
-        sample["json"] = json.dumps(raw).encode()
         yield sample
+
+
+class _LazyBytes:
+    """A media file's bytes, read when its sample is decoded (only by the worker that decodes it;
+    a file that cannot be read then costs that sample only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
 
 
 class EvalStream(ShardStream):
@@ -240,23 +333,23 @@ class EvalStream(ShardStream):
     Each sample is tagged with its benchmark name.
     """
 
-    def __init__(self, sets: dict[str, list[str]], media_root: str, frames: FrameSampling, batch_size: int) -> None:
-        super().__init__([u for urls in sets.values() for u in urls], frames, batch_size, train=False)
+    def __init__(self, sets: dict[str, list[str]], media_root: str, frames: FrameSampling, batch_size: int,
+                 limits: StreamLimits | None = None) -> None:
+        super().__init__([u for urls in sets.values() for u in urls], frames, batch_size, train=False, limits=limits)
         self.sets = sets
         self.media_root = media_root
 
-    def _raw_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
-        index = 0
+    def _set_items(self) -> Iterator[dict[str, Any] | Unusable]:
         for name, urls in self.sets.items():
             if len(urls) == 1 and _is_records_file(urls[0]):
-                for raw in _record_file_samples(urls[0], self.media_root, name, slot, slots):
-                    yield raw
+                yield from _record_file_samples(urls[0], self.media_root, name, self.limits.max_media_bytes)
                 continue
-            shards = ({"url": u} for u in urls)
-            for raw in wds.tarfile_to_samples(handler=_skip_and_log)(shards):
-                if index % slots == slot:
-                    yield {**raw, "__benchmark__": name}
-                index += 1
+            for url in urls:
+                for item in self._shard_items(url):
+                    yield item if isinstance(item, Unusable) else {**item, "__benchmark__": name}
+
+    def _raw_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any] | Unusable]:
+        return itertools.islice(self._set_items(), slot, None, slots)
 
 
 class VideoDataModule(L.LightningDataModule):
@@ -277,6 +370,9 @@ class VideoDataModule(L.LightningDataModule):
         seed: int = 0,
         test_sets: dict[str, str] | None = None,
         media_root: str = ".",
+        record_limits: RecordLimits | None = None,
+        max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES,
+        max_unusable_in_a_row: int = 1000,
     ) -> None:
         """
         Args:
@@ -296,8 +392,19 @@ class VideoDataModule(L.LightningDataModule):
                 synthetic: data/synthetic/shards/test-*.tar}: shards or Video-R1 eval records files.
                 Set this or test_shards, not both.
             media_root: Folder that the ``path`` of records in test_sets' JSON files is relative to.
+            record_limits: Size caps on each record, checked before it is tokenized: its JSON bytes
+                (default 1,000,000), problem plus options (8,192 characters) and any other text field
+                (16,384 characters). A record over a cap is skipped and counted.
+            max_media_bytes: Largest video or image file read into memory (default 4 GiB); larger ones
+                are skipped unread and counted.
+            max_unusable_in_a_row: Training stops with an error after this many unusable samples or
+                shards in a row (0: never; resampled shards with no usable sample would loop forever).
         """
         super().__init__()
+        _check_at_least(batch_size=batch_size, max_media_bytes=max_media_bytes, minimum=1,
+                        **{k: v for k, v in (("eval_batch_size", eval_batch_size), ("epoch_samples", epoch_samples)) if v is not None})
+        _check_at_least(num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                        max_unusable_in_a_row=max_unusable_in_a_row, minimum=0)
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.test_shards = test_shards
@@ -311,6 +418,34 @@ class VideoDataModule(L.LightningDataModule):
         self.seed = seed
         self.test_sets = test_sets
         self.media_root = media_root
+        self.limits = StreamLimits(record_limits or RecordLimits(), max_media_bytes, max_unusable_in_a_row)
+        self._train_plan: tuple[list[str], int] | None = None  # (shard URLs, samples per epoch), from setup
+        self._restored_position: dict[str, Any] | None = None  # the training stream's position in a resumed checkpoint
+
+    def setup(self, stage: str) -> None:
+        """Check the data settings of ``stage`` before the model is built: every shard pattern
+        matches, every records file exists, local training shards hold samples."""
+        if stage == "fit":
+            self._train_plan = self._plan_training()
+            trainer = getattr(self, "trainer", None)
+            if self.val_shards and (trainer is None or trainer.limit_val_batches):  # 0: fit never validates
+                self._expand(self.val_shards, "val_shards")
+        elif stage == "validate":
+            self._expand(self.val_shards, "val_shards")
+        else:
+            self._eval_sets()
+
+    def _plan_training(self) -> tuple[list[str], int]:
+        urls = self._expand(self.train_shards, "train_shards")
+        total = self.epoch_samples or count_samples(urls)
+        if total is None:
+            raise ValueError("data.epoch_samples must be set when training shards are not local files")
+        if total == 0:
+            raise ValueError(
+                f"data.train_shards: the {len(urls)} shard(s) matching {self.train_shards!r} hold no sample "
+                "(no KEY.json member in a readable tar); see tools/make_shards.py"
+            )
+        return urls, total
 
     @staticmethod
     def _expand(pattern: str | None, what: str) -> list[str]:
@@ -335,26 +470,42 @@ class VideoDataModule(L.LightningDataModule):
                 urls.extend(matches)
         return urls
 
+    def _trainer_epoch(self) -> int | None:
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else None
+
     def _world(self) -> int:
         trainer = getattr(self, "trainer", None)
         return trainer.world_size if trainer is not None else _rank_and_world()[1]
 
     def train_dataloader(self) -> DataLoader:
-        urls = self._expand(self.train_shards, "train_shards")
-        total = self.epoch_samples or count_samples(urls)
-        if total is None:
-            raise ValueError("data.epoch_samples must be set when training shards are not local files")
+        urls, total = self._train_plan or self._plan_training()
         workers = max(1, self.num_workers)
         per_worker = max(1, math.ceil(total / (self._world() * workers * self.batch_size)))
         stream = SizedShardStream(
             urls, self.train_frames, self.batch_size, train=True, batches_per_worker=per_worker,
-            shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed, limits=self.limits,
         )
         stream.length = per_worker * workers
         self._train_loader = ResumableLoader(
-            stream, num_workers=self.num_workers, prefetch_factor=2 if self.num_workers > 0 else None
+            stream, trainer_epoch=self._trainer_epoch, num_workers=self.num_workers,
+            prefetch_factor=2 if self.num_workers > 0 else None,
         )
+        if self._restored_position is not None:  # restored before the loader existed
+            self._train_loader.restore(self._restored_position)
         return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """What checkpoints keep of the data module: the training stream's position (see ResumableLoader)."""
+        loader = getattr(self, "_train_loader", None)
+        position = loader.position() if loader is not None else self._restored_position
+        return {"train_position": position} if position is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_position = state_dict.get("train_position")
+        loader = getattr(self, "_train_loader", None)
+        if loader is not None and self._restored_position is not None:
+            loader.restore(self._restored_position)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Called for the batch the model is about to use (not for the one Lightning prefetched).
@@ -362,18 +513,24 @@ class VideoDataModule(L.LightningDataModule):
             self._train_loader.trained_on(batch)
         return batch
 
-    def _eval_loader(self, pattern: str | None, what: str) -> DataLoader:
-        if what == "test_shards" and self.test_sets and self.test_shards:
+    def _eval_sets(self) -> dict[str, list[str]]:
+        """The test/predict sets: name -> shard URLs, or a one-element list holding a records file."""
+        if self.test_sets and self.test_shards:
             raise ValueError(
                 "data.test_sets and data.test_shards are both set: use one (test_sets names each set; "
                 f"e.g. --data.test_sets='{{\"mine\": \"{self.test_shards}\"}}')"
             )
-        if what == "test_shards" and self.test_sets:
-            sets = {name: ([loc] if _is_records_file(loc) else self._expand(loc, f"test_sets.{name}"))
-                    for name, loc in self.test_sets.items()}
-        else:
-            sets = {what.removesuffix("_shards"): self._expand(pattern, what)}
-        return self._plain_loader(EvalStream(sets, self.media_root, self.eval_frames, self.eval_batch_size))
+        if not self.test_sets:
+            return {"test": self._expand(self.test_shards, "test_shards")}
+        sets = {}
+        for name, loc in self.test_sets.items():
+            if _is_records_file(loc) and "://" not in loc and not Path(loc).is_file():
+                raise FileNotFoundError(f"data.test_sets.{name}: no records file at {loc!r}")
+            sets[name] = [loc] if _is_records_file(loc) else self._expand(loc, f"test_sets.{name}")
+        return sets
+
+    def _eval_loader(self, sets: dict[str, list[str]]) -> DataLoader:
+        return self._plain_loader(EvalStream(sets, self.media_root, self.eval_frames, self.eval_batch_size, self.limits))
 
     def _plain_loader(self, stream: ShardStream) -> DataLoader:
         return DataLoader(
@@ -386,13 +543,13 @@ class VideoDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_shards:
             return []  # no validation set configured: fit runs without a validation loop
-        return self._eval_loader(self.val_shards, "val_shards")
+        return self._eval_loader({"val": self._expand(self.val_shards, "val_shards")})
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_shards, "test_shards")
+        return self._eval_loader(self._eval_sets())
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_shards, "test_shards")
+        return self._eval_loader(self._eval_sets())
 
 
 class SizedShardStream(ShardStream):
@@ -415,8 +572,10 @@ class TrainBatch(list):
 class ResumableLoader(DataLoader):
     """The training DataLoader, with its place in the stream saved in checkpoints.
 
-    Lightning stores ``state_dict()`` in every checkpoint and hands it to ``load_state_dict`` on
-    ``--ckpt_path`` resume. The state says which epoch it is (the shard order and shuffle derive
+    The datamodule stores :meth:`position` in every checkpoint and hands it back to :meth:`restore`
+    on ``--ckpt_path`` resume (Lightning's own loader-state mechanism is not used: it loads nothing
+    when the schedule asked for ``estimated_stepping_batches`` before the checkpoint was restored,
+    which every ``max_epochs`` run does). The state says which epoch it is (the shard order and shuffle derive
     from the seed and the epoch) and, per worker, how many batches and raw samples it had
     delivered up to the last batch the model TRAINED on (Lightning prefetches one batch ahead,
     so the datamodule reports each batch as it goes to the model: :meth:`trained_on`). A resumed
@@ -424,10 +583,19 @@ class ResumableLoader(DataLoader):
     the original order. Every rank is at the same batch; the raw positions of all ranks are
     gathered into the (rank 0) checkpoint. Resuming with another number of ranks or workers
     restarts the epoch's stream (with a warning): the model, optimizer and step still resume.
+
+    An epoch is exactly ``len(self)`` batches: it ends when the model has trained on the last of
+    them (Lightning stops iterating at the loader's length and never runs the iterator out), or
+    when a plain loop runs the iterator out, whichever comes first; the next ``iter`` starts the
+    next epoch. ``trainer_epoch`` (the trainer's current epoch, when there is a trainer) is obeyed
+    when it is ahead: Lightning does not hand the loader its saved state when it resumes from a
+    checkpoint taken at the last batch of an epoch, and a loader still at that epoch would replay
+    it; ``limit_train_batches`` epochs likewise each start their own epoch's order.
     """
 
-    def __init__(self, stream: SizedShardStream, **kwargs: Any) -> None:
+    def __init__(self, stream: SizedShardStream, trainer_epoch: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
         super().__init__(stream, batch_size=None, **kwargs)
+        self.trainer_epoch = trainer_epoch
         self.epoch = 0
         self.trained = 0  # batches of this epoch the model has trained on
         self.raw: list[int] = [0] * self._workers  # per worker: raw position after its last trained batch
@@ -436,25 +604,39 @@ class ResumableLoader(DataLoader):
     def _workers(self) -> int:
         return max(1, self.num_workers)
 
+    def _next_epoch(self) -> None:
+        self.epoch, self.trained, self.raw = self.epoch + 1, 0, [0] * self._workers
+
     def __iter__(self) -> Iterator[TrainBatch]:
+        # Runs at the first next(), when the trainer's epoch is the one that consumes these batches.
+        ahead = self.trainer_epoch() if self.trainer_epoch is not None else None
+        if ahead is not None and ahead > self.epoch:
+            self.epoch, self.trained, self.raw = ahead, 0, [0] * self._workers
+        if self.trained >= len(self):  # a state saved as the epoch ended, before the epoch was advanced
+            self._next_epoch()
+        epoch = self.epoch
         stream: ShardStream = self.dataset
-        stream.epoch = self.epoch
+        stream.epoch = epoch
         start = stream.resume_trained = self.trained
         stream.resume_raw = list(self.raw)
         for i, batch in enumerate(super().__iter__()):
             out = TrainBatch(batch)
-            out.epoch, out.index, out.position = self.epoch, start + i, batch[-1].position
+            out.epoch, out.index, out.position = epoch, start + i, batch[-1].position
             yield out
-        self.epoch, self.trained, self.raw = self.epoch + 1, 0, [0] * self._workers
+        if self.epoch == epoch:  # ran out without the model taking the last batch (a plain loop)
+            self._next_epoch()
 
     def trained_on(self, batch: TrainBatch) -> None:
         """Record that the model took ``batch`` (called by the datamodule, batch by batch)."""
         if batch.epoch != self.epoch:
-            return  # the epoch's last batch: the prefetch already ran the stream out and moved on
+            return  # a batch of an epoch that has already ended
         self.trained = batch.index + 1
         self.raw[batch.index % self._workers] = batch.position
+        if self.trained >= len(self):
+            self._next_epoch()
 
-    def state_dict(self) -> dict[str, Any]:
+    def position(self) -> dict[str, Any]:
+        """Where the stream is (a collective under DDP: every rank must call it)."""
         state = {"epoch": self.epoch, "trained": self.trained, "workers": self._workers, "raw": [list(self.raw)]}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
@@ -462,7 +644,8 @@ class ResumableLoader(DataLoader):
             state["raw"] = gathered
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`position` (before the next ``iter``)."""
         rank, world = _rank_and_world()
         self.epoch, self.trained = int(state["epoch"]), int(state["trained"])
         if state["workers"] != self._workers or len(state["raw"]) != world:

@@ -215,8 +215,10 @@ def test_the_fsdp2_config_trains_resumes_exports_and_feeds_the_next_stage(setup,
     assert not leftovers  # written aside, swapped in, nothing left over
     meta = torch.load(last / "meta.pt", weights_only=True)
     assert meta["global_step"] == 3
-    (position,) = meta["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    assert position["trained"] == 3 and len(position["raw"]) == 2  # both ranks' stream positions
+    position = meta["VideoDataModule"]["train_position"]  # the datamodule carries the stream position
+    # 3 steps are the whole first epoch (3 batches per rank): the position is the start of epoch 1.
+    assert (position["epoch"], position["trained"]) == (1, 0) and len(position["raw"]) == 2  # both ranks' positions
+    assert meta["loops"]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"]
 
     configs = [REPO / "configs/sft.yaml", REPO / "configs/tiny.yaml"]
     sizes = dict(hidden_size=32, num_layers=2, vision_hidden_size=32)

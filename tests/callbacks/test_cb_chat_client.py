@@ -121,3 +121,67 @@ def test_no_header_when_env_unset(serve, monkeypatch):
     assert reply.text == "hi" and reply.finish_reason == "stop"
     assert "Authorization" not in server.requests[0]["headers"]
     assert server.requests[0]["headers"]["Content-Type"] == "application/json"
+
+
+def test_a_trickling_body_is_cut_at_the_deadline(serve, trickle):
+    # 200 bytes at one byte every 0.2 s would take 40 s per attempt; the deadline is 0.8 s per attempt.
+    server = serve([(200, trickle(ok("yes " * 40), every_s=0.2), 0.0)])
+    retries = []
+    start = time.monotonic()
+    reply = client_for(server, timeout_s=0.8, max_retries=1).complete(BODY, on_retry=lambda *args: retries.append(args))
+    elapsed = time.monotonic() - start
+    assert elapsed < 2 * 0.8 + 0.01 + 1.0, elapsed  # two bounded attempts and one backoff, with slack for a busy machine
+    assert reply.text is None and "timed out" in reply.error and "timeout_s=0.8" in reply.error
+    assert len(server.requests) == 2 and len(retries) == 2  # on_retry hears of every failed attempt
+
+
+def test_trickling_status_and_headers_are_cut_at_the_deadline(serve, trickle):
+    raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    server = serve([(200, trickle(raw, every_s=0.2, raw=True), 0.0)])
+    start = time.monotonic()
+    reply = client_for(server, timeout_s=0.6, max_retries=0).complete(BODY)
+    assert time.monotonic() - start < 0.6 + 1.0
+    assert reply.text is None and "timed out" in reply.error
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_reply_body_over_the_cap_fails_without_a_retry(serve, trickle, declared):
+    body = ok("yes " * 300_000)  # 1.2 MB of "yes"
+    if declared:
+        payload = body
+    else:  # no Content-Length: the body ends when the server closes, and is counted while it is read
+        payload = trickle(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + body, every_s=0, raw=True, piece=65536)
+    server = serve([(200, payload, 0.0)])
+    reply = client_for(server, max_response_bytes=1_000_000).complete(BODY)
+    assert reply.text is None and "over max_response_bytes=1,000,000" in reply.error
+    assert len(server.requests) == 1
+    assert client_for(server, max_response_bytes=2_000_000).complete(BODY).text.startswith("yes yes")
+
+
+@pytest.mark.parametrize(("status", "body"), [(500, "error"), (400, "error"), (200, "not json")])
+def test_the_key_is_redacted_before_a_server_text_is_cut(serve, monkeypatch, status, body):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    straddling = ("x" * 190 + SECRET + " trailing words").encode()  # the 200-character cut falls inside the key
+    server = serve([(status, straddling, 0.0)])
+    retries = []
+    reply = client_for(server, max_retries=1).complete(BODY, on_retry=lambda *args: retries.append(args))
+    messages = [reply.error, *(error for _, _, error in retries)]
+    assert all("x" * 190 + "***" in m for m in messages), messages
+    assert not any(SECRET[:6] in m for m in messages)
+
+
+def test_the_environment_proxy_is_used_as_urllib_would(monkeypatch):
+    from callbacks.chat_client import _Deadline
+
+    for name in ("https_proxy", "http_proxy", "no_proxy", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("no_proxy", "internal.example")
+    tunnel, target = ChatCompletionsClient("https://api.example/v1", KEY_ENV)._connection(_Deadline(1.0))
+    assert (tunnel.host, tunnel.port, tunnel._tunnel_host, tunnel._tunnel_port) == ("proxy.example", 3128, "api.example", 443)
+    assert target == "/v1/chat/completions"  # TLS to the server through a CONNECT tunnel
+    plain, target = ChatCompletionsClient("http://judge.example:8000/v1", KEY_ENV)._connection(_Deadline(1.0))
+    assert (plain.host, plain.port, target) == ("proxy.example", 3128, "http://judge.example:8000/v1/chat/completions")
+    direct, target = ChatCompletionsClient("http://internal.example:8000/v1", KEY_ENV)._connection(_Deadline(1.0))
+    assert (direct.host, direct.port, target) == ("internal.example", 8000, "/v1/chat/completions")

@@ -8,7 +8,7 @@ import math
 import socket
 import threading
 import time
-import urllib.request
+from http.client import HTTPConnection
 
 import pytest
 
@@ -31,17 +31,17 @@ def closed_port_url() -> str:
 
 @pytest.fixture
 def attempts(monkeypatch) -> list[str]:
-    """Every HTTP attempt's URL, recorded before the real urlopen runs (and is refused)."""
+    """Every HTTP attempt's server, recorded before the real connect runs (and is refused)."""
     seen: list[str] = []
     lock = threading.Lock()
-    real = urllib.request.urlopen
+    real = HTTPConnection.connect
 
-    def counting_urlopen(request, *args, **kwargs):
+    def counting_connect(self):
         with lock:
-            seen.append(request.full_url)
-        return real(request, *args, **kwargs)
+            seen.append(f"http://{self.host}:{self.port}/v1")
+        return real(self)
 
-    monkeypatch.setattr(urllib.request, "urlopen", counting_urlopen)
+    monkeypatch.setattr(HTTPConnection, "connect", counting_connect)
     return seen
 
 
@@ -56,7 +56,7 @@ def test_refused_requests_are_retried_a_bounded_number_of_times(closed_port_url,
     results = down_judge(closed_port_url).judge(requests)
     elapsed = time.monotonic() - start
     assert len(attempts) == len(requests) * (1 + MAX_RETRIES)
-    assert set(attempts) == {f"{closed_port_url}/chat/completions"}
+    assert set(attempts) == {closed_port_url}
     assert 0.9 * 3 * BACKOFF_S <= elapsed < 1.5  # the backoff was slept, and nothing waited for a timeout
     for result in results:
         assert result.score is None and "refused" in result.error.lower()

@@ -264,3 +264,24 @@ def test_hf_judge_needs_a_model():
         HFTextJudge()
     with pytest.raises(ValueError):
         HFTextJudge(model=object())
+
+
+@pytest.mark.parametrize(("status", "text"), [(200, "x" * 190 + SECRET + " is what you sent me"),  # a reply without a verdict
+                                              (503, "y" * 151 + "busy; your key: " + SECRET)])  # an error body, in its JSON
+def test_a_key_straddling_the_message_cut_never_leaks_a_prefix(serve, monkeypatch, caplog, status, text):
+    monkeypatch.setenv("P2R_JUDGE_API_KEY", SECRET)
+    server = serve([(status, text, 0.0)])
+    with caplog.at_level(logging.DEBUG, logger="callbacks"):
+        [result] = make_judge(server, max_retries=1).judge([REQ])
+    assert result.score is None and "***" in result.error
+    for message in (result.error, caplog.text):
+        assert SECRET[:6] not in message  # not even the part before a 200-character cut
+
+
+def test_a_huge_reply_is_refused_not_read(chat_server):
+    payload = json.dumps({"choices": [{"message": {"content": "yes " * 2_000_000}, "finish_reason": "stop"}]}).encode()
+    server = chat_server([(200, payload, 0.0)])  # 8 MB saying "yes"
+    start = time.monotonic()
+    [result] = make_judge(server).judge([REQ])
+    assert result.score is None and "over max_response_bytes" in result.error
+    assert len(server.requests) == 1 and time.monotonic() - start < 5

@@ -1,7 +1,8 @@
 """Corrupt data in a shard set: a truncated tar, undecodable mp4 bytes, invalid JSON and a record
 missing a required field, mixed with good samples. The evaluation stream yields exactly the good
 samples once each, the training stream yields only good samples and all of them, and the skip
-counts carried on ``Sample.skipped`` add up to the bad samples that could be read as samples."""
+counts (``Sample.skipped`` on each batch's first sample) add up to the unusable items read while
+each batch was assembled: the bad samples, and one for the damaged tail of the truncated shard."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def corrupt_set(corpus, tmp_path) -> tuple[str, dict[str, int]]:
     return str(tmp_path / "mixed-*.tar"), skipped_before
 
 
-READABLE_BAD = 4  # bad-mp4, bad-json, bad-field, bad-field-2; the cut good5 is not readable as a sample
+UNUSABLE = 5  # bad-mp4, bad-json, bad-field, bad-field-2, and the damaged tail of mixed-000001 (good5, good6)
 
 
 def data_module(monkeypatch, rank: int = 0, world: int = 1, **kwargs) -> VideoDataModule:
@@ -102,19 +103,37 @@ def test_eval_stream_yields_each_good_sample_once_and_counts_the_bad(corrupt_set
         dm = data_module(monkeypatch, rank, world, test_shards=pattern, eval_batch_size=3, num_workers=workers)
         samples += [s for batch in dm.test_dataloader() for s in batch]
     assert sorted(s.record.id for s in samples) == sorted(skipped_before)
-    assert sum(s.skipped for s in samples) == READABLE_BAD
-    if world == 1:  # one stream in shard order: each skip is carried by the next good sample
-        assert {s.record.id: s.skipped for s in samples} == skipped_before
+    assert sum(s.skipped for s in samples) == UNUSABLE
+    if world == 1:  # one stream in shard order, batches of 3: [0 1 2] after 3 bad, [3 4 7] after the cut and bad-field-2
+        batches = [samples[i : i + 3] for i in range(0, 9, 3)]
+        assert [sum(s.skipped for s in b) for b in batches] == [3, 2, 0]
 
 
-def test_training_stream_yields_every_good_sample_and_counts_the_bad(corrupt_set, monkeypatch):
+def test_training_stream_yields_every_good_sample_and_counts_the_bad(corrupt_set, corpus, monkeypatch):
     pattern, skipped_before = corrupt_set
     dm = data_module(monkeypatch, train_shards=pattern, batch_size=3, epoch_samples=36)
-    samples = [s for batch in dm.train_dataloader() for s in batch]
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    samples = [s for batch in batches for s in batch]
     assert len(samples) == 36
     assert {s.record.id for s in samples} == set(skipped_before)  # every good sample, nothing else
-    # Every shard ends on a good sample, so each sample carries exactly the bad ones just before it.
-    assert all(s.skipped == skipped_before[s.record.id] for s in samples)
+    # The same stream, read raw: each batch carries the unusable items read between its
+    # predecessor's last sample and its own last one.
+    key_of = {corpus.id(i): f"good{i}" for i in range(11)}
+    raw = loader.dataset._raw_samples(0, 1)
+    expected = []
+    for batch in batches:
+        bad, good = 0, []
+        while len(good) < len(batch):
+            item = next(raw)
+            if isinstance(item, datamodule.Unusable) or not item["__key__"].startswith("good"):
+                bad += 1
+            else:
+                good.append(item["__key__"])
+        assert good == [key_of[s.record.id] for s in batch]
+        expected.append(bad)
+    assert [sum(s.skipped for s in b) for b in batches] == expected
+    assert sum(expected) > 0
 
 
 def test_bad_samples_at_the_end_of_the_stream_are_counted(corpus, tmp_path, monkeypatch):

@@ -133,7 +133,8 @@ def test_eval_skips_malformed_samples_and_counts_them(messy_shard, monkeypatch, 
         batches = list(dm.val_dataloader())
     samples = [s for b in batches for s in b]
     assert [s.record.id for s in samples] == good_ids
-    assert [s.skipped for s in samples] == [0, 1, 3, 0]  # k1 before k2; k3, k4, k5 before k6
+    # Counted on the batch being assembled when they were read, on its first sample: k1, k3, k4, k5.
+    assert [[s.skipped for s in b] for b in batches] == [[4, 0, 0], [0]]
     image = samples[2]
     assert image.clip.is_image and image.clip.frames.shape == (1, 28, 56, 3)  # 40x60 -> budget, 2:3 ~ 1:2
     warnings = "\n".join(r.getMessage() for r in caplog.records)
@@ -147,7 +148,7 @@ def test_train_skips_malformed_samples_and_counts_them(messy_shard, monkeypatch)
     batches = list(dm.train_dataloader())
     # One shard, resampled: each batch is one pass over it, with its four bad samples counted.
     assert [[s.record.id for s in b] for b in batches] == [good_ids, good_ids]
-    assert [[s.skipped for s in b] for b in batches] == [[0, 1, 3, 0], [0, 1, 3, 0]]
+    assert [[s.skipped for s in b] for b in batches] == [[4, 0, 0, 0], [4, 0, 0, 0]]
 
 
 def all_strings(raw: dict) -> dict:
@@ -189,7 +190,7 @@ def test_records_file_with_missing_media_skips_and_counts(synthetic_root, tmp_pa
     dm = make_dm(monkeypatch, test_sets={"x": str(path)}, media_root=str(synthetic_root), eval_batch_size=8)
     [batch] = list(dm.test_dataloader())
     assert [s.record.id for s in batch] == [records[0]["id"], records[2]["id"]]
-    assert [s.skipped for s in batch] == [0, 1]
+    assert [s.skipped for s in batch] == [1, 0]
     assert {s.benchmark for s in batch} == {"x"}
 
 

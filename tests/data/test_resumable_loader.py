@@ -1,5 +1,5 @@
 """The training loader's place in the stream survives a checkpoint: a loader restored from
-``state_dict`` continues with exactly the batches an uninterrupted epoch would have given next,
+``position`` continues with exactly the batches an uninterrupted epoch would have given next,
 also with several workers and a prefetched batch that the model never trained on; each epoch
 gets a new order; a changed worker count restarts the epoch (and says so)."""
 
@@ -49,11 +49,11 @@ def test_restored_loader_continues_the_epoch_exactly(synthetic_root, monkeypatch
     it = iter(first)
     seen = train(dm, it, cut)
     next(it)  # prefetched by Lightning, never trained on: must come again after the resume
-    state = first.state_dict()
+    state = first.position()
     assert state["trained"] == cut
 
     dm2, resumed = loader(synthetic_root, workers)
-    resumed.load_state_dict(state)
+    resumed.restore(state)
     rest = [ids(b) for b in resumed]
     assert seen + rest == whole
 
@@ -64,9 +64,9 @@ def test_each_epoch_has_its_own_order_and_the_epoch_is_saved(synthetic_root, mon
     epoch0 = [ids(b) for b in dl]
     epoch1 = [ids(b) for b in dl]
     assert epoch0 != epoch1  # workers get the epoch from the main process (not their own copy)
-    assert dl.state_dict()["epoch"] == 2
+    assert dl.position()["epoch"] == 2
     dm2, again = loader(synthetic_root, 2)
-    again.load_state_dict({**dl.state_dict(), "epoch": 1, "trained": 0})
+    again.restore({**dl.position(), "epoch": 1, "trained": 0})
     assert [ids(b) for b in again] == epoch1
 
 
@@ -75,8 +75,52 @@ def test_other_worker_count_restarts_the_epoch_with_a_warning(synthetic_root, mo
     dm, dl = loader(synthetic_root, 2)
     it = iter(dl)
     train(dm, it, 2)
-    state = dl.state_dict()
+    state = dl.position()
     dm1, other = loader(synthetic_root, 0)
     with caplog.at_level(logging.WARNING):
-        other.load_state_dict(state)
+        other.restore(state)
     assert "restarts" in caplog.text and other.trained == 0 and other.epoch == 0
+
+
+@pytest.mark.parametrize("restore_first", [True, False])
+def test_the_datamodule_carries_the_position_through_a_checkpoint(synthetic_root, monkeypatch, restore_first):
+    # Lightning restores the datamodule before the loader exists (single device, DDP) or after it was
+    # made for the schedule's step count (sharded strategies): both must continue where training stopped.
+    monkeypatch.setattr(datamodule, "_rank_and_world", lambda: (0, 1))
+    dm, full = loader(synthetic_root, 2)
+    whole = [ids(b) for b in full]
+    dm, first = loader(synthetic_root, 2)
+    seen = train(dm, iter(first), 3)
+    saved = dm.state_dict()
+    dm2 = VideoDataModule(train_shards=str(synthetic_root / "shards/train-*.tar"), batch_size=2, num_workers=2,
+                          shuffle_buffer=4, train_frames=FRAMES, seed=3)
+    dm2._world = lambda: 1
+    if restore_first:
+        dm2.load_state_dict(saved)
+        resumed = dm2.train_dataloader()
+    else:
+        resumed = dm2.train_dataloader()
+        dm2.load_state_dict(saved)
+    assert seen + [ids(b) for b in resumed] == whole
+    assert VideoDataModule().state_dict() == {}  # nothing to save before training
+
+
+@pytest.mark.parametrize(("world", "workers"), [(1, 0), (1, 2), (2, 2)])
+def test_an_epoch_ends_when_its_last_batch_is_trained_on_without_running_the_iterator_out(synthetic_root, monkeypatch,
+                                                                                      world, workers):
+    """Lightning takes exactly len(loader) batches and never asks for more: the next iter must be the
+    next epoch, not a one-batch remainder of this one (the phantom epoch that cost every other epoch)."""
+    for rank in range(world):
+        monkeypatch.setattr(datamodule, "_rank_and_world", lambda: (rank, world))
+        dm, dl = loader(synthetic_root, workers)
+        dm._world = lambda: world
+        dl = dm.train_dataloader()
+        plain, reference = loader(synthetic_root, workers)
+        plain._world = lambda: world
+        reference = plain.train_dataloader()
+        expected = [[ids(b) for b in reference] for _ in range(3)]  # three plain epochs, each run out
+        for epoch in range(3):
+            it = iter(dl)
+            got = train(dm, it, len(dl))  # as Lightning does: exactly len batches, the iterator left open
+            assert got == expected[epoch]
+            assert dl.position()["epoch"] == epoch + 1 and dl.position()["trained"] == 0

@@ -1,0 +1,189 @@
+"""Reading WebDataset tar shards so that nothing in them can crash, hang or exhaust a run.
+
+A shard is a tar file whose members are grouped into samples by key: ``KEY.json`` (the record)
+and ``KEY.<ext>`` (the media), consecutive members sharing the text before the first dot of
+their file name (webdataset's convention, so any shard webdataset reads is read the same way).
+:func:`shard_items` yields, in shard order, each sample as a dict (``__key__``, ``__url__`` and
+one entry of bytes per extension) and an :class:`Unusable` for everything that cannot be used:
+
+- a shard that cannot be opened, is not a tar, or is damaged part-way (the samples before the
+  damage are kept; the rest counts once);
+- a shard with no sample in it (an empty tar, or one of directories and unknown files);
+- a sample with a member that is a link or a device instead of a regular file (links are never
+  followed), a member name used twice, or a member over its size cap (never read into memory).
+
+Only members the loader uses (``.json`` and the media extensions) are read; others are passed over
+without reading. Every shard therefore yields at least one item, which is what lets a training
+stream over resampled shards count every failure towards its stop instead of looping silently.
+:class:`SkipLog` keeps the warnings about skipped items readable when there are millions of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from webdataset.gopen import gopen
+
+from p2r.data.shards import MEDIA_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+RECORD_EXT = "json"
+_MAX_NAME = 512  # longer member names are cut in messages
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """Something in a shard that could not be used: ``kind`` is the short reason a summary counts by."""
+
+    where: str  # shard URL, and the key or member inside it
+    kind: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= _MAX_NAME else name[: _MAX_NAME - 3] + "..."
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """(key, lower-case extension) of a member name; None for a name without an extension."""
+    folder, _, base = name.rpartition("/")
+    if "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _member_problem(member: tarfile.TarInfo, sample: dict[str, Any], ext: str, cap: int) -> str | None:
+    """Why ``member`` cannot be used in ``sample`` (the short kind a summary counts by), or None."""
+    if member.issym():
+        return "symbolic link member (links are not followed)"
+    if member.islnk():
+        return "hard link member (links are not followed)"
+    if not member.isfile():
+        return "member that is not a regular file"
+    if ext in sample:
+        return "member name used twice"
+    if member.size > cap:
+        return "member over its size cap"
+    return None
+
+
+def shard_items(url: str, max_record_bytes: int, max_media_bytes: int) -> Iterator[dict[str, Any] | Unusable]:
+    """The samples of shard ``url`` and an :class:`Unusable` for each part that cannot be used (see module doc).
+
+    ``url`` is anything webdataset opens (a path, ``pipe:``, ``http(s)://``). Members over
+    ``max_record_bytes`` (``.json``) or ``max_media_bytes`` (media) make their sample unusable
+    without being read. Never raises for what is in the shard.
+    """
+    try:
+        stream = gopen(url, "rb")
+    except Exception as err:  # a missing file, a refused URL: whatever the opener raises
+        yield Unusable(url, "shard cannot be opened", f"{type(err).__name__}: {err}")
+        return
+    samples = 0
+    sample: dict[str, Any] | None = None
+    bad: Unusable | None = None  # why the current sample is unusable
+    reading = False  # inside a member's data (a failure there leaves the current sample incomplete)
+    try:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+        except Exception as err:
+            yield Unusable(url, "not a tar file", f"{type(err).__name__}: {err}")
+            return
+        try:
+            for member in tar:
+                tar.members = []  # stream mode keeps every header otherwise
+                if member.isdir():
+                    continue
+                parts = _split_name(member.name)
+                if parts is None or parts[1] not in MEDIA_EXTENSIONS + (RECORD_EXT,):
+                    continue  # not a sample member (a README, a caption file): never read
+                key, ext = parts
+                if sample is None or key != sample["__key__"]:
+                    if bad is not None or sample is not None:
+                        samples += 1
+                        yield bad or sample
+                    sample, bad = {"__key__": key, "__url__": url}, None
+                cap = max_record_bytes if ext == RECORD_EXT else max_media_bytes
+                problem = _member_problem(member, sample, ext, cap)
+                if problem is not None and bad is None:
+                    detail = repr(_short(member.name))
+                    if problem == "member over its size cap":
+                        cap_name = "max_record_bytes" if ext == RECORD_EXT else "max_media_bytes"
+                        detail += f": {member.size:,} bytes, {cap_name}={cap:,}"
+                    bad = Unusable(f"{url}:{_short(key)}", problem, detail)
+                if bad is None:
+                    reading = True
+                    sample[ext] = tar.extractfile(member).read()
+                    reading = False
+        except Exception as err:  # truncated or damaged part-way: keep what came before
+            if not reading and (bad is not None or sample is not None):
+                samples += 1
+                yield bad or sample
+            yield Unusable(url, "shard damaged part-way", f"after {samples} sample(s): {type(err).__name__}: {err}")
+            return
+        if bad is not None or sample is not None:
+            samples += 1
+            yield bad or sample
+        if samples == 0:
+            yield Unusable(url, "shard holds no samples", "no .json or media member in it")
+    finally:
+        try:
+            stream.close()
+        except Exception as err:  # a pipe: command that failed, say
+            log.debug("closing shard %s: %s", url, err)
+
+
+class SkipLog:
+    """Warnings about skipped data that stay readable however many there are.
+
+    The first ``first`` skips are logged one line each; after that one summary line (counts by
+    kind, and the latest skip) at most every ``interval_s`` seconds, and a last one at :meth:`close`.
+    A stream over shards that are all bad logs a few dozen lines, not millions.
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, first: int = 20, interval_s: float = 30.0) -> None:
+        self.logger = logger
+        self.what = what
+        self.first = first
+        self.interval_s = interval_s
+        self.total = 0
+        self.kinds: Counter[str] = Counter()
+        self.last = ""  # the latest skip's message
+        self._unreported = 0
+        self._last_summary = time.monotonic()
+
+    def skip(self, kind: str, message: str) -> None:
+        """Note one skipped item of ``kind``; ``message`` names it and says why."""
+        self.total += 1
+        self.kinds[kind] += 1
+        self.last = message
+        if self.total <= self.first:
+            self.logger.warning("%s: skipping %s%s", self.what, message,
+                                " (further skips are summarised)" if self.total == self.first else "")
+            return
+        self._unreported += 1
+        if time.monotonic() - self._last_summary >= self.interval_s:
+            self._summarise()
+
+    def _summarise(self) -> None:
+        kinds = ", ".join(f"{k}: {n:,}" for k, n in self.kinds.most_common(5))
+        self.logger.warning("%s: %d more skipped (%d in all; by kind: %s); latest: %s",
+                            self.what, self._unreported, self.total, kinds, self.last)
+        self._unreported = 0
+        self._last_summary = time.monotonic()
+
+    def close(self) -> None:
+        """Log what was skipped since the last line, if anything."""
+        if self._unreported:
+            self._summarise()
