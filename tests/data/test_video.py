@@ -333,10 +333,11 @@ def test_the_datamodule_skip_warning_names_the_shard_the_key_and_the_cause(video
     with caplog.at_level(logging.WARNING, logger="p2r.data.datamodule"):
         samples = [sample for batch in stream for sample in batch]
     assert [s.record.id for s in samples] == ["fine"] and samples[0].skipped == 3
-    skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping sample")]
+    prefix = "evaluation data (worker slot 0 of 1): "
+    skips = [r.getMessage()[len(prefix):] for r in caplog.records if r.getMessage().startswith(prefix + "skipping")]
     assert skips == [
-        f"skipping sample: {shard}:cut: cannot decode video: pyav: truncated matroska,webm: no video frames of the 2.00 s it declares",
-        f"skipping sample: {shard}:sound: cannot decode video: pyav: no video stream in the mov,mp4,m4a,3gp,3g2,mj2 "
+        f"skipping {shard}:cut: cannot decode video: pyav: truncated matroska,webm: no video frames of the 2.00 s it declares",
+        f"skipping {shard}:sound: cannot decode video: pyav: no video stream in the mov,mp4,m4a,3gp,3g2,mj2 "
         "container (streams: audio (aac))",
-        f"skipping sample: {shard}:still: cannot decode video: pyav: an image (jpeg_pipe), not a video",
+        f"skipping {shard}:still: cannot decode video: pyav: an image (jpeg_pipe), not a video",
     ]
