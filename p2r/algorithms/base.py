@@ -21,6 +21,7 @@ from callbacks.rewards.format import perception_format, reasoning_format
 from callbacks.rewards.judges import JudgeRequest, RuleBasedJudge
 from callbacks.segments import split_segments
 from p2r.algorithms.nonfinite import NonFiniteGuard, tensors_finite
+from p2r.algorithms.settings import require
 from p2r.backbones.base import VideoBackbone
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import build_prompt
@@ -60,6 +61,13 @@ class VideoLVLMModule(L.LightningModule):
             max_nonfinite_steps: A step with a NaN/inf loss or gradient is skipped and counted; this
                 many in a row stop the run with an error (0: never stop).
         """
+        require("lr", lr, lr >= 0, ">= 0")
+        require("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
+        require("warmup_ratio", warmup_ratio, 0 <= warmup_ratio <= 1, "in [0, 1]")
+        require("eval_max_new_tokens", eval_max_new_tokens, eval_max_new_tokens >= 1, ">= 1")
+        require("eval_temperature", eval_temperature, eval_temperature >= 0, ">= 0 (0: greedy)")
+        require("eval_top_p", eval_top_p, 0 < eval_top_p <= 1, "in (0, 1]")
+        require("max_nonfinite_steps", max_nonfinite_steps, max_nonfinite_steps >= 0, ">= 0 (0: never stop)")
         super().__init__()
         self.backbone = backbone
         self.lr = lr

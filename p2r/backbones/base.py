@@ -15,6 +15,7 @@ from) whose ``backbone.*`` weights are loaded after building.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -325,6 +326,16 @@ class VideoBackbone(nn.Module):
             raise RuntimeError("adapters_disabled() needs LoRA; without LoRA the reference is a frozen copy")
         with self.model.disable_adapter():
             yield
+
+    def frozen_copy(self, dtype: torch.dtype) -> nn.Module:
+        """An eval-mode copy of the model that never trains, its parameters in ``dtype`` (buffers keep
+        theirs, as a model loaded in ``dtype`` has them): PA-GRPO's reference policy.
+
+        The parameters are copied straight into ``dtype``, so a bfloat16 reference of a float32 policy
+        never holds a second float32 model in memory (7B: 15 GiB instead of 31 GiB more per process).
+        """
+        params = {id(p): nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False) for p in self.model.parameters()}
+        return copy.deepcopy(self.model, memo=params).eval()
 
     def fsdp_block_classes(self) -> set[type[nn.Module]]:
         """Module classes to shard one by one: decoder layers and vision blocks."""

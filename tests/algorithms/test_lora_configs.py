@@ -85,10 +85,10 @@ def test_pagrpo_with_the_overlay_starts_from_a_full_sft_checkpoint(full_sft, kin
     monkeypatch.chdir(work)
     sft = torch.load(work / "runs/sft/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     cli = main(["fit", "--config", f"{ROOT}/configs/pagrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml", *overlay(kind),
-                *SIZES, *data, "--trainer.max_steps=2", "--model.init_args.group_size=2",
-                "--model.init_args.max_completion_length=10", VARIED_REWARD])
+                *SIZES, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=2",
+                "--model.init_args.rollout.max_completion_length=10", VARIED_REWARD])
     module = cli.model
-    assert getattr(module, "_reference_model", None) is None  # the reference is the adapters switched off
+    assert module.reference.model is None  # the reference is the adapters switched off
     rows = list(csv.DictReader(open(next((work / "runs/pagrpo/logs").glob("version_*/metrics.csv")))))
     kl = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
     assert kl and kl[0] == pytest.approx(0.0, abs=1e-6)

@@ -11,6 +11,7 @@ import torch
 
 from callbacks.rollouts import Rollouts
 from p2r.algorithms.pagrpo import PAGRPOModule, micro_batches, micro_weight
+from p2r.algorithms.settings import LossSettings, RolloutSettings
 from p2r.backbones import TinyQwen25VL
 from p2r.cli import main
 from p2r.data.synthetic import make_synthetic
@@ -36,7 +37,8 @@ def _rollouts(perception, reasoning, group_size=2):
 
 
 def _module(mode):
-    return PAGRPOModule(TinyQwen25VL(hidden_size=32, num_layers=1, vision_hidden_size=32), mode=mode, group_size=2)
+    return PAGRPOModule(TinyQwen25VL(hidden_size=32, num_layers=1, vision_hidden_size=32), rollout=RolloutSettings(group_size=2),
+                        loss=LossSettings(mode=mode))
 
 
 def test_pa_grpo_normalises_each_process_in_its_group():
@@ -99,8 +101,8 @@ def test_rl_fit_from_the_tiny_sft_checkpoint(tiny_sft, config, monkeypatch):
     monkeypatch.chdir(work)
     sft = torch.load(work / "runs/sft/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     cli = main(["fit", "--config", f"{ROOT}/configs/{config}.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
-                *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.group_size=2",
-                "--model.init_args.max_completion_length=12", "--model.init_args.micro_batch_size=3"])
+                *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=2",
+                "--model.init_args.rollout.max_completion_length=12", "--model.init_args.micro_batch_size=3"])
     after = cli.model.state_dict()
     changed = [k for k, v in sft.items() if not torch.equal(v, after[k].cpu())]
     assert changed, "no parameter moved in 2 RL steps"
@@ -119,12 +121,12 @@ def test_reference_equals_the_starting_policy(tiny_sft, monkeypatch):
     work, data = tiny_sft
     monkeypatch.chdir(work)
     cli = main(["fit", "--config", f"{ROOT}/configs/pagrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
-                *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.group_size=2",
-                "--model.init_args.max_completion_length=8"])
+                *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.rollout.group_size=2",
+                "--model.init_args.rollout.max_completion_length=8"])
     rows = _metrics(next(iter(sorted((work / "runs/pagrpo/logs").glob("version_*/metrics.csv"))[-1:])))
     kl = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
     assert kl and kl[0] == pytest.approx(0.0, abs=1e-6)
-    ref = cli.model._reference_model
+    ref = cli.model.reference.model
     assert not any(p.requires_grad for p in ref.parameters())
     assert not any(k.startswith("_reference") for k in cli.model.state_dict())
 
@@ -136,8 +138,8 @@ def test_rl_without_reward_callbacks_fails_clearly(tiny_sft, monkeypatch, tmp_pa
     overlay.write_text("trainer:\n  callbacks: []\n")
     with pytest.raises(Exception, match="(?i)reward"):
         main(["fit", "--config", f"{ROOT}/configs/pagrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
-              "--config", str(overlay), *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.group_size=2",
-              "--model.init_args.max_completion_length=4"])
+              "--config", str(overlay), *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.rollout.group_size=2",
+              "--model.init_args.rollout.max_completion_length=4"])
 
 
 def test_shared_prompt_and_per_sample_passes_give_the_same_step(tiny_sft, monkeypatch):
@@ -150,8 +152,8 @@ def test_shared_prompt_and_per_sample_passes_give_the_same_step(tiny_sft, monkey
     logged = {}
     for shared in ("true", "false"):
         main(["fit", "--config", f"{ROOT}/configs/pagrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
-              *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.group_size=3",
-              "--model.init_args.max_completion_length=10", "--model.init_args.micro_batch_size=3",
+              *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.rollout.group_size=3",
+              "--model.init_args.rollout.max_completion_length=10", "--model.init_args.micro_batch_size=3",
               f"--model.init_args.shared_prompt={shared}"])
         rows = _metrics(sorted((work / "runs/pagrpo/logs").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)[-1])
         logged[shared] = {k: float(v) for r in rows for k, v in r.items() if v and k.startswith("train/") and k != "train/lr"}
