@@ -22,7 +22,9 @@ from callbacks.rewards.judges import JudgeRequest, RuleBasedJudge
 from callbacks.segments import split_segments
 from p2r.algorithms.nonfinite import NonFiniteGuard, tensors_finite
 from p2r.algorithms.settings import require
+from p2r.algorithms.update_check import FirstStepUpdateCheck, warn_once
 from p2r.backbones.base import VideoBackbone
+from p2r.checkpoints import BACKBONE_OPTIONS
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import build_prompt
 from p2r.strategies import is_sharded
@@ -81,6 +83,7 @@ class VideoLVLMModule(L.LightningModule):
         self.skipped_samples = 0
         self._backbone_ready = False
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.update_check: FirstStepUpdateCheck | None = None
         self._bad_loss_in_step = False
 
     def configure_model(self) -> None:
@@ -90,6 +93,10 @@ class VideoLVLMModule(L.LightningModule):
             self.on_backbone_built()
         for model in self.models_to_shard():
             self.shard(model)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A later stage's weights_from needs the adapters' options to merge them (p2r.backbones.base).
+        checkpoint[BACKBONE_OPTIONS] = self.backbone.stored_options()
 
     def on_backbone_built(self) -> None:
         """Runs once, at the first ``configure_model``: the weights exist, nothing is sharded or restored yet."""
@@ -117,7 +124,21 @@ class VideoLVLMModule(L.LightningModule):
             total = self.trainer.max_steps  # counts optimizer steps, also under manual optimization
         else:
             total = int(self.trainer.estimated_stepping_batches) * self.optimizer_steps_per_batch
-        return adamw_with_schedule(self, self.lr, self.weight_decay, self.warmup_ratio, self.schedule, total)
+        config = adamw_with_schedule(self, self.lr, self.weight_decay, self.warmup_ratio, self.schedule, total)
+        self.update_check = FirstStepUpdateCheck([p for p in self.parameters() if p.requires_grad])
+        self.update_check.attach(config["optimizer"])
+        return config
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the first optimizer step: log how many weight updates were rounded away (warn when
+        # the weights are 16-bit; p2r.algorithms.update_check).
+        check = self.update_check
+        if check is not None and check.result is not None:
+            self.log("train/update_lost_fraction", check.result.lost_fraction, batch_size=1)
+            self.log("train/update_changed_fraction", check.result.changed_fraction, batch_size=1)
+            if self.global_rank == 0:
+                warn_once(check)
+            self.update_check = None
 
     def agreed(self, flag: bool) -> bool:
         """``flag`` if it holds on every rank (a collective: every rank must call it)."""
@@ -131,6 +152,11 @@ class VideoLVLMModule(L.LightningModule):
         return finite
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self._drop_nonfinite_gradients(optimizer)
+        if self.update_check is not None:
+            self.update_check.before_step()
+
+    def _drop_nonfinite_gradients(self, optimizer: Any) -> None:
         # Automatic optimization: a step that saw a non-finite loss (in any accumulated batch) or
         # has non-finite gradients loses its gradients, so AdamW leaves every parameter alone.
         if not self.automatic_optimization:
