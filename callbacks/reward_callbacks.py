@@ -22,12 +22,13 @@ Metrics are logged with ``pl_module.log`` from inside the module's ``training_st
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import lightning as L
 
-from callbacks.rewards.accuracy import reasoning_accuracy
-from callbacks.rewards.format import perception_format, reasoning_format
+from callbacks.rewards.accuracy import ANSWER_READERS, PROBLEM_TYPES, AnswerReader, reasoning_accuracy
+from callbacks.rewards.format import perception_format, reasoning_format, think_answer_format
 from callbacks.rewards.judges import Judge, JudgeRequest, JudgeResult, RuleBasedJudge
 from callbacks.rewards.length import (
     COMPLETION_LENGTH_RANGE,
@@ -37,7 +38,7 @@ from callbacks.rewards.length import (
     completion_length_rewards,
     length_reward,
 )
-from callbacks.rewards.parsing import extract_answer, parse_option_letter
+from callbacks.rewards.parsing import parse_option_letter, solution_answer, video_r1_answer
 from callbacks.rollouts import Rollouts
 
 
@@ -144,18 +145,68 @@ def notify_rollouts_scored(trainer: L.Trainer, pl_module: L.LightningModule, rol
             hook(trainer, pl_module, rollouts)
 
 
+def solution_of(prompt: dict[str, Any]) -> str:
+    """The ground truth of a prompt as a record's ``solution`` field holds it: the prompt's
+    ``solution`` when the producer gives one (p2r does), else its ``answer`` (bare, or tagged) put
+    inside ``<answer>`` tags."""
+    if "solution" in prompt:
+        return str(prompt["solution"])
+    return f"<answer>{solution_answer(str(prompt.get('answer', '')))}</answer>"
+
+
 class ReasoningAccuracyReward(RewardCallback):
-    """Racc_R: the ``<answer>`` text scored by the prompt's problem type, in [0, 1]."""
+    """Racc_R in [0, 1], by the prompt's problem type (``callbacks.rewards.accuracy``).
+
+    By default exactly Video-R1's ``accuracy_reward``: only the first complete ``<answer>`` block of
+    the completion counts (none: 0), multiple choice is exact string equality with the ground-truth
+    letter, numerical needs the same use of "." / "," as the ground truth and equality at 2 decimals,
+    OCR is 1 - WER, free-form the mean ROUGE-1/2/L F1 of ``rouge_score`` with stemming, regression
+    1 - relative error. ``answer_reader="lenient"`` reads the answer tolerantly instead (see
+    ``callbacks.rewards.accuracy``): it also scores text outside a finished answer block.
+
+    The ground truth is the prompt's ``solution`` (read as Video-R1 reads it) or else its bare
+    ``answer`` (see :func:`solution_of`). A ``solution`` with no complete ``<answer>`` block reads as
+    the empty answer under Video-R1's rule; the callback warns once when it meets one.
+    """
 
     name = "reasoning/accuracy"
     process = "reasoning"
 
+    def __init__(self, answer_reader: AnswerReader = "video_r1") -> None:
+        """
+        Args:
+            answer_reader: "video_r1" (Video-R1's accuracy_reward exactly) or "lenient" (also reads an
+                unclosed answer, the whole completion without tags, option letters in phrases, numbers in text).
+        """
+        if answer_reader not in ANSWER_READERS:
+            raise ValueError(f"{type(self).__name__}: answer_reader must be one of {ANSWER_READERS}, got {answer_reader!r}")
+        self.answer_reader = answer_reader
+        self._warned_untagged = False
+
     def score(self, rollouts: Rollouts) -> list[float]:
-        values = []
-        for i, completion in enumerate(rollouts.completions):
-            prompt = rollouts.prompt_of(i)
-            values.append(reasoning_accuracy(completion, prompt["answer"], prompt["problem_type"], prompt.get("options")))
-        return values
+        return [self.accuracy(rollouts.prompt_of(i), c) for i, c in enumerate(rollouts.completions)]
+
+    def accuracy(self, prompt: dict[str, Any], completion: str) -> float:
+        """Racc_R of one completion of ``prompt`` (the temporal bonus scores shuffled-frame answers with it)."""
+        if prompt.get("problem_type") not in PROBLEM_TYPES:
+            raise ValueError(f"{type(self).__name__}: prompt {prompt.get('id')!r} has problem_type "
+                             f"{prompt.get('problem_type')!r}, expected one of {PROBLEM_TYPES}")
+        solution = solution_of(prompt)
+        self._warn_untagged(prompt, solution)
+        return reasoning_accuracy(completion, solution, prompt["problem_type"], prompt.get("options"), self.answer_reader)
+
+    def _warn_untagged(self, prompt: dict[str, Any], solution: str) -> None:
+        # The two readings differ only for a non-blank solution without a complete answer block.
+        untagged = video_r1_answer(solution) != solution_answer(solution)
+        if self.answer_reader != "video_r1" or self._warned_untagged or not untagged:
+            return
+        self._warned_untagged = True
+        warnings.warn(
+            f"{type(self).__name__}: the solution of prompt {prompt.get('id')!r} ({solution[:60]!r}) has no complete "
+            "<answer>...</answer> block; Video-R1's rule reads its ground truth as '' (only an empty answer can "
+            "score). Store solutions as <answer>X</answer>, or pass the bare answer without a solution.",
+            stacklevel=2,
+        )
 
 
 class PerceptionFormatReward(RewardCallback):
@@ -176,6 +227,20 @@ class ReasoningFormatReward(RewardCallback):
 
     def score(self, rollouts: Rollouts) -> list[float]:
         return [reasoning_format(c) for c in rollouts.completions]
+
+
+class ThinkAnswerFormatReward(RewardCallback):
+    """Video-R1's ``format_reward`` for its think/answer template (the GRPO / T-GRPO baselines): 1 when
+    the whole completion is ``<think>...</think>``, optional whitespace, ``<answer>...</answer>``
+    (``callbacks.rewards.format.think_answer_format``). It judges the think/answer trace, so it feeds
+    the reasoning process, like :class:`ReasoningFormatReward`; plain GRPO sums every process anyway.
+    """
+
+    name = "reasoning/think_answer_format"
+    process = "reasoning"
+
+    def score(self, rollouts: Rollouts) -> list[float]:
+        return [think_answer_format(c) for c in rollouts.completions]
 
 
 class _LengthReward(RewardCallback):
@@ -268,7 +333,7 @@ class CompletionLengthReward(RewardCallback):
 def judge_answer_text(prompt: dict[str, Any]) -> str:
     """The correct answer as the judge reads it: for multiple choice the letter AND the option text
     ("B. a red circle"), since a bare letter means nothing without the options; else the answer."""
-    answer = extract_answer(str(prompt.get("answer", "")))
+    answer = solution_answer(str(prompt.get("answer", "")))
     options = prompt.get("options") or []
     if prompt.get("problem_type") != "multiple choice" or not options:
         return answer
@@ -377,13 +442,18 @@ class TemporalBonusReward(RewardCallback):
     depends_on = ("reasoning/accuracy",)
     needs_shuffled_frames = True
 
-    def __init__(self, bonus: float = 0.3, ratio: float = 0.8, correct_threshold: float = 0.1) -> None:
+    def __init__(
+        self, bonus: float = 0.3, ratio: float = 0.8, correct_threshold: float = 0.1,
+        answer_reader: AnswerReader = "video_r1",
+    ) -> None:
         """
         Args:
             bonus: reward added to each correct answer of a group that passes the temporal test.
             ratio: the group passes when its mean accuracy >= ratio x the shuffled-frame group's.
             correct_threshold: accuracy above which an answer counts as correct.
+            answer_reader: how shuffled-frame answers are read; set it as on ReasoningAccuracyReward.
         """
+        self._shuffled_accuracy = ReasoningAccuracyReward(answer_reader)
         self.bonus = bonus
         self.ratio = ratio
         self.correct_threshold = correct_threshold
@@ -406,10 +476,7 @@ class TemporalBonusReward(RewardCallback):
                 continue
             prompt = rollouts.prompts[b]
             ordered = accuracy[b * g : (b + 1) * g]
-            shuffled = [
-                reasoning_accuracy(c, prompt["answer"], prompt["problem_type"], prompt.get("options"))
-                for c in rollouts.shuffled_completions[b * k : (b + 1) * k]
-            ]
+            shuffled = [self._shuffled_accuracy.accuracy(prompt, c) for c in rollouts.shuffled_completions[b * k : (b + 1) * k]]
             ok = sum(ordered) / g >= self.ratio * sum(shuffled) / k
             passed.append(ok)
             if ok:

@@ -20,7 +20,7 @@ from typing import Any
 
 import lightning as L
 
-from callbacks.rewards.parsing import extract_answer, extract_tag
+from callbacks.rewards.parsing import extract_tag, video_r1_answer
 from callbacks.rollouts import Rollouts
 
 _STYLE = (
@@ -50,7 +50,7 @@ def rollout_rows(rollouts: Rollouts, max_samples: int, step: int) -> list[dict[s
             "problem_type": prompt.get("problem_type", ""),
             "observation": rollouts.observation(i),
             "think": extract_tag(completion, "think") or "",
-            "model_answer": extract_answer(completion),
+            "model_answer": video_r1_answer(completion),  # what the default reasoning reward reads
             "truncated": bool(rollouts.truncated[i]) if rollouts.truncated is not None else None,
             "rewards": {name: _finite(values[i]) for name, values in rollouts.rewards.items()},
             "perception_total": _finite(totals["perception"][i]),

@@ -29,9 +29,11 @@ class Rollouts:
 
     Per prompt (``prompts``, length B) a dict with ``id``, ``question`` (with the options as shown
     to the model), ``options`` (list of str, empty unless multiple choice), ``answer`` (ground-truth
-    text), ``problem_type`` (one of :data:`PROBLEM_TYPES`) and ``facts`` (dict or None;
-    ``facts["evidence"]`` is a list of groups of phrases for the rule-based judge). An optional
-    ``data_type`` ("video" or "image") lets the temporal bonus skip images.
+    answer text, e.g. "B"), ``problem_type`` (one of :data:`PROBLEM_TYPES`) and ``facts`` (dict or
+    None; ``facts["evidence"]`` is a list of groups of phrases for the rule-based judge). An optional
+    ``solution`` (the record's ``solution`` field as stored, ``<answer>B</answer>``) is what the
+    reasoning accuracy reads, as Video-R1 does, when present. An optional ``data_type`` ("video" or
+    "image") lets the temporal bonus skip images.
 
     Per sample (length B*G): ``completions`` (decoded WITHOUT special tokens),
     ``completion_ids`` (generated ids incl. EOS when generated, no padding), ``truncated`` (hit

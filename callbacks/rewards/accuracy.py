@@ -1,56 +1,101 @@
-"""Reasoning accuracy Racc_R by problem type (METHOD.md, "PA-GRPO"), each in [0, 1].
+"""Reasoning accuracy Racc_R by problem type (METHOD.md, "PA-GRPO"), in [0, 1].
 
-All scores read the text inside the model's ``<answer>`` (see ``parsing.extract_answer``); the
-ground truth may be given bare or as ``<answer>...</answer>`` (the records' ``solution``).
-Choices where METHOD.md is silent:
+Two answer readers, picked by :data:`AnswerReader`:
 
-- numerical: both sides are rounded to 2 decimals with Python's ``round`` and compared, as
-  Video-R1 does; an unreadable number on either side scores 0;
-- OCR: words are whitespace-separated and case-sensitive (OCR asks for the exact text); an empty
-  reference scores 1 only against an empty prediction;
-- free-form: tokens are the lower-cased ``\\w+`` words; a ROUGE order that neither side can form
-  (ROUGE-2 of one-word texts) is left out of the mean instead of counting as 0, so an exact
-  one-word answer scores 1 (Video-R1's rouge_score gives it 2/3);
-- regression: when the ground truth is 0 the relative error is undefined; the absolute error is
-  used instead, 1 - min(1, |pred|), so the score stays smooth around 0.
+``"video_r1"`` (the default) gives exactly the values of Video-R1's ``accuracy_reward``
+(tulerfeng/Video-R1, ``src/r1-v/src/open_r1/grpo.py``), its edge cases included:
+
+- the answer is :func:`~callbacks.rewards.parsing.video_r1_answer` of the completion (first
+  complete lower-case ``<answer>`` block, stripped; ``""`` without one), and the ground truth is the
+  same reading of the ``solution``: a solution without a complete block reads as ``""``, so against
+  it an empty answer scores 1 on multiple choice and OCR;
+- multiple choice: 1 when the two stripped strings are equal (case-sensitive: "b" and "B." score 0);
+- numerical: 0 when exactly one side contains "." or ","; else both are read by
+  :func:`video_r1_number` (commas deleted, then Python's ``float``, so "1,000" is 1000, "1e3",
+  " 7", "nan" and "inf" parse) and compared after ``round(x, 2)`` (so NaN never matches);
+- OCR: 1 - word error rate (:func:`word_error_rate`: whitespace-split words, case-sensitive,
+  edit distance over ``max(1, reference words)``), clipped to [0, 1]; an empty reference gives 1
+  only to an empty answer;
+- free-form: mean of ROUGE-1, ROUGE-2 and ROUGE-L F-measure from the ``rouge_score`` package with
+  ``use_stemmer=True`` (lower-cased ``[a-z0-9]`` tokens, Porter stems of tokens over 3 characters;
+  ROUGE-2 of a one-word text is 0, so an exact one-word answer scores 2/3, and text with no such
+  tokens, e.g. Chinese, scores 0), clipped to [0, 1];
+- regression: 1 - min(1, max(0, (|pred - gt| + 1e-9) / (|gt| + 1e-9))) on :func:`video_r1_number`
+  values, so a ground truth of 0 always scores 0 (the exact answer included), and a NaN relative
+  error (a "nan" answer, or "inf" against "inf") scores 1: ``max(0.0, nan)`` is 0.0;
+- an unparsable number, any exception, and a problem type other than the five exact strings
+  (e.g. "ocr") score 0.
+
+Video-R1 scores one call with the problem type of its first sample; a call there holds the G
+answers of one prompt (``per_device_train_batch_size 1``), so that equals scoring each sample by
+its own prompt's type, which is what we do.
+
+``"lenient"`` is p2r's tolerant reading, an explicit choice that is never the default: the answer
+is :func:`~callbacks.rewards.parsing.lenient_answer` (last block, else the text after an unclosed
+``<answer>``, else the WHOLE completion, so reasoning text outside a finished answer can score);
+multiple choice compares the option letters :func:`~callbacks.rewards.parsing.parse_option_letter`
+finds ("(b)", "The answer is B", an option's text); numerical and regression read the first
+number in the text with :func:`~callbacks.rewards.parsing.parse_number` ("about 3.5 m", "three")
+without the decimal-point rule; the metrics themselves (2-decimal equality, 1 - WER, ROUGE with
+stemming, the regression formula) are Video-R1's. Its problem type is matched case-insensitively
+and an unknown type raises ``ValueError``.
 """
 
 from __future__ import annotations
 
-import re
-from collections import Counter
+from functools import cache
+from typing import Any, Callable, Literal
 
-from callbacks.rewards.parsing import extract_answer, parse_number, parse_option_letter
+from callbacks.rewards.parsing import lenient_answer, parse_number, parse_option_letter, video_r1_answer
 
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
+AnswerReader = Literal["video_r1", "lenient"]
+ANSWER_READERS: tuple[str, ...] = ("video_r1", "lenient")
 
 
-def multiple_choice_accuracy(prediction: str, truth: str, options: list[str] | None = None) -> float:
-    """1 when the predicted option letter equals the true one, else 0.
+def video_r1_number(text: str) -> float | None:
+    """Video-R1's ``normalize_number``: every comma deleted, then Python's ``float``; ``None`` when
+    that fails.
 
-    >>> multiple_choice_accuracy("The answer is (b).", "B")
-    1.0
-    >>> multiple_choice_accuracy("red circle", "A", ["A. red circle", "B. blue square"])
-    1.0
+    >>> video_r1_number("1,000.5"), video_r1_number(" 3. "), video_r1_number("3 m")
+    (1000.5, 3.0, None)
     """
-    num_options = len(options) if options else None
-    want = parse_option_letter(truth, num_options, options)
-    got = parse_option_letter(prediction, num_options, options)
-    return 1.0 if want is not None and got == want else 0.0
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
 
 
-def numerical_accuracy(prediction: str, truth: str) -> float:
-    """1 when both numbers agree at 2 decimals, else 0.
+def _has_decimal_mark(text: str) -> bool:
+    return "." in text or "," in text
 
-    >>> numerical_accuracy("about 3.001 m", "3")
-    1.0
-    >>> numerical_accuracy("3.1", "3")
-    0.0
+
+def exact_match_accuracy(prediction: str, truth: str) -> float:
+    """Multiple choice as Video-R1 scores it: 1 when the stripped strings are equal, else 0.
+
+    >>> exact_match_accuracy(" B ", "B"), exact_match_accuracy("b", "B"), exact_match_accuracy("B.", "B")
+    (1.0, 0.0, 0.0)
     """
-    got, want = parse_number(prediction), parse_number(truth)
+    return 1.0 if prediction.strip() == truth.strip() else 0.0
+
+
+def decimal_rule_accuracy(prediction: str, truth: str) -> float:
+    """Numerical as Video-R1 scores it: 0 unless both or neither text holds "." or ","; then 1 when
+    both read as numbers (:func:`video_r1_number`) equal after rounding to 2 decimals.
+
+    >>> decimal_rule_accuracy("3.0", "3"), decimal_rule_accuracy("1000", "1,000"), decimal_rule_accuracy("3.004", "3.0")
+    (0.0, 0.0, 1.0)
+    """
+    if _has_decimal_mark(truth) != _has_decimal_mark(prediction):
+        return 0.0
+    return rounded_equality(video_r1_number(prediction), video_r1_number(truth))
+
+
+def rounded_equality(got: float | None, want: float | None) -> float:
+    """1 when both numbers exist and are equal after Python's ``round(x, 2)``, else 0."""
     if got is None or want is None:
         return 0.0
-    return 1.0 if round(got, 2) == round(want, 2) else 0.0
+    return 1.0 if round(want, 2) == round(got, 2) else 0.0
 
 
 def edit_distance(reference: list[str], hypothesis: list[str]) -> int:
@@ -65,116 +110,133 @@ def edit_distance(reference: list[str], hypothesis: list[str]) -> int:
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level edit distance divided by the number of reference words (may exceed 1).
+    """Video-R1's WER: word edit distance over ``max(1, reference words)``; words are split on
+    whitespace and case-sensitive. May exceed 1; an empty reference gives the hypothesis' word count.
 
-    >>> word_error_rate("the cat sat", "the cat sat down")
-    0.3333333333333333
+    >>> word_error_rate("the cat sat", "the cat sat down"), word_error_rate("", "two words")
+    (0.3333333333333333, 2.0)
     """
     ref, hyp = reference.split(), hypothesis.split()
-    if not ref:
-        return 0.0 if not hyp else 1.0
-    return edit_distance(ref, hyp) / len(ref)
+    return edit_distance(ref, hyp) / max(1, len(ref))
 
 
 def ocr_accuracy(prediction: str, truth: str) -> float:
     """1 - word error rate, clipped to [0, 1].
 
-    >>> ocr_accuracy("EXIT 12", "EXIT 12")
-    1.0
-    >>> ocr_accuracy("EXIT", "EXIT 12")
-    0.5
+    >>> ocr_accuracy("EXIT 12", "EXIT 12"), ocr_accuracy("EXIT", "EXIT 12"), ocr_accuracy("", "")
+    (1.0, 0.5, 1.0)
     """
-    return min(1.0, max(0.0, 1.0 - word_error_rate(truth, prediction)))
+    return max(0.0, min(1.0, 1 - word_error_rate(truth, prediction)))
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
+@cache
+def _rouge_scorer() -> Any:
+    # Imported on first use: rouge_score loads nltk, about 2 s, which no other reward needs.
+    from rouge_score import rouge_scorer
 
-
-def _f1(overlap: float, n_prediction: int, n_reference: int) -> float:
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / n_prediction, overlap / n_reference
-    return 2 * precision * recall / (precision + recall)
-
-
-def rouge_n_f1(prediction: list[str], reference: list[str], n: int) -> float | None:
-    """ROUGE-N F1 over clipped n-gram counts; ``None`` when neither side has an n-gram."""
-    pred = Counter(tuple(prediction[i : i + n]) for i in range(len(prediction) - n + 1))
-    ref = Counter(tuple(reference[i : i + n]) for i in range(len(reference) - n + 1))
-    if not pred and not ref:
-        return None
-    overlap = sum((pred & ref).values())
-    return _f1(overlap, sum(pred.values()), sum(ref.values()))
-
-
-def longest_common_subsequence(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence of two token sequences."""
-    previous = [0] * (len(b) + 1)
-    for token_a in a:
-        current = [0]
-        for j, token_b in enumerate(b, start=1):
-            current.append(previous[j - 1] + 1 if token_a == token_b else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l_f1(prediction: list[str], reference: list[str]) -> float | None:
-    """ROUGE-L F1 (LCS-based); ``None`` when both sides are empty."""
-    if not prediction and not reference:
-        return None
-    return _f1(longest_common_subsequence(prediction, reference), len(prediction), len(reference))
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 
 def free_form_accuracy(prediction: str, truth: str) -> float:
-    """Mean of ROUGE-1, ROUGE-2 and ROUGE-L F1 on lower-cased words (undefined orders left out).
+    """Mean of ROUGE-1, ROUGE-2 and ROUGE-L F-measure (``rouge_score``, Porter stemming), clipped to [0, 1].
 
-    >>> free_form_accuracy("The dog runs", "the dog runs")
+    >>> free_form_accuracy("Running dogs", "runs dog")  # both stem to "run dog"
     1.0
-    >>> round(free_form_accuracy("a dog runs fast", "the dog runs"), 4)
-    0.5143
+    >>> round(free_form_accuracy("cat", "cat"), 4)  # no bigram on either side: ROUGE-2 is 0
+    0.6667
     """
-    pred, ref = _words(prediction), _words(truth)
-    scores = [s for s in (rouge_n_f1(pred, ref, 1), rouge_n_f1(pred, ref, 2), rouge_l_f1(pred, ref)) if s is not None]
-    return sum(scores) / len(scores) if scores else 1.0
+    scores = _rouge_scorer().score(truth, prediction)
+    mean = (scores["rouge1"].fmeasure + scores["rouge2"].fmeasure + scores["rougeL"].fmeasure) / 3
+    return max(0.0, min(1.0, mean))
+
+
+def relative_accuracy(got: float | None, want: float | None) -> float:
+    """Video-R1's regression score: 1 - min(1, max(0, (|got - want| + 1e-9) / (|want| + 1e-9))); 0 when
+    either number is missing. The clip order is Video-R1's, so a NaN relative error scores 1.
+
+    >>> round(relative_accuracy(7.5, 10.0), 6), relative_accuracy(0.0, 0.0), relative_accuracy(float("nan"), 10.0)
+    (0.75, 0.0, 1.0)
+    """
+    if got is None or want is None:
+        return 0.0
+    relative_error = (abs(got - want) + 1e-9) / (abs(want) + 1e-9)
+    return 1 - min(1.0, max(0.0, relative_error))
 
 
 def regression_accuracy(prediction: str, truth: str) -> float:
-    """1 - min(1, |pred - gt| / |gt|); with gt = 0, 1 - min(1, |pred|); 0 when unreadable.
+    """Regression as Video-R1 scores it: :func:`relative_accuracy` of the :func:`video_r1_number` values.
 
-    >>> regression_accuracy("7.5", "10")
-    0.75
-    >>> regression_accuracy("0.25", "0")
+    >>> round(regression_accuracy("1,250", "1000"), 6)
     0.75
     """
-    got, want = parse_number(prediction), parse_number(truth)
-    if got is None or want is None:
-        return 0.0
-    error = abs(got - want) / abs(want) if want != 0 else abs(got)
-    return 1.0 - min(1.0, error)
+    return relative_accuracy(video_r1_number(prediction), video_r1_number(truth))
 
 
-_BY_TYPE = {
-    "numerical": numerical_accuracy,
-    "ocr": ocr_accuracy,
+_VIDEO_R1_BY_TYPE: dict[str, Callable[[str, str], float]] = {
+    "multiple choice": exact_match_accuracy,
+    "numerical": decimal_rule_accuracy,
+    "OCR": ocr_accuracy,
     "free-form": free_form_accuracy,
     "regression": regression_accuracy,
 }
 
 
-def reasoning_accuracy(completion: str, answer: str, problem_type: str, options: list[str] | None = None) -> float:
-    """Racc_R of one completion: its ``<answer>`` text scored against ``answer`` by ``problem_type``.
+def video_r1_accuracy(completion: str, solution: str, problem_type: str) -> float:
+    """Video-R1's ``accuracy_reward`` of one completion (see the module docstring); never raises.
 
-    ``problem_type`` is matched case-insensitively; an unknown type is a data error and raises
-    ``ValueError`` (the completion text itself never makes this raise).
+    >>> video_r1_accuracy("<think>B or C</think><answer>B</answer>", "<answer>B</answer>", "multiple choice")
+    1.0
+    >>> video_r1_accuracy("<think>it is B</think><answer>B", "<answer>B</answer>", "multiple choice")
+    0.0
+    """
+    try:
+        score = _VIDEO_R1_BY_TYPE.get(problem_type)
+        return score(video_r1_answer(completion), video_r1_answer(solution)) if score else 0.0
+    except Exception:  # Video-R1 scores any failure 0
+        return 0.0
 
-    >>> reasoning_accuracy("<observation>x</observation><think>y</think><answer>B</answer>", "<answer>B</answer>", "multiple choice")
+
+def lenient_accuracy(completion: str, solution: str, problem_type: str, options: list[str] | None = None) -> float:
+    """p2r's tolerant reading (see the module docstring), scored with Video-R1's metrics.
+
+    >>> lenient_accuracy("The answer is (b).", "B", "multiple choice")
+    1.0
+    >>> lenient_accuracy("<think>so</think><answer>about 3.001 m", "<answer>3</answer>", "numerical")
     1.0
     """
     kind = problem_type.strip().lower()
-    prediction, truth = extract_answer(completion), extract_answer(answer)
+    prediction, truth = lenient_answer(completion), lenient_answer(solution)
     if kind == "multiple choice":
-        return multiple_choice_accuracy(prediction, truth, options)
-    if kind not in _BY_TYPE:
-        raise ValueError(f"unknown problem_type {problem_type!r}, expected one of {PROBLEM_TYPES}")
-    return _BY_TYPE[kind](prediction, truth)
+        num_options = len(options) if options else None
+        want = parse_option_letter(truth, num_options, options)
+        return 1.0 if want is not None and parse_option_letter(prediction, num_options, options) == want else 0.0
+    if kind == "numerical":
+        return rounded_equality(parse_number(prediction), parse_number(truth))
+    if kind == "ocr":
+        return ocr_accuracy(prediction, truth)
+    if kind == "free-form":
+        return free_form_accuracy(prediction, truth)
+    if kind == "regression":
+        return relative_accuracy(parse_number(prediction), parse_number(truth))
+    raise ValueError(f"unknown problem_type {problem_type!r}, expected one of {PROBLEM_TYPES}")
+
+
+def reasoning_accuracy(
+    completion: str, solution: str, problem_type: str, options: list[str] | None = None,
+    answer_reader: AnswerReader = "video_r1",
+) -> float:
+    """Racc_R of one completion against the ground-truth ``solution`` (a record's ``solution`` field,
+    ``<answer>X</answer>``), by ``answer_reader``: Video-R1's exact reward, or the lenient reading.
+
+    ``options`` is read by the lenient reader only.
+
+    >>> reasoning_accuracy("<observation>x</observation><think>y</think><answer>B</answer>", "<answer>B</answer>", "multiple choice")
+    1.0
+    >>> reasoning_accuracy("I think it is B.", "<answer>B</answer>", "multiple choice", answer_reader="lenient")
+    1.0
+    """
+    if answer_reader == "video_r1":
+        return video_r1_accuracy(completion, solution, problem_type)
+    if answer_reader == "lenient":
+        return lenient_accuracy(completion, solution, problem_type, options)
+    raise ValueError(f"unknown answer_reader {answer_reader!r}, expected one of {ANSWER_READERS}")

@@ -1,8 +1,23 @@
-"""Parse a model's answer text: the ``<answer>`` block, an option letter, a number.
+"""Read a model's answer text: the ``<answer>`` block, an option letter, a number.
+
+Each reading rule has exactly one home, here (``p2r`` imports them; ``callbacks`` never imports
+``p2r``):
+
+- :func:`video_r1_answer`: Video-R1's ``extract_answer`` (``src/r1-v/src/open_r1/grpo.py`` and
+  ``src/eval_bench.py``): the FIRST complete ``<answer>...</answer>``, tags in lower case, its
+  inner text stripped; ``""`` when there is no complete block. The default reasoning reward reads
+  both the completion and the ground-truth ``solution`` this way.
+- :func:`solution_answer`: the ground truth a record's ``solution`` holds: Video-R1's block when
+  there is one, else the whole solution (a record may store a bare answer).
+- :func:`lenient_answer`: p2r's tolerant reader (the LAST block, any tag case; else the text after
+  an unclosed ``<answer>``; else the whole text), used by the ``lenient`` reasoning reward and
+  p2r's own evaluation reading. It credits text outside a finished answer block, so it is never the
+  training default.
+- :func:`parse_option_letter` and :func:`parse_number`: the lenient readers of a letter and a number
+  inside answer text.
 
 Every function here accepts any string and never raises; a text it cannot read gives ``None``
-(or, for :func:`extract_answer`, the text itself), which the accuracy rewards score as wrong.
-Tags are matched case-insensitively, like ``p2r.data.records.extract_answer``.
+or ``""``, which the accuracy rewards score as wrong.
 """
 
 from __future__ import annotations
@@ -12,6 +27,9 @@ import re
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
+# Video-R1's pattern, searched with DOTALL and no IGNORECASE: the lazy group with \s* on both
+# sides ends at the first "</answer>" after the first "<answer>" that has one.
+_VIDEO_R1_ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
 
@@ -26,19 +44,45 @@ def extract_tag(text: str, tag: str) -> str | None:
     return blocks[-1].strip() if blocks else None
 
 
-def extract_answer(text: str) -> str:
-    """The text inside the LAST ``<answer>...</answer>``, stripped; else the whole text stripped.
+def video_r1_answer(text: str) -> str:
+    """Video-R1's answer: the inner text of the FIRST complete ``<answer>...</answer>``, stripped;
+    ``""`` when there is none (no tag, an unclosed tag, or tags in another case).
 
-    One addition to that rule: when the completion was cut inside its final answer
-    (``<answer>B`` with no closing tag), the text after the last ``<answer>`` is taken, because the
-    whole text would hand the observation and the reasoning to the answer parsers.
+    A nested opening tag stays in the answer, since the block starts at the first ``<answer>``.
 
-    >>> extract_answer("<think>3 red, 2 blue</think> <answer> 5 </answer>")
+    >>> video_r1_answer("<think>3 red, 2 blue</think> <answer> 5 </answer>")
     '5'
-    >>> extract_answer("B")
-    'B'
-    >>> extract_answer("<think>so</think><answer>C")
-    'C'
+    >>> video_r1_answer("<answer>A</answer> no, <answer>D</answer>")
+    'A'
+    >>> video_r1_answer("<think>so</think><answer>C"), video_r1_answer("B"), video_r1_answer("<Answer>B</Answer>")
+    ('', '', '')
+    >>> video_r1_answer("<answer>a <answer>b</answer>")
+    'a <answer>b'
+    """
+    match = _VIDEO_R1_ANSWER.search(text)
+    return match.group(1).strip() if match else ""
+
+
+def solution_answer(solution: str) -> str:
+    """The ground-truth answer a record's ``solution`` holds: :func:`video_r1_answer` of it when it
+    has a complete block, else the whole solution stripped (a bare answer such as ``"B"``).
+
+    >>> solution_answer("<answer> B </answer>"), solution_answer(" B "), solution_answer("<answer>B")
+    ('B', 'B', '<answer>B')
+    """
+    match = _VIDEO_R1_ANSWER.search(solution)
+    return match.group(1).strip() if match else solution.strip()
+
+
+def lenient_answer(text: str) -> str:
+    """The tolerant reader: the text inside the LAST ``<answer>...</answer>`` (any tag case),
+    stripped; when the text was cut inside its final answer (``<answer>B`` with no closing tag), the
+    text after the last ``<answer>``; else the whole text stripped.
+
+    >>> lenient_answer("<answer>A</answer> no, <ANSWER> D </ANSWER>")
+    'D'
+    >>> lenient_answer("<think>so</think><answer>C"), lenient_answer(" The answer is B ")
+    ('C', 'The answer is B')
     """
     blocks = _ANSWER_BLOCK.findall(text)
     if blocks:

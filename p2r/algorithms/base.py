@@ -26,7 +26,7 @@ from p2r.algorithms.update_check import FirstStepUpdateCheck, warn_once
 from p2r.backbones.base import VideoBackbone
 from p2r.checkpoints import BACKBONE_OPTIONS
 from p2r.data.datamodule import Sample
-from p2r.data.prompts import build_prompt
+from p2r.data.prompts import PromptTemplate, build_prompt
 from p2r.strategies import is_sharded
 from p2r.optim import adamw_with_schedule
 
@@ -44,7 +44,7 @@ class VideoLVLMModule(L.LightningModule):
         eval_max_new_tokens: int = 256,
         eval_temperature: float = 0.0,
         eval_top_p: float = 1.0,
-        prompt_template: bool = True,
+        prompt_template: PromptTemplate = "videop2r",
         max_nonfinite_steps: int = 3,
     ) -> None:
         """
@@ -58,8 +58,8 @@ class VideoLVLMModule(L.LightningModule):
             eval_temperature: Sampling temperature when evaluating; 0 is greedy (the paper's
                 temperature 0.01 / top_p 0.001 is greedy in all but name).
             eval_top_p: Nucleus mass when evaluating with a temperature above 0.
-            prompt_template: Ask for the observation/think/answer template (False: the bare question,
-                for evaluating base models).
+            prompt_template: Reasoning template of the prompt: videop2r (observation/think/answer), video_r1
+                (Video-R1's think/answer training prompt), video_r1_eval (its eval_bench.py prompt), none (bare question).
             max_nonfinite_steps: A step with a NaN/inf loss or gradient is skipped and counted; this
                 many in a row stop the run with an error (0: never stop).
         """

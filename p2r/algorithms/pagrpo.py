@@ -262,6 +262,7 @@ class PAGRPOModule(VideoLVLMModule):
             "question": build_question(r),
             "options": r.options,
             "answer": r.answer,
+            "solution": r.solution,
             "problem_type": r.problem_type,
             "data_type": r.data_type,
             "facts": r.facts,

@@ -3,7 +3,8 @@
 1. Generation: a teacher writes ``<observation>..</observation><think>..</think><answer>..</answer>``
    for the record's question and media (:mod:`p2r.cot.teachers`, :mod:`p2r.cot.prompt`).
 2. Verification: both format rewards must be 1 and the reasoning reward's task metric on the
-   answer (``reasoning_accuracy``) at least ``min_score`` (0.6 in the paper).
+   answer (``reasoning_accuracy`` with its default, Video-R1's exact reader: the training reward, so
+   a kept trace answers in the form RL rewards) at least ``min_score`` (0.6 in the paper).
 3. Observation sufficiency: the perception reward's judge (question, correct answer and only the
    observation) must say the answer follows from the observation.
 
@@ -45,7 +46,7 @@ from callbacks.reward_callbacks import judge_answer_text
 from callbacks.rewards.accuracy import reasoning_accuracy
 from callbacks.rewards.format import perception_format, reasoning_format
 from callbacks.rewards.judges import Judge, JudgeRequest, JudgeResult
-from callbacks.rewards.parsing import extract_answer, extract_tag
+from callbacks.rewards.parsing import extract_tag, video_r1_answer
 from callbacks.segments import split_segments
 from p2r.cot.prompt import teacher_prompt
 from p2r.cot.stats import RETRIED_REASONS, Row, Summary, summarize
@@ -184,11 +185,11 @@ def verify(text: str, record: VideoRecord, min_score: float, truncated: bool = F
     if not perception_ok and not reasoning_ok:
         return Outcome("verification", "malformed trace", "no well-formed observation, think or answer" + cut, text, score)
     if not perception_ok:
-        return Outcome("verification", "malformed observation", "the reply must open with one observation block" + cut, text, score)
+        return Outcome("verification", "malformed observation", "one observation block must come before the think and answer" + cut, text, score)
     if not reasoning_ok:
         return Outcome("verification", "malformed think/answer", "one think block then one answer block must follow" + cut, text, score)
     if score < min_score:
-        detail = f"score {score:.2f} < {min_score}: answered {extract_answer(text)[:80]!r}, expected {record.answer[:80]!r}"
+        detail = f"score {score:.2f} < {min_score}: answered {video_r1_answer(text)[:80]!r}, expected {record.answer[:80]!r}"
         return Outcome("verification", "low answer score", detail, text, score)
     return Outcome(None, text=text, reward=score)
 

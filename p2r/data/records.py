@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from callbacks.rewards.parsing import solution_answer
 
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 DATA_TYPES = ("video", "image")
 REQUIRED_FIELDS = ("problem", "problem_type", "data_type", "path", "solution")
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 
 
 class RecordError(ValueError):
@@ -49,8 +49,9 @@ class VideoRecord:
 
     @property
     def answer(self) -> str:
-        """The ground-truth answer: the text inside ``<answer>`` of ``solution``, else all of it."""
-        return extract_answer(self.solution)
+        """The ground-truth answer: the first ``<answer>`` block of ``solution`` (Video-R1's reading),
+        else all of it (``callbacks.rewards.parsing.solution_answer``)."""
+        return solution_answer(self.solution)
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON: schema fields, then the extra fields at top level (as they came in)."""
@@ -59,12 +60,6 @@ class VideoRecord:
         if out["facts"] is None:
             del out["facts"]
         return {**extra, **out}
-
-
-def extract_answer(text: str) -> str:
-    """The text of the last ``<answer>...</answer>`` in ``text``, stripped; the whole text if none."""
-    found = _ANSWER_RE.findall(text)
-    return (found[-1] if found else text).strip()
 
 
 def _parse_options(value: Any, where: str) -> list[str]:

@@ -3,8 +3,8 @@
 Each adapter implements the protocol of ``callbacks.evaluation.adapter.BenchmarkAdapter`` for the
 evaluation callback, on p2r's :class:`~p2r.data.datamodule.Sample`. The records are Video-R1's
 evaluation files (``eval_<name>.json``) or shards made from them; every benchmark is asked with
-p2r's prompt (:func:`p2r.data.prompts.build_prompt`: question, lettered options, the
-observation/think/answer template unless ``template`` is off, and the answer rule of the
+p2r's prompt (:func:`p2r.data.prompts.build_prompt` with the adapter's ``template``: by default
+question, lettered options, the observation/think/answer template and the answer rule of the
 problem type), as Video-R1 asked every benchmark with one prompt and a per-type answer rule.
 
 Categories come from the record's own fields when it carries one (``category_fields``, looked up
@@ -22,7 +22,7 @@ from typing import Any
 
 from callbacks.evaluation import Scored
 from p2r.data.datamodule import Sample
-from p2r.data.prompts import build_prompt
+from p2r.data.prompts import PromptTemplate, build_prompt
 from p2r.data.records import VideoRecord
 from p2r.evaluation.scoring import (
     MRAConvention,
@@ -57,14 +57,14 @@ class VideoBenchmark:
 
     def __init__(
         self,
-        template: bool = True,
+        template: PromptTemplate = "videop2r",
         category_fields: list[str] | None = None,
         mra_convention: MRAConvention = "video_r1",
     ) -> None:
         """
         Args:
-            template: Ask for the observation/think/answer template (False: the bare question and
-                answer rule, for base models).
+            template: Reasoning template of the prompt: videop2r (observation/think/answer), video_r1
+                (Video-R1's think/answer training prompt), video_r1_eval (its eval_bench.py prompt), none (bare question).
             category_fields: Record fields naming the category, first non-empty wins (default:
                 the benchmark's usual field names).
             mra_convention: Mean relative accuracy convention for numerical answers scored by MRA:

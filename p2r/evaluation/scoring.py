@@ -1,8 +1,9 @@
 """Answer extraction and metrics of the benchmarks, as pure functions (text in, numbers out).
 
-The answer is the text inside ``<answer>`` or else the whole output (METHOD.md), read by the same
-parsers as the rewards (``callbacks.rewards.parsing``): option letters from "(B)", "B.", "B: text",
-"The answer is B" or a bare "b"; numbers from digits or number words. Two departures from
+The answer is the text inside ``<answer>`` or else the whole output (METHOD.md), read by the
+reasoning reward's lenient reader (``answer_reader="lenient"``, ``callbacks.rewards.parsing``):
+option letters from "(B)", "B.", "B: text", "The answer is B" or a bare "b"; numbers from digits or
+number words. Two departures from
 Video-R1's ``eval_bench.py``, both in the lenient direction: a multiple-choice answer counts when
 the letter it names is right (Video-R1 demanded the answer text be exactly the letter), and a
 number is read out of text ("about 3.5 m"; Video-R1 needed the bare number, and for numerical
@@ -29,7 +30,7 @@ import torch
 
 from callbacks.evaluation import Scored
 from callbacks.rewards.accuracy import reasoning_accuracy
-from callbacks.rewards.parsing import extract_answer, parse_number, parse_option_letter
+from callbacks.rewards.parsing import lenient_answer, parse_number, parse_option_letter
 from p2r.data.records import VideoRecord
 
 MRAConvention = Literal["video_r1", "lmms_eval"]
@@ -68,7 +69,7 @@ def read_answer(output: str, record: VideoRecord) -> str | float | None:
     >>> read_answer("<think>it falls</think><answer>(b) down</answer>", mc)
     'B'
     """
-    text = extract_answer(output)
+    text = lenient_answer(output)
     if record.problem_type == "multiple choice":
         return parse_option_letter(text, len(record.options), record.options)
     if record.problem_type in ("numerical", "regression"):
@@ -85,11 +86,11 @@ def mra_score(output: str, record: VideoRecord, convention: MRAConvention) -> Sc
 
 
 def reward_score(output: str, record: VideoRecord) -> Scored:
-    """The reasoning-accuracy reward of the training runs, for any problem type (option letter,
+    """The reasoning-accuracy reward with its lenient reader, for any problem type (option letter,
     number to 2 decimals, 1 - WER, ROUGE, 1 - relative error)."""
     return Scored(
         read_answer(output, record),
-        reasoning_accuracy(output, record.solution, record.problem_type, record.options),
+        reasoning_accuracy(output, record.solution, record.problem_type, record.options, answer_reader="lenient"),
         "accuracy",
         read_answer(record.solution, record),
     )

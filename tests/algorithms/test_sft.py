@@ -153,8 +153,8 @@ def test_flags_beat_the_hyperparameters_saved_in_the_checkpoint(fitted):
     _, tmp, extra = fitted
     ckpt = tmp / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, weights_only=True)["hyper_parameters"]
-    assert saved["eval_max_new_tokens"] != 3 and saved["prompt_template"] is True
+    assert saved["eval_max_new_tokens"] != 3 and saved["prompt_template"] == "videop2r"
     with mock.patch.object(sys, "argv", ["p2r"]):
         cli = main(["test", *CONFIGS, "--config", str(extra), f"--ckpt_path={ckpt}", "--trainer.logger=false",
-                    "--model.init_args.eval_max_new_tokens=3", "--model.init_args.prompt_template=false"])
-    assert cli.model.eval_max_new_tokens == 3 and cli.model.prompt_template is False
+                    "--model.init_args.eval_max_new_tokens=3", "--model.init_args.prompt_template=none"])
+    assert cli.model.eval_max_new_tokens == 3 and cli.model.prompt_template == "none"

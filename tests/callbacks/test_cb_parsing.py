@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callbacks.rewards.parsing import extract_answer, extract_tag, parse_number, parse_option_letter
+from callbacks.rewards.parsing import (
+    extract_tag,
+    lenient_answer,
+    parse_number,
+    parse_option_letter,
+    solution_answer,
+    video_r1_answer,
+)
 
 FULL = (
     "<observation>A man in a red shirt picks up a cup from the table, then walks to the door.</observation>\n"
@@ -15,22 +22,31 @@ FULL = (
 )
 
 
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        (FULL, "B"),
-        ("<answer> (C) the dog </answer>", "(C) the dog"),
-        ("<answer>A</answer> wait, <answer>D</answer>", "D"),  # the LAST block
-        ("<ANSWER>7</ANSWER>", "7"),  # case-insensitive like p2r.data.records
-        ("The answer is 3", "The answer is 3"),  # no tag: the whole text
-        ("  \n B \n", "B"),
-        ("<think>long</think><answer>C", "C"),  # cut inside the answer
-        ("<answer>\n\n</answer>", ""),
-        ("", ""),
-    ],
-)
-def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
+# (text, Video-R1's reading, the lenient reading, the ground-truth reading of a solution)
+ANSWER_READINGS = [
+    (FULL, "B", "B", "B"),
+    ("<answer> (C) the dog </answer>", "(C) the dog", "(C) the dog", "(C) the dog"),
+    ("<answer>A</answer> wait, <answer>D</answer>", "A", "D", "A"),  # Video-R1: the FIRST block
+    ("<ANSWER>7</ANSWER>", "", "7", "<ANSWER>7</ANSWER>"),  # Video-R1's tags are case-sensitive
+    ("The answer is 3", "", "The answer is 3", "The answer is 3"),  # no tag
+    ("  \n B \n", "", "B", "B"),
+    ("<think>long</think><answer>C", "", "C", "<think>long</think><answer>C"),  # cut inside the answer
+    ("<answer>C", "", "C", "<answer>C"),
+    ("<answer>\n\n</answer>", "", "", ""),  # an empty block
+    ("<answer>\n 2.5 \t\n</answer>", "2.5", "2.5", "2.5"),
+    ("<answer>two\nlines</answer>", "two\nlines", "two\nlines", "two\nlines"),
+    ("<answer>a <answer>b</answer>", "a <answer>b", "a <answer>b", "a <answer>b"),  # nested opening tag
+    ("</answer><answer>B</answer>", "B", "B", "B"),  # a stray closing tag first
+    ("<answer>B</answer >", "", "B</answer >", "<answer>B</answer >"),  # "</answer >" is no closing tag
+    ("", "", "", ""),
+]
+
+
+@pytest.mark.parametrize("text, video_r1, lenient, solution", ANSWER_READINGS)
+def test_answer_readings(text, video_r1, lenient, solution):
+    assert video_r1_answer(text) == video_r1
+    assert lenient_answer(text) == lenient
+    assert solution_answer(text) == solution
 
 
 def test_extract_tag_last_block_and_missing():
@@ -114,7 +130,8 @@ def test_parse_number(text, expected):
 @settings(max_examples=300, deadline=None)
 @given(st.text())
 def test_parsers_never_raise(text):
-    assert isinstance(extract_answer(text), str)
+    assert isinstance(video_r1_answer(text), str) and isinstance(lenient_answer(text), str)
+    assert isinstance(solution_answer(text), str)
     letter = parse_option_letter(text, num_options=4)
     assert letter is None or letter in "ABCD"
     assert parse_option_letter(text) is None or len(parse_option_letter(text)) == 1

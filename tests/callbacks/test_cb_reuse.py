@@ -9,6 +9,7 @@ import json
 import os
 
 import lightning as L
+import pytest
 import torch
 
 from callbacks.reward_callbacks import (
@@ -66,13 +67,14 @@ def test_callbacks_drive_a_foreign_lightning_module(tmp_path):
     trainer.fit(module)
     assert len(module.scored) == 2
     for rollouts in module.scored:
-        assert rollouts.rewards["reasoning/accuracy"] == [1.0, 0.0]
+        # Video-R1's free-form score of an exact one-word answer: ROUGE-1 1, ROUGE-2 0, ROUGE-L 1.
+        assert rollouts.rewards["reasoning/accuracy"] == pytest.approx([2 / 3, 0.0])
         assert rollouts.rewards["reasoning/format"] == [1.0, 1.0]
         assert rollouts.rewards["perception/format"] == [1.0, 1.0]
         assert rollouts.rewards["perception/accuracy"] == [1.0, 0.0]
-        assert rollouts.total() == [4.0, 2.0]
+        assert rollouts.total() == pytest.approx([3 + 2 / 3, 2.0])
     metrics = trainer.callback_metrics
-    assert float(metrics["reward/reasoning/accuracy"]) == 0.5
+    assert float(metrics["reward/reasoning/accuracy"]) == pytest.approx(1 / 3)
     assert float(metrics["reward/perception/accuracy"]) == 0.5
     assert float(metrics["judge/failures"]) == 0.0
     assert float(metrics["judge/cache_hits"]) == 2.0  # the second step asks the same questions

@@ -1,6 +1,7 @@
 """Reward callbacks on a hand-built Rollouts: every value worked out by hand, ordering and errors."""
 
 import math
+import warnings
 
 import pytest
 
@@ -13,6 +14,7 @@ from callbacks.reward_callbacks import (
     ReasoningLengthReward,
     RewardCallback,
     TemporalBonusReward,
+    ThinkAnswerFormatReward,
     judge_answer_text,
     needs_shuffled_frames,
     score_all,
@@ -32,7 +34,7 @@ COMPLETIONS = [
     # s0: right answer, good format, sufficient observation
     "<observation>A man walks in and picks up a cup from the table.</observation>\n"
     "<think>He lifts the cup before anything else, which is option B.</think>\n<answer>B</answer>",
-    # s1: text before the observation, wrong answer, observation without the evidence
+    # s1: text before the observation (reasoning text), wrong answer, observation without the evidence
     "Sure. <observation>A man.</observation><think>He leaves.</think><answer>C</answer>",
     # s2: right number, good format, sufficient observation (but too long for the length bonus)
     "<observation>Three cars are parked along the street.</observation>\n<think>3 cars.</think>\n<answer>3</answer>",
@@ -44,7 +46,7 @@ R_LENGTHS = [400, 5, 330, 20]
 
 EXPECTED = {
     "reasoning/accuracy": [1.0, 0.0, 1.0, 0.0],
-    "perception/format": [1.0, 0.0, 1.0, 0.0],
+    "perception/format": [1.0, 1.0, 1.0, 0.0],  # s1's stray "Sure." costs the reasoning format only
     "reasoning/format": [1.0, 0.0, 1.0, 1.0],
     "perception/accuracy": [1.0, 0.0, 1.0, 0.0],
     "perception/length": [0.2, 0.0, 0.0, 0.0],  # s2: 400 > 320 perception tokens
@@ -71,10 +73,48 @@ def test_every_reward_by_hand():
     assert rewards == EXPECTED
     assert rollouts.reward_process == {name: name.split("/")[0] for name in EXPECTED}
     totals = rollouts.process_totals()
-    assert totals["perception"] == pytest.approx([2.2, 0.0, 2.0, 0.0])
+    assert totals["perception"] == pytest.approx([2.2, 1.0, 2.0, 0.0])
     assert totals["reasoning"] == pytest.approx([2.2, 0.0, 2.2, 1.0])
-    assert rollouts.total() == pytest.approx([4.4, 0.0, 4.2, 1.0])
+    assert rollouts.total() == pytest.approx([4.4, 1.0, 4.2, 1.0])
     assert rollouts.dropped_prompts() == [False, False]
+
+
+def test_reasoning_accuracy_reads_the_solution_as_video_r1_and_lenient_on_request():
+    completions = ["<think>It is B.</think><answer>B</answer>", "<think>So it is (b)</think><answer>(b)</answer>",
+                   "<think>B, since he lifts the cup</think><answer>B", "The answer is B."]
+    prompt = dict(PROMPTS[0], answer="B", solution="<answer>B</answer>")
+    rollouts = Rollouts(group_size=4, prompts=[prompt], completions=completions)
+    assert ReasoningAccuracyReward().score(rollouts) == [1.0, 0.0, 0.0, 0.0]
+    assert ReasoningAccuracyReward(answer_reader="lenient").score(rollouts) == [1.0, 1.0, 1.0, 1.0]
+    # The solution, not the answer, is the ground truth when both are given (p2r passes both).
+    first_block = dict(prompt, solution="<answer>C</answer> <answer>B</answer>")
+    rollouts = Rollouts(group_size=4, prompts=[first_block], completions=completions)
+    assert ReasoningAccuracyReward().score(rollouts) == [0.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="answer_reader"):
+        ReasoningAccuracyReward(answer_reader="strict")
+
+
+def test_reasoning_accuracy_warns_once_on_an_untagged_solution_and_refuses_unknown_types():
+    prompt = dict(PROMPTS[0], solution="B")  # Video-R1 reads this ground truth as ""
+    rollouts = Rollouts(group_size=2, prompts=[prompt], completions=["<answer>B</answer>", "no answer"])
+    reward = ReasoningAccuracyReward()
+    with pytest.warns(UserWarning, match="no complete <answer>"):
+        assert reward.score(rollouts) == [0.0, 1.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reward.score(rollouts)  # once per callback
+        ReasoningAccuracyReward(answer_reader="lenient").score(rollouts)  # the lenient reader reads "B"
+    bad = Rollouts(group_size=2, prompts=[dict(PROMPTS[1], problem_type="ocr")], completions=COMPLETIONS[:2])
+    with pytest.raises(ValueError, match="problem_type 'ocr'"):
+        ReasoningAccuracyReward().score(bad)
+
+
+def test_think_answer_format_reward_by_hand():
+    rollouts = make_rollouts()
+    score_all(None, None, rollouts, callbacks=[ThinkAnswerFormatReward()])
+    # Only s3 is a bare think/answer trace; the observation template and stray text score 0.
+    assert rollouts.rewards["reasoning/think_answer_format"] == [0.0, 0.0, 0.0, 1.0]
+    assert rollouts.reward_process["reasoning/think_answer_format"] == "reasoning"
 
 
 def test_length_bounds_are_configurable():
@@ -146,16 +186,21 @@ def test_judge_reads_the_option_text_of_the_answer():
 
 
 def test_temporal_bonus_video_r1_rule():
-    # prompt 0: ordered mean 0.5 < 0.8 x shuffled mean 1.0 -> no bonus.
-    # prompt 1: ordered mean 0.5 >= 0.8 x shuffled mean 0.5 -> +0.3 to its correct sample s2.
+    # Video-R1's reader: "(B)" is not "B". prompt 0: ordered mean 0.5 >= 0.8 x shuffled mean 0.5 -> +0.3
+    # to its correct sample s0; prompt 1: ordered mean 0.5 >= 0.8 x shuffled mean 0.5 -> +0.3 to s2.
     shuffled = ["<answer>B</answer>", "<answer>(B)</answer>", "<answer>5</answer>", "<answer>3</answer>"]
     rollouts = make_rollouts(shuffled_completions=shuffled)
     temporal = TemporalBonusReward()
     assert needs_shuffled_frames([ReasoningAccuracyReward(), temporal]) and not needs_shuffled_frames([])
     score_all(None, None, rollouts, callbacks=[temporal, ReasoningAccuracyReward()])
-    assert rollouts.rewards["reasoning/temporal"] == [0.0, 0.0, 0.3, 0.0]
+    assert rollouts.rewards["reasoning/temporal"] == [0.3, 0.0, 0.3, 0.0]
     assert rollouts.reward_process["reasoning/temporal"] == "reasoning"
-    values, metrics = temporal.score_with_metrics(rollouts)
+    # The lenient reader reads "(B)" as B: prompt 0's shuffled mean is 1.0 > 0.5 / 0.8 -> no bonus.
+    lenient = make_rollouts(shuffled_completions=shuffled)
+    temporal = TemporalBonusReward(answer_reader="lenient")
+    score_all(None, None, lenient, callbacks=[temporal, ReasoningAccuracyReward(answer_reader="lenient")])
+    assert lenient.rewards["reasoning/temporal"] == [0.0, 0.0, 0.3, 0.0]
+    values, metrics = temporal.score_with_metrics(lenient)
     assert metrics["temporal/pass_rate"] == 0.5
 
 

@@ -365,12 +365,13 @@ NUMERICAL = VideoRecord(id="n", problem="How many cups?", problem_type="numerica
 
 @pytest.mark.parametrize("text, reason, reward", [
     ("<observation>three cups</observation>\n<think>so 3</think>\n<answer>3</answer>", None, 1.0),
-    ("<observation>three cups</observation><think>so 3.004</think><answer>3.004</answer>", None, 1.0),
+    ("<observation>three cups</observation><think>so 3.004</think><answer>3.004</answer>", "low answer score", 0.0),  # decimal rule
     ("<observation>three cups</observation>\n<think>so 4</think>\n<answer>4</answer>", "low answer score", 0.0),
     ("<think>so 3</think>\n<answer>3</answer>", "malformed observation", 1.0),
     ("<observation>three cups</observation>\n<answer>3</answer>", "malformed think/answer", 1.0),
     ("<observation>three cups</observation>\n<think>so 3</think>\n<answer>3</answer> Hope this helps", "malformed think/answer", 1.0),
-    ("3", "malformed trace", 1.0),  # right but untagged: the score is kept, the format drops it
+    ("3", "malformed trace", 0.0),  # untagged: no answer block to score (Video-R1's reading), and the format drops it
+    ("Sure. <observation>three cups</observation><think>so 3</think><answer>3</answer>", "malformed think/answer", 1.0),
     ("   ", "malformed trace", 0.0),
 ])
 def test_verify(text, reason, reward):

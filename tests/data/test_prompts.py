@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from p2r.data.prompts import build_prompt, build_question, format_options
+from p2r.data.prompts import PROMPT_TEMPLATES, build_prompt, build_question, format_options
 from p2r.data.records import VideoRecord
 
 TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
@@ -54,10 +54,54 @@ def test_each_type_gets_a_distinct_answer_rule():
     assert "text" in rules["OCR"]
 
 
-def test_template_off_gives_question_and_rule_only():
-    on, off = build_prompt(record()), build_prompt(record(), template=False)
+def test_template_none_gives_question_and_rule_only():
+    on, off = build_prompt(record()), build_prompt(record(), template="none")
+    assert on == build_prompt(record(), template="videop2r")
     assert off == build_question(record()) + "\n" + on.split("\n")[-1]
     assert "<observation>" not in off and "<think>" not in off
+
+
+VIDEO_R1_THINKING = (
+    "Please think about this question as if you were a human pondering deeply. Engage in an internal dialogue "
+    "using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break it down', etc, or other "
+    "natural language thought expressions It's encouraged to include self-reflection or verification in the "
+    "reasoning process. "
+)
+
+
+def test_video_r1_prompt_is_its_training_text():
+    mc = VideoRecord(id="r", problem="What does the man do first?", problem_type="multiple choice", data_type="video",
+                     path="v.mp4", solution="<answer>B</answer>", options=["A. He sits", "B. He stands"])
+    assert build_prompt(mc, "video_r1") == (
+        "What does the man do first?Options:\nA. He sits\nB. He stands\n\n"  # no newline before "Options:"
+        + VIDEO_R1_THINKING
+        + "Provide your detailed reasoning between the <think> </think> tags, and then give your final answer "
+        "between the <answer> </answer> tags. Please provide only the single option letter (e.g., A, B, C, D, "
+        "etc.) within the <answer> </answer> tags."
+    )
+    num = VideoRecord(id="n", problem="How many cups? ", problem_type="numerical", data_type="image",
+                      path="a.jpg", solution="<answer>3</answer>")
+    assert build_prompt(num, "video_r1") == (
+        "How many cups? \n" + VIDEO_R1_THINKING
+        + "Provide your detailed reasoning between the <think> </think> tags, and then give your final answer "
+        "between the <answer> </answer> tags. Please provide the numerical value (e.g., 42 or 3.14) within the "
+        "<answer> </answer> tags."
+    )
+
+
+@pytest.mark.parametrize("problem_type", TYPES)
+def test_video_r1_eval_prompt_differs_from_training_in_one_sentence(problem_type):
+    train, evaluation = build_prompt(record(problem_type), "video_r1"), build_prompt(record(problem_type), "video_r1_eval")
+    assert train.replace("<think> </think> tags, and then give your final answer between the <answer> </answer> tags.",
+                         "<think> and </think> tags, and then give your final answer between the <answer> and </answer> tags.",
+                         1) == evaluation
+    assert "<observation>" not in train and train.endswith(" tags.")
+
+
+def test_unknown_template_is_refused():
+    assert PROMPT_TEMPLATES == ("videop2r", "video_r1", "video_r1_eval", "none")
+    with pytest.raises(ValueError, match="unknown prompt template"):
+        build_prompt(record(), True)
 
 
 def test_image_records_name_the_image():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from p2r.data.records import RecordError, VideoRecord, extract_answer, parse_record, target_text
+from p2r.data.records import RecordError, VideoRecord, parse_record, target_text
 
 
 def native(**changes) -> dict:
@@ -113,19 +113,18 @@ def test_missing_key_and_non_object_records_raise():
 
 
 @pytest.mark.parametrize(
-    ("text", "answer"),
+    ("solution", "answer"),
     [
         ("<think>a</think> <answer> B </answer>", "B"),
-        ("<answer>1</answer> then <answer>\n2.5\n</answer>", "2.5"),
-        ("<ANSWER>cat</Answer>", "cat"),
+        ("<answer>1</answer> then <answer>\n2.5\n</answer>", "1"),  # the first block, as Video-R1 reads it
         ("<answer>two\nlines</answer>", "two\nlines"),
-        ("  just text  ", "just text"),
+        ("  just text  ", "just text"),  # a bare answer
         ("<answer>unclosed", "<answer>unclosed"),
-        ("", ""),
+        ("<ANSWER>cat</ANSWER>", "<ANSWER>cat</ANSWER>"),  # Video-R1's tags are lower case
     ],
 )
-def test_extract_answer(text, answer):
-    assert extract_answer(text) == answer
+def test_answer_is_the_first_answer_block_of_the_solution(solution, answer):
+    assert parse_record(native(solution=solution)).answer == answer
 
 
 def test_target_text_assembles_observation_think_answer():
