@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from callbacks.reward_callbacks import RewardCallback
 from callbacks.rollouts import Rollouts
 from p2r.algorithms.pagrpo import PAGRPOModule, micro_batches, micro_weight
 from p2r.algorithms.settings import LossSettings, RolloutSettings
@@ -91,6 +92,15 @@ def tiny_sft(tmp_path_factory):
     return work, data
 
 
+class TokenSumReward(RewardCallback):
+    """A reward that varies inside groups even for a barely trained model, so advantages are not zero."""
+
+    name, process = "reasoning/token_sum", "reasoning"
+
+    def score(self, rollouts):
+        return [float(sum(ids) % 5) for ids in rollouts.completion_ids]
+
+
 def _metrics(csv_path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(open(csv_path)))
 
@@ -144,19 +154,117 @@ def test_rl_without_reward_callbacks_fails_clearly(tiny_sft, monkeypatch, tmp_pa
 
 def test_shared_prompt_and_per_sample_passes_give_the_same_step(tiny_sft, monkeypatch):
     """The same seeded step with the prompt shared per group or repeated per sample: same rollouts,
-    same loss. (Parameters are not compared: Adam's first step is lr * sign(grad), which turns
-    float noise on near-zero gradients into full-size differences; gradient equality is tested
-    on the functions in tests/algorithms/test_shared_prompt.py.)"""
+    same losses, with two updates per rollout batch so that the second update's loss depends on the
+    log-probs of the updated policy (ratio != 1) and on the stored old-policy log-probs.
+    (Parameters are not compared: Adam's first step is lr * sign(grad), which turns float noise on
+    near-zero gradients into full-size differences; gradient equality is tested on the functions
+    in tests/algorithms/test_shared_prompt.py.)"""
     work, data = tiny_sft
     monkeypatch.chdir(work)
     logged = {}
     for shared in ("true", "false"):
         main(["fit", "--config", f"{ROOT}/configs/pagrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
-              *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.rollout.group_size=3",
+              *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=3",
               "--model.init_args.rollout.max_completion_length=10", "--model.init_args.micro_batch_size=3",
-              f"--model.init_args.shared_prompt={shared}"])
+              "--model.init_args.num_iterations=2", "--model.init_args.lr=1e-3", f"--model.init_args.shared_prompt={shared}",
+              f"--trainer.callbacks+={__name__}.TokenSumReward"])
         rows = _metrics(sorted((work / "runs/pagrpo/logs").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)[-1])
         logged[shared] = {k: float(v) for r in rows for k, v in r.items() if v and k.startswith("train/") and k != "train/lr"}
     assert logged["true"].keys() == logged["false"].keys() and "train/loss" in logged["true"]
+    # The second update saw a policy that had moved (measured: ratio_max 1.056, KL 1e-3): the loss read the log-probs.
+    assert abs(logged["true"]["train/ratio_max"] - 1) > 1e-3
     for key, value in logged["true"].items():
         assert value == pytest.approx(logged["false"][key], rel=1e-4, abs=1e-6), key
+
+
+# --- wiring: which advantage reaches which token ---------------------------------------------------
+class FixedReward(RewardCallback):
+    """A reward with given values per sample (the step's other rewards are the real callbacks)."""
+
+    def __init__(self, name: str, process: str, values: list[float]) -> None:
+        self.name, self.process, self.values = name, process, values
+
+    def score(self, rollouts):
+        return list(self.values)
+
+
+def _wiring_completions(tokenizer, end: int) -> tuple[list[list[int]], list[int], list[int]]:
+    """Three well-formed completions as token ids and their perception / reasoning token counts.
+
+    The perception part (``<observation>...</observation>``) and the reasoning part (the rest, the
+    end token included) are tokenized apart, so the segment boundary is a token boundary.
+    """
+    ids, lp, lr = [], [], []
+    for words_p, words_r in ((3, 9), (6, 5), (4, 7)):
+        p = tokenizer("<observation>" + " red square" * words_p + "</observation>", add_special_tokens=False)["input_ids"]
+        r = tokenizer(" <think>" + " it moves" * words_r + "</think> <answer>A</answer>", add_special_tokens=False)["input_ids"]
+        ids.append(p + r + [end])
+        lp.append(len(p))
+        lr.append(len(r) + 1)
+    return ids, lp, lr
+
+
+def test_each_segment_gets_its_own_advantage(synthetic_root, monkeypatch):
+    """One real PA-GRPO step in which the perception and the reasoning rewards disagree.
+
+    G = 3 completions of one prompt; perception accuracy [1, 1, 0], reasoning accuracy [0, 1, 1],
+    both formats 1, and length windows that only sample 0's observation (P) and sample 1's
+    reasoning (R) fit. Totals: R_P = [2.2, 2, 1], R_R = [1, 2.2, 2], so (unbiased std, eps 1e-4)
+    A_P = [0.7259, 0.4148, -1.1407] and A_R = [-1.1407, 0.7259, 0.4148]. With one update per
+    batch (ratio 1), beta 0 and segment_mean, the loss's gradient on the log-prob of token t of
+    sample i is -A_P,i / (2 N n_P,i) on its perception tokens and -A_R,i / (2 N n_R,i) on its
+    reasoning tokens (N = 3 samples, n = the segment's tokens). Swapping A_P and A_R, giving a
+    segment's tokens the other advantage, or swapping the segment lengths (the length rewards and
+    the segment means read them) each changes these numbers.
+    """
+    import lightning as L
+    import webdataset as wds
+
+    import p2r.algorithms.pagrpo as pagrpo
+    from callbacks.reward_callbacks import PerceptionFormatReward, PerceptionLengthReward, ReasoningFormatReward, ReasoningLengthReward
+    from p2r.algorithms.rollout import GroupRollout, prepare_prompts
+    from p2r.data.datamodule import decode_sample
+    from p2r.data.video import FrameSampling
+
+    raw = next(iter(wds.tarfile_to_samples()(iter([{"url": str(sorted((synthetic_root / "shards").glob("train-*.tar"))[0])}]))))
+    sample = decode_sample(raw, FrameSampling(fps=4.0, min_frames=4, max_frames=4, min_pixels=784, max_pixels=784))
+    module = PAGRPOModule(TinyQwen25VL(hidden_size=32, num_layers=1, vision_hidden_size=16, vision_depth=1, vocab_size=512),
+                          rollout=RolloutSettings(group_size=3, max_completion_length=64), loss=LossSettings(beta=0.0),
+                          lr=1e-3, schedule="constant")
+    tok = module.backbone.tokenizer
+    ids, lp, lr = _wiring_completions(tok, module.backbone.eos_token_ids[0])
+    assert len({*lp, *lr}) == 6  # every P and R length differs: swapped lengths never fit a window
+
+    def fixed_rollout(backbone, prompts, clips, group_size, *args, **kwargs):
+        return GroupRollout(prepare_prompts(backbone, prompts, clips), group_size, [list(c) for c in ids], [False] * 3)
+
+    seen = []
+
+    def recording_loss(logp, *args, **kwargs):
+        logp.retain_grad()
+        seen.append((logp, kwargs["perception_mask"], args[3]))
+        return real_loss(logp, *args, **kwargs)
+
+    real_loss = pagrpo.pagrpo_loss
+    monkeypatch.setattr(pagrpo, "generate_groups", fixed_rollout)
+    monkeypatch.setattr(pagrpo, "pagrpo_loss", recording_loss)
+    rewards = [
+        FixedReward("perception/accuracy", "perception", [1.0, 1.0, 0.0]), PerceptionFormatReward(),
+        PerceptionLengthReward(lmin=lp[0], lmax=lp[0]),
+        FixedReward("reasoning/accuracy", "reasoning", [0.0, 1.0, 1.0]), ReasoningFormatReward(),
+        ReasoningLengthReward(lmin=lr[1], lmax=lr[1]),
+    ]
+    loader = torch.utils.data.DataLoader([[sample]], batch_size=None, collate_fn=lambda b: b)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=rewards)
+    trainer.fit(module, train_dataloaders=loader)
+
+    (logp, perception, completion), = seen
+    a_p = torch.tensor([0.7259, 0.4148, -1.1407])
+    a_r = torch.tensor([-1.1407, 0.7259, 0.4148])
+    expected = torch.zeros_like(logp)
+    for i in range(3):
+        expected[i, : lp[i]] = -a_p[i] / (2 * 3 * lp[i])
+        expected[i, lp[i] : lp[i] + lr[i]] = -a_r[i] / (2 * 3 * lr[i])
+    assert perception.sum(1).tolist() == lp and (completion & ~perception).sum(1).tolist() == lr
+    torch.testing.assert_close(logp.grad, expected, atol=1e-6, rtol=1e-3)
