@@ -31,6 +31,8 @@ Departures / choices where the paper is silent (all configurable):
 Launch:
     python -m p2r fit --config configs/pagrpo.yaml                          # paper scale
     python -m p2r fit --config configs/pagrpo.yaml --config configs/tiny.yaml --config configs/tiny_rl.yaml  # CPU
+    python -m p2r fit --config configs/grpo.yaml     # the plain GRPO ablation
+    python -m p2r fit --config configs/tgrpo.yaml    # Video-R1's T-GRPO
 """
 
 from __future__ import annotations
@@ -323,8 +325,14 @@ class PAGRPOModule(VideoLVLMModule):
         with self.backbone.adapters_disabled():
             return self._logprobs(self.backbone.model, rollout, rows)[0]
 
-    def _prepare(self, rollout: GroupRollout, masks: list[list[bool]], adv_p, adv_r, keep, num_prompts: int) -> list[MicroBatch]:
-        """Per micro-batch: token advantages and masks, and the old-policy and reference log-probs."""
+    def _prepare(
+        self, rollout: GroupRollout, masks: list[list[bool]], adv_p: torch.Tensor, adv_r: torch.Tensor, keep: torch.Tensor,
+        num_prompts: int,
+    ) -> list[MicroBatch]:
+        """Per micro-batch: token advantages and masks, and the old-policy and reference log-probs.
+
+        ``adv_p``, ``adv_r`` (N,) per-sample advantages; ``keep`` (N,) bool, samples in the loss.
+        """
         prepared = []
         with torch.no_grad():
             for rows in self._chunks(num_prompts):

@@ -6,6 +6,7 @@ import csv
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -126,6 +127,38 @@ def test_rl_fit_from_the_tiny_sft_checkpoint(tiny_sft, config, monkeypatch):
     assert list((work / f"runs/{config}/logs").glob("version_*/rollouts/*.jsonl")), "no rollout table written"
 
 
+class ShuffledRecorder(L.Callback):
+    """Keeps what T-GRPO's producer handed the rewards: shuffled completions per prompt."""
+
+    seen: list[tuple[int, int, list[str]]] = []
+
+    def on_rollouts_scored(self, trainer, pl_module, rollouts):
+        ShuffledRecorder.seen.append((rollouts.num_prompts, rollouts.shuffled_samples, rollouts.shuffled_completions))
+
+
+def test_tgrpo_fit_samples_half_a_group_on_shuffled_frames(tiny_sft, monkeypatch):
+    """configs/tgrpo.yaml on the tiny overlay: G = 4 completions per prompt and G / 2 = 2 more on
+    shuffled frames, Video-R1's reward set logged, the policy moves."""
+    work, data = tiny_sft
+    monkeypatch.chdir(work)
+    ShuffledRecorder.seen = []
+    sft = torch.load(work / "runs/sft/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    cli = main(["fit", "--config", f"{ROOT}/configs/tgrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
+                *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=4",
+                "--model.init_args.rollout.max_completion_length=12", f"--trainer.callbacks+={__name__}.ShuffledRecorder",
+                f"--trainer.callbacks+={__name__}.TokenSumReward"])
+    assert cli.model.rollout.shuffled_samples == 2 and cli.model.loss.aggregation == "sequence_mean"
+    for prompts, per_prompt, shuffled in ShuffledRecorder.seen:
+        assert per_prompt == 2 and len(shuffled) == 2 * prompts and all(shuffled)
+    after = cli.model.state_dict()
+    assert any(not torch.equal(v, after[k].cpu()) for k, v in sft.items())
+    rows = _metrics(next((work / "runs/tgrpo/logs").glob("version_*/metrics.csv")))
+    logged = {k for r in rows for k, v in r.items() if v}
+    for name in ("reward/reasoning/accuracy", "reward/reasoning/think_answer_format", "reward/reasoning/temporal",
+                 "reward/reasoning/completion_length", "temporal/pass_rate"):
+        assert name in logged, name
+
+
 def test_reference_equals_the_starting_policy(tiny_sft, monkeypatch):
     """At step 0 the policy is the reference: the KL of the first update is exactly 0."""
     work, data = tiny_sft
@@ -217,7 +250,6 @@ def test_each_segment_gets_its_own_advantage(synthetic_root, monkeypatch):
     segment's tokens the other advantage, or swapping the segment lengths (the length rewards and
     the segment means read them) each changes these numbers.
     """
-    import lightning as L
     import webdataset as wds
 
     import p2r.algorithms.pagrpo as pagrpo

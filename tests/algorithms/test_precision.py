@@ -91,14 +91,15 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def run_paper_path(data: Path, out: Path, configs: list[str], extra: list[str]) -> dict:
+def run_paper_path(data: Path, out: Path, configs: list[str], extra: list[str], model: dict | None = None) -> dict:
     """One optimizer step of the job's own strategy block in one gloo process (subprocess: Lightning
     starts a process group), with the probe callback; returns what the probe saw."""
     out.mkdir()
     (out / "probe.py").write_text(PROBE)
     overlay = {"trainer": {"strategy": job(Path(configs[0]).stem)["trainer"]["strategy"], "devices": 1,
                            "enable_checkpointing": False, "logger": False,
-                           "callbacks": [{"class_path": "probe.Probe", "init_args": {"out": str(out / "probe.json")}}]}}
+                           "callbacks": [{"class_path": "probe.Probe", "init_args": {"out": str(out / "probe.json")}}]},
+               **({"model": model} if model else {})}
     (out / "paper_precision.yaml").write_text(yaml.safe_dump(overlay))
     args = [a for c in configs for a in ("--config", str(REPO / c))] + ["--config", str(out / "paper_precision.yaml")]
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
@@ -121,8 +122,8 @@ def test_paper_sft_path_moves_every_weight_that_has_a_gradient_at_lr_1e6(data, t
 
 def test_paper_pagrpo_path_keeps_a_bf16_reference_and_starts_at_kl_0(data, tmp_path):
     seen = run_paper_path(data, tmp_path / "pagrpo", ["configs/pagrpo.yaml", "configs/tiny.yaml", "configs/tiny_rl.yaml"],
-                          ["--model.init_args.backbone.init_args.weights_from=null", "--model.init_args.rollout.group_size=2",
-                           "--model.init_args.rollout.max_completion_length=8"])
+                          ["--model.init_args.rollout.group_size=2", "--model.init_args.rollout.max_completion_length=8"],
+                          model={"init_args": {"backbone": {"init_args": {"weights_from": None}}}})  # from random weights
     assert seen["compute"] == ["torch.bfloat16"] and seen["policy"] == ["torch.float32"]
     assert seen["reference"] == ["torch.bfloat16"]  # the frozen copy never trains: half the memory
     metrics = seen["metrics"]
