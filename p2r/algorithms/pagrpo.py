@@ -217,9 +217,11 @@ class PAGRPOModule(VideoLVLMModule):
         texts = [""] * (len(prompts) * k)
         if not videos:
             return texts
-        rng = random.Random(r.seed + self.global_step)
+        # One frame order per prompt, seeded like its sampling generator (step, global prompt index).
+        first = self.global_rank * len(prompts)
+        orders = [random.Random(r.seed + 1_000_003 * self.global_step + first + i) for i in videos]
         other = generate_groups(
-            self.backbone, [prompts[i] for i in videos], [shuffled_clip(clips[i], rng) for i in videos], k,
+            self.backbone, [prompts[i] for i in videos], [shuffled_clip(clips[i], rng) for i, rng in zip(videos, orders)], k,
             r.max_completion_length, r.temperature, r.top_p, [gens[i] for i in videos],
         )
         decoded = self.backbone.tokenizer.batch_decode(other.completion_ids, skip_special_tokens=True)
