@@ -30,7 +30,14 @@ import lightning as L
 from callbacks.rewards.accuracy import ANSWER_READERS, PROBLEM_TYPES, AnswerReader, reasoning_accuracy
 from callbacks.rewards.format import perception_format, reasoning_format, think_answer_format
 from callbacks.rewards.judges import Judge, JudgeRequest, JudgeResult, RuleBasedJudge
-from callbacks.rewards.length import PERCEPTION_LENGTH_RANGE, REASONING_LENGTH_RANGE, length_reward
+from callbacks.rewards.length import (
+    COMPLETION_LENGTH_RANGE,
+    LENGTH_BONUS,
+    PERCEPTION_LENGTH_RANGE,
+    REASONING_LENGTH_RANGE,
+    completion_length_rewards,
+    length_reward,
+)
 from callbacks.rewards.parsing import parse_option_letter, solution_answer, video_r1_answer
 from callbacks.rollouts import Rollouts
 
@@ -287,6 +294,42 @@ class ReasoningLengthReward(_LengthReward):
         super().__init__(lmin, lmax)
 
 
+class CompletionLengthReward(RewardCallback):
+    """Video-R1's length control (T-GRPO's ``len_control``): when more than one sample of a group is
+    correct (accuracy > ``correct_threshold``), each correct one whose whole completion has
+    [lmin, lmax] tokens (end token included) gets ``bonus``. See
+    :func:`callbacks.rewards.length.completion_length_rewards`."""
+
+    name = "reasoning/completion_length"
+    process = "reasoning"
+    depends_on = ("reasoning/accuracy",)
+
+    def __init__(
+        self,
+        lmin: int = COMPLETION_LENGTH_RANGE[0],
+        lmax: int = COMPLETION_LENGTH_RANGE[1],
+        bonus: float = LENGTH_BONUS,
+        correct_threshold: float = 0.1,
+    ) -> None:
+        """
+        Args:
+            lmin: fewest completion tokens (end token included) that earn the bonus (Video-R1: 320).
+            lmax: most completion tokens that earn the bonus (Video-R1: 512).
+            bonus: reward of a correct completion in range (Video-R1: 0.2).
+            correct_threshold: accuracy above which a sample counts as correct (Video-R1: 0.1).
+        """
+        if lmin > lmax:
+            raise ValueError(f"CompletionLengthReward: lmin {lmin} > lmax {lmax}")
+        self.lmin, self.lmax, self.bonus, self.correct_threshold = lmin, lmax, bonus, correct_threshold
+
+    def score(self, rollouts: Rollouts) -> list[float]:
+        if rollouts.completion_ids is None:
+            raise ValueError("CompletionLengthReward needs rollouts.completion_ids; the producer did not fill it")
+        lengths = [len(ids) for ids in rollouts.completion_ids]
+        return completion_length_rewards(rollouts.rewards["reasoning/accuracy"], lengths, rollouts.group_size,
+                                         self.lmin, self.lmax, self.bonus, self.correct_threshold)
+
+
 def judge_answer_text(prompt: dict[str, Any]) -> str:
     """The correct answer as the judge reads it: for multiple choice the letter AND the option text
     ("B. a red circle"), since a bare letter means nothing without the options; else the answer."""
@@ -382,9 +425,10 @@ class PerceptionJudgeReward(RewardCallback):
 class TemporalBonusReward(RewardCallback):
     """Video-R1's T-GRPO temporal bonus, as a reasoning reward.
 
-    Per group, the answers are also sampled from temporally shuffled frames
-    (``rollouts.shuffled_completions``; the producer fills it because ``needs_shuffled_frames``).
-    When the ordered group's mean accuracy is at least ``ratio`` x the shuffled group's, every
+    Per group, answers are also sampled from temporally shuffled frames
+    (``rollouts.shuffled_completions``, ``rollouts.shuffled_samples`` per prompt: Video-R1 samples
+    G // 2; the producer fills it because ``needs_shuffled_frames``). When the ordered group's
+    mean accuracy (over its G samples) is at least ``ratio`` x the shuffled group's (over its own), every
     ordered sample whose accuracy exceeds ``correct_threshold`` gets ``bonus``. As in Video-R1 the
     comparison is ``>=``, so a group where both means are 0 passes but has no correct sample to
     reward, and "correct" is accuracy > 0.1 (Video-R1's threshold). Video-R1 compares one prompt
@@ -426,14 +470,14 @@ class TemporalBonusReward(RewardCallback):
                 raise ValueError("TemporalBonusReward needs rollouts.shuffled_completions for video prompts "
                                  "(the producer must honour needs_shuffled_frames)")
             return [0.0] * len(rollouts), {"temporal/pass_rate": math.nan}
-        values, passed = [0.0] * len(rollouts), []
+        values, passed, k = [0.0] * len(rollouts), [], rollouts.shuffled_samples
         for b, is_video in enumerate(videos):
             if not is_video:
                 continue
             prompt = rollouts.prompts[b]
             ordered = accuracy[b * g : (b + 1) * g]
-            shuffled = [self._shuffled_accuracy.accuracy(prompt, c) for c in rollouts.shuffled_completions[b * g : (b + 1) * g]]
-            ok = sum(ordered) / g >= self.ratio * sum(shuffled) / g
+            shuffled = [self._shuffled_accuracy.accuracy(prompt, c) for c in rollouts.shuffled_completions[b * k : (b + 1) * k]]
+            ok = sum(ordered) / g >= self.ratio * sum(shuffled) / k
             passed.append(ok)
             if ok:
                 for i, acc in enumerate(ordered):

@@ -40,6 +40,11 @@ class Rollouts:
     the length limit without EOS), ``perception_token_lengths`` / ``reasoning_token_lengths``
     (token counts of each segment, filled by the producer; the length rewards need them).
     The per-sample fields other than ``completions`` may be left ``None`` when no reward needs them.
+
+    ``shuffled_completions`` (T-GRPO's contrast, filled when a reward asks for it) holds
+    ``shuffled_group_size`` completions per prompt (default: ``group_size``; Video-R1 samples
+    G // 2) sampled on the prompt's frames in a random order, grouped contiguously like
+    ``completions``; entries of image prompts may be empty strings.
     """
 
     group_size: int
@@ -50,6 +55,7 @@ class Rollouts:
     perception_token_lengths: list[int] | None = None
     reasoning_token_lengths: list[int] | None = None
     shuffled_completions: list[str] | None = None
+    shuffled_group_size: int | None = None
     rewards: dict[str, list[float]] = field(default_factory=dict)
     reward_process: dict[str, str] = field(default_factory=dict)
 
@@ -63,7 +69,6 @@ class Rollouts:
             "truncated": self.truncated,
             "perception_token_lengths": self.perception_token_lengths,
             "reasoning_token_lengths": self.reasoning_token_lengths,
-            "shuffled_completions": self.shuffled_completions,
         }
         for name, values in per_sample.items():
             if values is not None and len(values) != n:
@@ -71,6 +76,14 @@ class Rollouts:
                     f"Rollouts: {name} has {len(values)} entries, expected B*G = "
                     f"{len(self.prompts)}*{self.group_size} = {n}"
                 )
+        k = self.shuffled_samples
+        if k < 1:
+            raise ValueError(f"Rollouts: shuffled_group_size must be >= 1, got {k}")
+        if self.shuffled_completions is not None and len(self.shuffled_completions) != len(self.prompts) * k:
+            raise ValueError(
+                f"Rollouts: shuffled_completions has {len(self.shuffled_completions)} entries, expected "
+                f"B*shuffled_group_size = {len(self.prompts)}*{k} = {len(self.prompts) * k}"
+            )
         for name, values in self.rewards.items():
             self._check_reward(name, values, self.reward_process.get(name))
 
@@ -80,6 +93,11 @@ class Rollouts:
     @property
     def num_prompts(self) -> int:
         return len(self.prompts)
+
+    @property
+    def shuffled_samples(self) -> int:
+        """Completions per prompt in ``shuffled_completions``."""
+        return self.group_size if self.shuffled_group_size is None else self.shuffled_group_size
 
     def prompt_of(self, i: int) -> dict[str, Any]:
         """The metadata of the prompt that sample ``i`` answers."""

@@ -39,6 +39,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 BACKBONE_PREFIX = "backbone."
+# The checkpoint entry where p2r's modules record the backbone's LoRA options and quantization.
+BACKBONE_OPTIONS = "p2r_backbone"
 # DCP flattens the nested {"state_dict": {...}} with dots.
 _DCP_MODEL = "state_dict."
 _META = "meta.pt"
@@ -48,19 +50,31 @@ def read_backbone_state(path: str | Path, what: str = "checkpoint") -> dict[str,
     """The ``backbone.*`` tensors of a p2r checkpoint (file or FSDP2 folder), prefix removed.
 
     ``what`` names the option the path came from, for error messages (``weights_from``, ``--ckpt``).
-    Files are loaded with ``weights_only=True``: a checkpoint cannot run code.
+    Files are loaded with ``weights_only=True`` (a checkpoint cannot run code) and memory-mapped.
     """
     path = Path(path)
     if path.is_dir():
         state = _read_distributed(path, what)
     elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+        # Memory-mapped: the ranks of a node share the file's pages instead of each holding a copy
+        # (a 7B float32 state is 31 GiB).
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {})
     else:
         raise FileNotFoundError(f"{what}: no checkpoint file or folder at {str(path)!r} (pass what an earlier p2r fit wrote)")
     backbone = {k[len(BACKBONE_PREFIX) :]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
     if not backbone:
         raise ValueError(f"{what}: {str(path)!r} holds no 'backbone.*' weights in its state_dict (is it a checkpoint of a p2r run?)")
     return backbone
+
+
+def read_backbone_options(path: str | Path, what: str = "checkpoint") -> dict[str, Any] | None:
+    """The backbone options a p2r run stored beside its weights (``BACKBONE_OPTIONS``: LoRA options,
+    quantization), or None for a checkpoint written before p2r stored them."""
+    path = Path(path)
+    source = path / _META if path.is_dir() else path
+    if not source.is_file():
+        raise FileNotFoundError(f"{what}: no checkpoint file or folder at {str(path)!r}")
+    return torch.load(source, map_location="cpu", weights_only=True, mmap=True).get(BACKBONE_OPTIONS)
 
 
 def _read_distributed(path: Path, what: str) -> dict[str, torch.Tensor]:

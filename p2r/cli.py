@@ -21,11 +21,13 @@ import os
 import warnings
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from p2r.algorithms.base import VideoLVLMModule
+from p2r.algorithms.settings import SettingError
 from p2r.checkpoints import check_writable, install_atomic_checkpoint_io
 from p2r.data.datamodule import VideoDataModule
 
@@ -73,12 +75,29 @@ class P2RCLI(LightningCLI):
                 folders["ModelCheckpoint.dirpath"] = callback.dirpath
         check_writable(folders)
 
+    def instantiate_classes(self) -> None:
+        """As LightningCLI, but a setting refused by its range check (p2r.algorithms.settings) is
+        raised as itself, not buried under jsonargparse's "does not validate against any of the
+        Union subtypes" with the whole config namespace printed."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, SettingError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
 
 def main(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI; ``args`` defaults to sys.argv. Returns the CLI object (trainer, model, ...)."""
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Settings dataclasses (RolloutSettings, LossSettings, LoraOptions, FrameSampling) document each
+    # field in a docstring under it: --help shows them.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     return P2RCLI(
         model_class=VideoLVLMModule,
         subclass_mode_model=True,

@@ -103,6 +103,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.reduce_dtype = reduce_dtype
         self.reshard_after_forward = reshard_after_forward
 
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype the sharded layers compute in (``param_dtype``), or None for the parameters' own."""
+        return getattr(torch, self.param_dtype) if self.param_dtype else None
+
     def setup_environment(self) -> None:
         # One data-parallel dimension over every rank; Lightning's "auto" would make the devices
         # of a node a tensor-parallel group, which p2r's models do not implement.

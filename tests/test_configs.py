@@ -128,3 +128,29 @@ def _has(tree: dict, path: tuple) -> bool:
             return False
         tree = tree[key]
     return True
+
+
+def differences(a: Any, b: Any, prefix: tuple = ()) -> set[tuple]:
+    """Paths (list entries by index) where two parsed YAML trees differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {d for key in a.keys() | b.keys() for d in differences(a.get(key), b.get(key), (*prefix, key))}
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return {d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, (*prefix, i))}
+    return set() if a == b else {prefix}
+
+
+def test_grpo_is_pagrpo_with_one_summed_advantage_and_the_per_sequence_mean():
+    """The paper's GRPO ablation: the same rewards, budget, model and precision as PA-GRPO; only
+    the advantage (one, from the summed reward) and the loss aggregation (per-sequence mean, as
+    TRL's loss_type grpo and Video-R1's trainer) differ, besides where the run writes."""
+    pagrpo, grpo = load(CONFIG_DIR / "pagrpo.yaml"), load(CONFIG_DIR / "grpo.yaml")
+    where = {
+        ("trainer", "default_root_dir"),
+        ("trainer", "logger", 0, "init_args", "save_dir"),
+        *{("trainer", "callbacks", i, "init_args", "dirpath") for i, cb in enumerate(grpo["trainer"]["callbacks"])
+          if cb["class_path"].endswith("ModelCheckpoint")},
+    }
+    method = {("model", "init_args", "loss", "mode"), ("model", "init_args", "loss", "aggregation")}
+    assert differences(pagrpo, grpo) == where | method
+    assert grpo["model"]["init_args"]["loss"] == {**pagrpo["model"]["init_args"]["loss"], "mode": "grpo", "aggregation": "sequence_mean"}
+    assert {lookup(c, ("trainer", "default_root_dir")) for c in (pagrpo, grpo)} == {"runs/pagrpo", "runs/grpo"}

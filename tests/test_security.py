@@ -68,8 +68,8 @@ def test_api_key_reaches_the_judge_but_no_file_of_the_run(synthetic_root, tiny_s
                     "--config", str(overlay), *sizes,
                     f"--data.train_shards={synthetic_root}/shards/train-*.tar", "--data.val_shards=null",
                     "--data.batch_size=1", "--data.num_workers=0", "--trainer.max_steps=2",
-                    "--trainer.limit_val_batches=0", "--model.init_args.group_size=2",
-                    "--model.init_args.max_completion_length=6", "--model.init_args.micro_batch_size=2"])
+                    "--trainer.limit_val_batches=0", "--model.init_args.rollout.group_size=2",
+                    "--model.init_args.rollout.max_completion_length=6", "--model.init_args.micro_batch_size=2"])
     assert cli.trainer.global_step == 2
     assert server.requests and all(r["headers"].get("Authorization") == f"Bearer {SECRET}" for r in server.requests)
 

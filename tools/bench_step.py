@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import resource
 import subprocess
@@ -106,20 +105,20 @@ def one_step(backbone, reference, optimizer, prompts, clips, args, shared: bool)
     if shared:
         chunks = micro_batches(len(prompts), max(1, args.micro_batch // g))
 
-        def logprobs(chunk):
-            return shared_prompt_logprobs(backbone, rollout, chunk)
+        def logprobs(chunk, model=None):
+            return shared_prompt_logprobs(backbone, rollout, chunk, model=model)
     else:
         chunks = micro_batches(n, args.micro_batch)
 
-        def logprobs(chunk):
+        def logprobs(chunk, model=None):
             batch = build_train_batch(backbone, rollout, chunk)
-            return completion_logprobs(backbone, batch), batch.completion_mask
+            return completion_logprobs(backbone, batch, model=model), batch.completion_mask
 
     with torch.no_grad():
         old = [logprobs(chunk)[0] for chunk in chunks]
     timer.lap("old-policy log-probs")
-    with torch.no_grad(), reference_policy(backbone, reference):
-        ref = [logprobs(chunk)[0] for chunk in chunks]
+    with torch.no_grad(), reference_policy(backbone, reference) as ref_model:
+        ref = [logprobs(chunk, ref_model)[0] for chunk in chunks]
     timer.lap("reference log-probs")
 
     # Not timed: the same numbers for both paths (seeded advantages, perception spans).
@@ -161,16 +160,13 @@ def one_step(backbone, reference, optimizer, prompts, clips, args, shared: bool)
 
 @contextlib.contextmanager
 def reference_policy(backbone, reference):
-    """The reference policy: LoRA adapters off, or the frozen copy swapped in (as PAGRPOModule does)."""
+    """The reference model to pass to the log-prob functions: the policy with its LoRA adapters off,
+    or the frozen copy (as PAGRPOModule does)."""
     if reference is None:
         with backbone.adapters_disabled():
-            yield
+            yield backbone.model
         return
-    policy, backbone.model = backbone.model, reference
-    try:
-        yield
-    finally:
-        backbone.model = policy
+    yield reference
 
 
 def run_path(args, path: str) -> dict:
@@ -189,7 +185,7 @@ def run_path(args, path: str) -> dict:
         ok, reason = supports_shared_prompt(backbone)
         if not ok:
             raise SystemExit(f"shared prompt refused: {reason}")
-    reference = None if lora else copy.deepcopy(backbone.model).eval().requires_grad_(False)
+    reference = None if lora else backbone.frozen_copy(next(backbone.model.parameters()).dtype)
     params = [p for p in backbone.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01)
     prompts, clips = make_prompts(backbone, args)

@@ -23,7 +23,10 @@ from callbacks.rewards.format import perception_format, reasoning_format
 from callbacks.rewards.judges import JudgeRequest, RuleBasedJudge
 from callbacks.segments import split_segments
 from p2r.algorithms.nonfinite import NonFiniteGuard, tensors_finite
+from p2r.algorithms.settings import require
+from p2r.algorithms.update_check import FirstStepUpdateCheck, warn_once
 from p2r.backbones.base import VideoBackbone
+from p2r.checkpoints import BACKBONE_OPTIONS
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import PromptTemplate, build_prompt
 from p2r.data.shard_reader import SkipLog
@@ -63,6 +66,13 @@ class VideoLVLMModule(L.LightningModule):
             max_nonfinite_steps: A step with a NaN/inf loss or gradient is skipped and counted; this
                 many in a row stop the run with an error (0: never stop).
         """
+        require("lr", lr, lr >= 0, ">= 0")
+        require("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
+        require("warmup_ratio", warmup_ratio, 0 <= warmup_ratio <= 1, "in [0, 1]")
+        require("eval_max_new_tokens", eval_max_new_tokens, eval_max_new_tokens >= 1, ">= 1")
+        require("eval_temperature", eval_temperature, eval_temperature >= 0, ">= 0 (0: greedy)")
+        require("eval_top_p", eval_top_p, 0 < eval_top_p <= 1, "in (0, 1]")
+        require("max_nonfinite_steps", max_nonfinite_steps, max_nonfinite_steps >= 0, ">= 0 (0: never stop)")
         super().__init__()
         self.backbone = backbone
         self.lr = lr
@@ -76,6 +86,7 @@ class VideoLVLMModule(L.LightningModule):
         self.skipped_samples = 0
         self._backbone_ready = False
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.update_check: FirstStepUpdateCheck | None = None
         self._bad_loss_in_step = False
         self._stop_error: FloatingPointError | None = None  # raised at on_train_end (see count_step)
         self.skip_log = SkipLog(logging.getLogger(__name__), "training records")
@@ -87,6 +98,10 @@ class VideoLVLMModule(L.LightningModule):
             self.on_backbone_built()
         for model in self.models_to_shard():
             self.shard(model)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A later stage's weights_from needs the adapters' options to merge them (p2r.backbones.base).
+        checkpoint[BACKBONE_OPTIONS] = self.backbone.stored_options()
 
     def on_backbone_built(self) -> None:
         """Runs once, at the first ``configure_model``: the weights exist, nothing is sharded or restored yet."""
@@ -114,7 +129,21 @@ class VideoLVLMModule(L.LightningModule):
             total = self.trainer.max_steps  # counts optimizer steps, also under manual optimization
         else:
             total = int(self.trainer.estimated_stepping_batches) * self.optimizer_steps_per_batch
-        return adamw_with_schedule(self, self.lr, self.weight_decay, self.warmup_ratio, self.schedule, total)
+        config = adamw_with_schedule(self, self.lr, self.weight_decay, self.warmup_ratio, self.schedule, total)
+        self.update_check = FirstStepUpdateCheck([p for p in self.parameters() if p.requires_grad])
+        self.update_check.attach(config["optimizer"])
+        return config
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the first optimizer step: log how many weight updates were rounded away (warn when
+        # the weights are 16-bit; p2r.algorithms.update_check).
+        check = self.update_check
+        if check is not None and check.result is not None:
+            self.log("train/update_lost_fraction", check.result.lost_fraction, batch_size=1)
+            self.log("train/update_changed_fraction", check.result.changed_fraction, batch_size=1)
+            if self.global_rank == 0:
+                warn_once(check)
+            self.update_check = None
 
     def agreed(self, flag: bool) -> bool:
         """``flag`` if it holds on every rank (a collective: every rank must call it)."""
@@ -144,6 +173,11 @@ class VideoLVLMModule(L.LightningModule):
             raise error
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self._drop_nonfinite_gradients(optimizer)
+        if self.update_check is not None:
+            self.update_check.before_step()
+
+    def _drop_nonfinite_gradients(self, optimizer: Any) -> None:
         # Automatic optimization: a step that saw a non-finite loss (in any accumulated batch) or
         # has non-finite gradients loses its gradients, so AdamW leaves every parameter alone.
         if not self.automatic_optimization:

@@ -4,38 +4,47 @@ Each step (METHOD.md, "PA-GRPO"):
   1. rollout: G completions per prompt (p2r.algorithms.rollout: the video encoded and the prompt
      prefilled once per prompt, the KV cache shared by the G samples);
   2. every reward callback on the trainer scores the Rollouts (callbacks/: reasoning accuracy,
-     format, length, the perception judge, optionally the T-GRPO temporal bonus); the module sums
-     them per process, R_i,k = sum of the rewards that feed process k;
+     format, length, the perception judge, T-GRPO's temporal bonus); the module sums them per
+     process, R_i,k = sum of the rewards that feed process k;
   3. advantages: A_i,k = (R_i,k - mean_group) / (std_group + eps), separately for k in {P, R};
      A_i,P goes to the perception tokens of sample i, A_i,R to its reasoning tokens;
-  4. loss: PPO clipped surrogate per token + beta * k3 KL to the reference (the SFT model:
-     LoRA adapters disabled, or a frozen copy made before any update), aggregated per process
-     segment (``loss_aggregation``), ``num_iterations`` optimizer steps per rollout batch.
+  4. loss: PPO clipped surrogate per token + beta * k3 KL to the reference (the SFT model),
+     aggregated per process segment (``loss.aggregation``), ``num_iterations`` optimizer steps
+     per rollout batch.
 
-``mode: grpo`` is plain GRPO (one reward summed over all callbacks, one advantage on every
-token); plain GRPO + a TemporalBonusReward callback is Video-R1's T-GRPO.
+``loss.mode: grpo`` is plain GRPO (one reward summed over all callbacks, one advantage on every
+token; configs/grpo.yaml with ``sequence_mean``). With a TemporalBonusReward callback the module
+also samples ``rollout.shuffled_samples`` completions per video prompt on shuffled frames:
+Video-R1's T-GRPO (configs/tgrpo.yaml).
+
+The reference policy is the model the run starts from (``backbone.weights_from``: the SFT model;
+LoRA SFT adapters are merged into the base first, p2r.backbones.base). With LoRA it is the policy
+with its adapters disabled; otherwise a frozen copy made before any update (and before a resumed
+checkpoint is restored), its parameters in the dtype the policy computes in (bf16 under
+configs' FSDP2), passed explicitly to the log-prob functions and never saved in checkpoints.
 
 Departures / choices where the paper is silent (all configurable):
   - a reward of NaN (the judge's drop_group failure policy) removes the sample's whole group
-    from the update; a truncated completion can be removed too (``mask_truncated``);
-  - log-probs divide logits by the sampling temperature (as TRL does);
-  - the reference policy is built from the same weights the policy starts from (``weights_from``),
-    before a resumed checkpoint is restored, so resuming never moves the reference.
+    from the update; a truncated completion can be removed too (``loss.mask_truncated``);
+  - log-probs divide logits by the sampling temperature (as TRL does).
 
 Launch:
     python -m p2r fit --config configs/pagrpo.yaml                          # paper scale
-    python -m p2r fit --config configs/pagrpo.yaml --config configs/tiny.yaml  # CPU, tiny SFT start
+    python -m p2r fit --config configs/pagrpo.yaml --config configs/tiny.yaml --config configs/tiny_rl.yaml  # CPU
+    python -m p2r fit --config configs/grpo.yaml     # the plain GRPO ablation
+    python -m p2r fit --config configs/tgrpo.yaml    # Video-R1's T-GRPO
 """
 
 from __future__ import annotations
 
-import copy
 import random
 import time
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from callbacks.reward_callbacks import needs_shuffled_frames, notify_rollouts_scored, score_all
 from callbacks.rollouts import Rollouts
@@ -50,13 +59,34 @@ from p2r.algorithms.rollout import (
     generate_groups,
     perception_masks,
 )
+from p2r.algorithms.settings import LossSettings, RolloutSettings, require
 from p2r.algorithms.shared_prompt import shared_prompt_logprobs, supports_shared_prompt
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import build_question
 from p2r.data.video import Clip
 from p2r.strategies import gathered
 
-Aggregation = Literal["segment_mean", "token_mean", "sequence_mean", "constant"]
+
+class MicroBatch(NamedTuple):
+    """One micro-batch of the update, prepared once per rollout batch (n samples, T = their longest completion)."""
+
+    rows: list[int]  # (n,) sample indices into the rollout
+    advantages: torch.Tensor  # (n, T) A_P on perception tokens, A_R on reasoning tokens, 0 elsewhere
+    perception: torch.Tensor  # (n, T) bool, perception tokens of kept samples
+    completion: torch.Tensor  # (n, T) bool, completion tokens of kept samples
+    old_logp: torch.Tensor | None  # (n, T) sampling policy's log-probs (num_iterations > 1), else None
+    ref_logp: torch.Tensor | None  # (n, T) reference log-probs (beta > 0), else None
+
+
+@dataclass
+class Reference:
+    """The KL's reference policy. ``model`` is a frozen copy, or None: the policy with its LoRA adapters off.
+
+    Held in this plain container, not as a submodule, so that checkpoints, ``.train()`` and the
+    optimizer never see the copy; the module shards it and moves it to the device itself.
+    """
+
+    model: nn.Module | None
 
 
 def micro_batches(n: int, size: int) -> list[list[int]]:
@@ -97,72 +127,43 @@ class PAGRPOModule(VideoLVLMModule):
     def __init__(
         self,
         *args: Any,
-        mode: Literal["pa_grpo", "grpo"] = "pa_grpo",
-        group_size: int = 8,
-        max_completion_length: int = 768,
-        temperature: float = 1.0,
-        top_p: float = 0.95,
-        beta: float = 0.04,
-        epsilon: float = 0.2,
-        epsilon_high: float | None = None,
+        rollout: RolloutSettings = RolloutSettings(),
+        loss: LossSettings = LossSettings(),
         num_iterations: int = 1,
-        loss_aggregation: Aggregation = "segment_mean",
-        scale_rewards: bool = True,
-        advantage_eps: float = 1e-4,
-        mask_truncated: bool = False,
         micro_batch_size: int = 8,
         shared_prompt: bool = True,
         max_grad_norm: float = 5.0,
-        rollout_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         """
         Args:
-            mode: "pa_grpo": per-process rewards and advantages (VideoP2R); "grpo": one summed reward
-                and one advantage for all tokens (plain GRPO; add TemporalBonusReward for T-GRPO).
-            group_size: Completions sampled per prompt (G; paper 8).
-            max_completion_length: Most tokens generated per completion (paper 768).
-            temperature: Sampling temperature of rollouts (paper 1.0).
-            top_p: Nucleus mass of rollouts (paper 0.95).
-            beta: Weight of the k3 KL to the reference policy (0 skips the reference pass).
-            epsilon: Clip range below (and above, unless epsilon_high) the ratio 1.
-            epsilon_high: Upper clip range (DAPO's clip-higher); None: same as epsilon.
+            rollout: How completions are sampled (group size, length, temperature, top_p, seed).
+            loss: How rewards become advantages and the loss (mode, aggregation, beta, clip range).
             num_iterations: Optimizer steps on each rollout batch (>1 uses stored old log-probs).
-            loss_aggregation: "segment_mean" (mean per process segment, then per sample, the paper's
-                reading), "token_mean" (DAPO), "sequence_mean" (GRPO), "constant" (Dr. GRPO).
-            scale_rewards: Divide by the group std (False: Dr. GRPO's mean-centering only).
-            advantage_eps: Added to the group std.
-            mask_truncated: Leave completions that hit max_completion_length out of the loss.
             micro_batch_size: Completions per forward/backward in the log-prob and update passes
                 (with shared_prompt, whole groups: max(1, micro_batch_size // group_size) prompts).
             shared_prompt: Run each prompt and its video once per group in the log-prob and update
                 passes (one packed row, 4-D mask; p2r.algorithms.shared_prompt); False: one row per
                 completion, the prompt repeated G times (TRL/Video-R1's way).
             max_grad_norm: Gradient-norm clip per optimizer step (paper 5).
-            rollout_seed: Seed of rollout sampling (offset by step and by each prompt's index in the global batch).
             *args, **kwargs: The arguments of :class:`p2r.algorithms.base.VideoLVLMModule`.
         """
+        require("num_iterations", num_iterations, num_iterations >= 1, ">= 1")
+        require("micro_batch_size", micro_batch_size, micro_batch_size >= 1, ">= 1")
+        require("max_grad_norm", max_grad_norm, max_grad_norm > 0, "> 0")
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["backbone"])
+        self.rollout = rollout
+        self.loss = loss
+        # Plain dicts in hparams: checkpoints stay loadable with weights_only=True.
+        self.save_hyperparameters(ignore=["backbone", "rollout", "loss"])
+        self.hparams.update(rollout=asdict(self.rollout), loss=asdict(self.loss))
         self.automatic_optimization = False
-        self.mode = mode
-        self.group_size = group_size
-        self.max_completion_length = max_completion_length
-        self.temperature = temperature
-        self.top_p = top_p
-        self.beta = beta
-        self.epsilon = epsilon
-        self.epsilon_high = epsilon_high
         self.num_iterations = num_iterations
-        self.loss_aggregation = loss_aggregation
-        self.scale_rewards = scale_rewards
-        self.advantage_eps = advantage_eps
-        self.mask_truncated = mask_truncated
         self.micro_batch_size = micro_batch_size
         self.shared_prompt = shared_prompt
         self.max_grad_norm = max_grad_norm
-        self.rollout_seed = rollout_seed
         self.optimizer_steps_per_batch = num_iterations
+        self.reference: Reference | None = None
 
     # --- set-up ----------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -176,21 +177,25 @@ class PAGRPOModule(VideoLVLMModule):
                 )
 
     def on_backbone_built(self) -> None:
-        if self.beta > 0 and self.backbone.lora is None:
-            # Copied now, before sharding and before Lightning restores a resumed checkpoint: the
-            # reference stays the starting (SFT) policy. Kept out of the module's registry so it is
-            # never saved.
-            reference = copy.deepcopy(self.backbone.model).eval().requires_grad_(False)
-            object.__setattr__(self, "_reference_model", reference)
+        if self.loss.beta == 0:
+            return
+        if self.backbone.lora is not None:
+            self.reference = Reference(None)
+            return
+        # Copied now, before sharding and before Lightning restores a resumed checkpoint: the
+        # reference stays the starting (SFT) policy. In the dtype the policy computes in (the
+        # FSDP2 strategy's param_dtype, else the parameters'), so the KL is 0 at the first step.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        dtype = getattr(strategy, "compute_dtype", None) or next(self.backbone.model.parameters()).dtype
+        self.reference = Reference(self.backbone.frozen_copy(dtype))
 
-    def models_to_shard(self) -> list[torch.nn.Module]:
-        reference = getattr(self, "_reference_model", None)
-        return super().models_to_shard() + ([reference] if reference is not None else [])
+    def models_to_shard(self) -> list[nn.Module]:
+        frozen = [self.reference.model] if self.reference is not None and self.reference.model is not None else []
+        return super().models_to_shard() + frozen
 
     def on_fit_start(self) -> None:
-        reference = getattr(self, "_reference_model", None)
-        if reference is not None:
-            reference.to(self.device)
+        if self.reference is not None and self.reference.model is not None:
+            self.reference.model.to(self.device)
 
     # --- the step --------------------------------------------------------------------------------
     def _generators(self, num_prompts: int) -> list[torch.Generator]:
@@ -200,34 +205,48 @@ class PAGRPOModule(VideoLVLMModule):
         gens = []
         for index in range(first, first + num_prompts):
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(self.rollout_seed + 1_000_003 * self.global_step + index)
+            gen.manual_seed(self.rollout.seed + 1_000_003 * self.global_step + index)
             gens.append(gen)
         return gens
 
+    def _shuffled_completions(self, prompts: list[str], clips: list[Clip], gens: list[torch.Generator]) -> list[str]:
+        """T-GRPO's contrast: ``shuffled_samples`` completions per video prompt on its frames in a
+        random order (B * shuffled_samples texts; empty for image prompts, which have no order)."""
+        k, r = self.rollout.shuffled_samples, self.rollout
+        videos = [i for i, clip in enumerate(clips) if not clip.is_image]
+        texts = [""] * (len(prompts) * k)
+        if not videos:
+            return texts
+        # One frame order per prompt, seeded like its sampling generator (step, global prompt index).
+        first = self.global_rank * len(prompts)
+        orders = [random.Random(r.seed + 1_000_003 * self.global_step + first + i) for i in videos]
+        other = generate_groups(
+            self.backbone, [prompts[i] for i in videos], [shuffled_clip(clips[i], rng) for i, rng in zip(videos, orders)], k,
+            r.max_completion_length, r.temperature, r.top_p, [gens[i] for i in videos],
+        )
+        decoded = self.backbone.tokenizer.batch_decode(other.completion_ids, skip_special_tokens=True)
+        for j, i in enumerate(videos):
+            texts[i * k : (i + 1) * k] = decoded[j * k : (j + 1) * k]
+        return texts
+
     def _rollout(self, batch: list[Sample]) -> tuple[GroupRollout, Rollouts, list[list[bool]]]:
-        prompts, clips = self.prompts_of(batch), [s.clip for s in batch]
+        prompts, clips, r = self.prompts_of(batch), [s.clip for s in batch], self.rollout
         was_training = self.backbone.training
         self.backbone.eval()
         try:
             with gathered(self.backbone.model):
-                gen = self._generators(len(batch))
+                gens = self._generators(len(batch))
                 rollout = generate_groups(
-                    self.backbone, prompts, clips, self.group_size, self.max_completion_length,
-                    self.temperature, self.top_p, gen,
+                    self.backbone, prompts, clips, r.group_size, r.max_completion_length, r.temperature, r.top_p, gens
                 )
                 shuffled = None
                 if needs_shuffled_frames(self.trainer.callbacks):
-                    rng = random.Random(self.rollout_seed + self.global_step)
-                    other = generate_groups(
-                        self.backbone, prompts, [shuffled_clip(c, rng) for c in clips], self.group_size,
-                        self.max_completion_length, self.temperature, self.top_p, gen,
-                    )
-                    shuffled = self.backbone.tokenizer.batch_decode(other.completion_ids, skip_special_tokens=True)
+                    shuffled = self._shuffled_completions(prompts, clips, gens)
         finally:
             self.backbone.train(was_training)
         texts, masks = perception_masks(self.backbone.tokenizer, rollout.completion_ids)
         rollouts = Rollouts(
-            group_size=self.group_size,
+            group_size=r.group_size,
             prompts=[self._prompt_meta(s) for s in batch],
             completions=texts,
             completion_ids=rollout.completion_ids,
@@ -235,6 +254,7 @@ class PAGRPOModule(VideoLVLMModule):
             perception_token_lengths=[sum(m) for m in masks],
             reasoning_token_lengths=[len(m) - sum(m) for m in masks],
             shuffled_completions=shuffled,
+            shuffled_group_size=r.shuffled_samples if shuffled is not None else None,
         )
         return rollout, rollouts, masks
 
@@ -254,15 +274,16 @@ class PAGRPOModule(VideoLVLMModule):
 
     def _advantages(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A_P, A_R, keep) per sample; keep is False for dropped groups and masked truncations."""
+        g, loss = self.rollout.group_size, self.loss
         totals = {k: torch.tensor(v, dtype=torch.float32) for k, v in rollouts.process_totals().items()}
         summed = torch.tensor(rollouts.total(), dtype=torch.float32)  # (N,)
-        if self.mode == "pa_grpo":
-            adv = process_advantages(totals, self.group_size, self.advantage_eps, self.scale_rewards)
+        if loss.mode == "pa_grpo":
+            adv = process_advantages(totals, g, loss.advantage_eps, loss.scale_rewards)
             adv_p, adv_r = adv["perception"], adv["reasoning"]
         else:
-            adv_p = adv_r = group_advantages(summed, self.group_size, self.advantage_eps, self.scale_rewards)
-        keep = ~group_dropped(summed, self.group_size)
-        if self.mask_truncated:
+            adv_p = adv_r = group_advantages(summed, g, loss.advantage_eps, loss.scale_rewards)
+        keep = ~group_dropped(summed, g)
+        if loss.mask_truncated:
             keep &= ~torch.tensor(rollouts.truncated, dtype=torch.bool)
         return adv_p, adv_r, keep
 
@@ -270,8 +291,9 @@ class PAGRPOModule(VideoLVLMModule):
         self, rows: list[int], masks: list[list[bool]], adv_p: torch.Tensor, adv_r: torch.Tensor, keep: torch.Tensor,
         completion_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(advantages, perception, completion), each (n, T), for the samples ``rows``."""
         t = completion_mask.shape[1]
-        perception = torch.zeros(len(rows), t, dtype=torch.bool)
+        perception = torch.zeros(len(rows), t, dtype=torch.bool)  # (n, T)
         for r, i in enumerate(rows):
             perception[r, : len(masks[i])] = torch.tensor(masks[i], dtype=torch.bool)
         perception = perception.to(self.device)
@@ -281,32 +303,47 @@ class PAGRPOModule(VideoLVLMModule):
 
     def _chunks(self, num_prompts: int) -> list[list[int]]:
         """Sample indices per micro-batch; whole groups when the prompt is shared."""
-        g = self.group_size
+        g = self.rollout.group_size
         if not self.shared_prompt:
             return micro_batches(num_prompts * g, self.micro_batch_size)
         groups = micro_batches(num_prompts, max(1, self.micro_batch_size // g))
         return [[p * g + j for p in prompts for j in range(g)] for prompts in groups]
 
-    def _logprobs(self, rollout: GroupRollout, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs (n, T) of the completions ``rows`` and their mask, under the current model."""
+    def _logprobs(self, model: nn.Module, rollout: GroupRollout, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs (n, T) of the completions ``rows`` under ``model``, and their mask (n, T)."""
+        t = self.rollout.temperature
         if self.shared_prompt:
-            prompts = sorted({i // self.group_size for i in rows})
-            return shared_prompt_logprobs(self.backbone, rollout, prompts, self.temperature)
+            prompts = sorted({i // self.rollout.group_size for i in rows})
+            return shared_prompt_logprobs(self.backbone, rollout, prompts, t, model=model)
         batch = build_train_batch(self.backbone, rollout, rows)
-        return completion_logprobs(self.backbone, batch, self.temperature), batch.completion_mask
+        return completion_logprobs(self.backbone, batch, t, model=model), batch.completion_mask
 
     def _reference_logprobs(self, rollout: GroupRollout, rows: list[int]) -> torch.Tensor | None:
-        if self.beta == 0:
+        """Log-probs (n, T) under the reference policy; None when the loss has no KL term."""
+        if self.reference is None:
             return None
-        if self.backbone.lora is not None:
-            with self.backbone.adapters_disabled():
-                return self._logprobs(rollout, rows)[0]
-        policy = self.backbone.model
-        self.backbone.model = self._reference_model
-        try:
-            return self._logprobs(rollout, rows)[0]
-        finally:
-            self.backbone.model = policy
+        if self.reference.model is not None:
+            return self._logprobs(self.reference.model, rollout, rows)[0]
+        with self.backbone.adapters_disabled():
+            return self._logprobs(self.backbone.model, rollout, rows)[0]
+
+    def _prepare(
+        self, rollout: GroupRollout, masks: list[list[bool]], adv_p: torch.Tensor, adv_r: torch.Tensor, keep: torch.Tensor,
+        num_prompts: int,
+    ) -> list[MicroBatch]:
+        """Per micro-batch: token advantages and masks, and the old-policy and reference log-probs.
+
+        ``adv_p``, ``adv_r`` (N,) per-sample advantages; ``keep`` (N,) bool, samples in the loss.
+        """
+        prepared = []
+        with torch.no_grad():
+            for rows in self._chunks(num_prompts):
+                completion_mask = completion_mask_of(rollout, rows).to(self.device)  # (n, T)
+                adv, perception, comp = self._token_tensors(rows, masks, adv_p, adv_r, keep, completion_mask)
+                # With one update per rollout batch the old policy is the current one: no extra pass.
+                old = self._logprobs(self.backbone.model, rollout, rows)[0] if self.num_iterations > 1 else None
+                prepared.append(MicroBatch(rows, adv, perception, comp, old, self._reference_logprobs(rollout, rows)))
+        return prepared
 
     def training_step(self, batch: list[Sample], batch_idx: int) -> None:
         self.count_skipped(batch)
@@ -317,15 +354,9 @@ class PAGRPOModule(VideoLVLMModule):
         notify_rollouts_scored(self.trainer, self, rollouts)
         t2 = time.perf_counter()
         adv_p, adv_r, keep = self._advantages(rollouts)
-        prepared = []
-        with torch.no_grad():
-            for rows in self._chunks(rollouts.num_prompts):
-                completion_mask = completion_mask_of(rollout, rows).to(self.device)
-                adv, perception, comp = self._token_tensors(rows, masks, adv_p, adv_r, keep, completion_mask)
-                # With one update per rollout batch the old policy is the current one: no extra pass.
-                old = self._logprobs(rollout, rows)[0] if self.num_iterations > 1 else None
-                prepared.append((rows, adv, perception, comp, old, self._reference_logprobs(rollout, rows)))
-        all_mask = torch.cat([self._pad_cols(p[3], self.max_completion_length) for p in prepared])
+        prepared = self._prepare(rollout, masks, adv_p, adv_r, keep, rollouts.num_prompts)
+        width = self.rollout.max_completion_length
+        all_mask = torch.cat([self._pad_cols(p.completion, width) for p in prepared])  # (N, L)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         stats: dict[str, float] = {}
         for _ in range(self.num_iterations):
@@ -337,18 +368,19 @@ class PAGRPOModule(VideoLVLMModule):
         t3 = time.perf_counter()
         self._log_step(rollouts, adv_p, adv_r, keep, stats, rollout_s=t1 - t0, score_s=t2 - t1, update_s=t3 - t2)
 
-    def _update(self, rollout: GroupRollout, prepared: list, all_mask: torch.Tensor, stats: dict[str, float]) -> bool:
+    def _update(self, rollout: GroupRollout, prepared: list[MicroBatch], all_mask: torch.Tensor, stats: dict[str, float]) -> bool:
         """Backward over every micro-batch; False (and no step) when a loss or gradient is not finite."""
-        for rows, adv, perception, comp, old, ref in prepared:
-            logp = self._logprobs(rollout, rows)[0]
+        loss_cfg, width = self.loss, self.rollout.max_completion_length
+        for mb in prepared:
+            logp = self._logprobs(self.backbone.model, rollout, mb.rows)[0]  # (n, T)
             loss, metrics = pagrpo_loss(
-                logp, old if old is not None else logp.detach(), ref, adv, comp,
-                beta=self.beta, eps_low=self.epsilon, eps_high=self.epsilon_high, mode=self.loss_aggregation,
-                perception_mask=perception, max_completion_length=self.max_completion_length,
+                logp, mb.old_logp if mb.old_logp is not None else logp.detach(), mb.ref_logp, mb.advantages, mb.completion,
+                beta=loss_cfg.beta, eps_low=loss_cfg.epsilon, eps_high=loss_cfg.epsilon_high, mode=loss_cfg.aggregation,
+                perception_mask=mb.perception, max_completion_length=width, kl_log_ratio_clip=loss_cfg.kl_log_ratio_clip,
             )
             if not self.agreed(bool(torch.isfinite(loss))):
                 return self.count_step(False, "loss")
-            w = micro_weight(self.loss_aggregation, self._pad_cols(comp, self.max_completion_length), all_mask)
+            w = micro_weight(loss_cfg.aggregation, self._pad_cols(mb.completion, width), all_mask)
             self.manual_backward(loss * w)
             for k, v in {"loss": loss, **metrics}.items():
                 stats[k] = stats.get(k, 0.0) + w * float(v.detach()) / self.num_iterations
@@ -368,7 +400,7 @@ class PAGRPOModule(VideoLVLMModule):
         log("train/reward/total", np.nanmean(rollouts.total()))
         for name, adv in (("perception", adv_p), ("reasoning", adv_r)):
             log(f"train/advantage_abs/{name}", adv[keep].abs().mean() if keep.any() else 0.0)
-        groups = adv_r.view(-1, self.group_size)
+        groups = adv_r.view(-1, self.rollout.group_size)
         log("train/zero_advantage_groups", (groups.abs().sum(1) == 0).float().mean())
         log("train/dropped_fraction", 1 - keep.float().mean())
         for k, v in stats.items():

@@ -38,20 +38,24 @@ AggregationMode = Literal["token_mean", "sequence_mean", "constant", "segment_me
 AGGREGATION_MODES = ("token_mean", "sequence_mean", "constant", "segment_mean")
 
 
-def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+def k3_kl(logp: Tensor, ref_logp: Tensor, log_ratio_clip: float | None = None) -> Tensor:
     """Schulman's k3 estimator of KL(pi_theta || pi_ref) per token, as in TRL and Video-R1.
 
-    ``k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1``: unbiased for the KL when tokens are
-    sampled from pi_theta, and never negative. No clamping.
+    ``k3 = exp(x) - x - 1`` with ``x = ref_logp - logp``: unbiased for the KL when tokens are
+    sampled from pi_theta, and never negative. ``log_ratio_clip`` c clamps x to [-c, c] first
+    (Video-R1's trainer uses 10; the clamped tokens then get no KL gradient); None: no clamp.
 
     Args:
         logp: ``(N, T)`` log-probs of the sampled tokens under the policy.
         ref_logp: ``(N, T)`` log-probs of the same tokens under the reference model.
+        log_ratio_clip: bound on ``|ref_logp - logp|``, or None.
 
     Returns:
         ``(N, T)`` per-token KL estimate.
     """
     log_ratio = ref_logp - logp  # (N, T)
+    if log_ratio_clip is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clip, log_ratio_clip)  # (N, T)
     return torch.exp(log_ratio) - log_ratio - 1  # (N, T)
 
 
@@ -173,6 +177,7 @@ def pagrpo_loss(
     mode: AggregationMode,
     perception_mask: Tensor | None = None,
     max_completion_length: int | None = None,
+    kl_log_ratio_clip: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The PA-GRPO (or plain GRPO) loss: clipped surrogate + beta * k3 KL, aggregated.
 
@@ -197,6 +202,7 @@ def pagrpo_loss(
         mode: aggregation, see :func:`aggregate`.
         perception_mask: ``(N, T)`` perception tokens, for ``segment_mean``.
         max_completion_length: divisor length for ``constant``.
+        kl_log_ratio_clip: clamp of the KL's log-ratio (:func:`k3_kl`), or None.
 
     Returns:
         ``loss`` ``()`` and detached metrics, each a mean over masked tokens (0 when none):
@@ -219,7 +225,7 @@ def pagrpo_loss(
     kl = zeros  # (N, T)
     if beta != 0 and ref_logp is not None:
         ref = torch.where(mask, ref_logp.detach(), zeros)  # (N, T)
-        kl = k3_kl(logp, ref)  # (N, T)
+        kl = k3_kl(logp, ref, kl_log_ratio_clip)  # (N, T)
         per_token = surrogate + beta * kl  # (N, T)
     loss = aggregate(per_token, mask, mode, perception_mask, max_completion_length)  # ()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from callbacks.segments import char_spans_to_token_mask, split_segments
 from p2r.backbones.base import VideoBackbone, move_to
@@ -270,14 +271,18 @@ def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tens
     return torch.stack(rows)  # (N, T)
 
 
-def completion_logprobs(backbone: VideoBackbone, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs (N, T) of the completions under the backbone's current weights.
+def completion_logprobs(
+    backbone: VideoBackbone, batch: TrainBatch, temperature: float = 1.0, model: nn.Module | None = None
+) -> torch.Tensor:
+    """Per-token log-probs (N, T) of the completions under ``model`` (default: the backbone's policy).
 
-    Logits are divided by the sampling temperature (as TRL does), so the ratio compares the
-    same distributions that produced the samples.
+    ``model`` is any module with the backbone's architecture and inputs: PA-GRPO passes its frozen
+    reference copy here. Logits are divided by the sampling temperature (as TRL does), so the
+    ratio compares the same distributions that produced the samples.
     """
     t = batch.completion_ids.shape[1]
-    out = backbone.model(**batch.tensors, position_ids=batch.position_ids, use_cache=False, logits_to_keep=t + 1)
+    model = backbone.model if model is None else model
+    out = model(**batch.tensors, position_ids=batch.position_ids, use_cache=False, logits_to_keep=t + 1)
     logits = out.logits[:, :-1]  # (N, T, V): position P-1+t predicts completion token t
     if temperature not in (0, 1):
         logits = logits / temperature

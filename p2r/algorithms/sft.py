@@ -77,6 +77,7 @@ class SFTModule(VideoLVLMModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         # Wall time between batch ends: data wait, forward, backward and optimizer step all count.
         now = time.perf_counter()
         if self._step_start and getattr(self, "_tokens", 0):

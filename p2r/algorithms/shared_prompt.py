@@ -42,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from p2r.algorithms.rollout import GroupRollout, merge_visual
 from p2r.backbones.base import VideoBackbone, move_to
@@ -194,7 +195,11 @@ def build_shared_batch(backbone: VideoBackbone, rollout: GroupRollout, prompt_in
 
 
 def shared_prompt_logprobs(
-    backbone: VideoBackbone, rollout: GroupRollout, prompt_indices: list[int], temperature: float = 1.0
+    backbone: VideoBackbone,
+    rollout: GroupRollout,
+    prompt_indices: list[int],
+    temperature: float = 1.0,
+    model: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs (n, T) and completion mask (n, T) of the G completions of each prompt.
 
@@ -202,10 +207,12 @@ def shared_prompt_logprobs(
     prompt); samples in the order ``[p * G + j for p in prompt_indices for j in range(G)]``.
     Equal, within float rounding, to ``completion_logprobs(backbone, build_train_batch(backbone,
     rollout, those rows), temperature)`` and that batch's ``completion_mask``. Logits are divided
-    by the sampling temperature as there.
+    by the sampling temperature as there. ``model`` (default: the backbone's policy) is any module
+    with the backbone's architecture, e.g. PA-GRPO's frozen reference copy.
     """
     batch = build_shared_batch(backbone, rollout, prompt_indices)
-    out = backbone.model(
+    model = backbone.model if model is None else model
+    out = model(
         **batch.tensors,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,

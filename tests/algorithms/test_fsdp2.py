@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from callbacks.reward_callbacks import RewardCallback
 from p2r.algorithms.pagrpo import PAGRPOModule
+from p2r.algorithms.settings import LossSettings, RolloutSettings
 from p2r.algorithms.sft import SFTModule
 from p2r.backbones import TinyQwen25VL
 from p2r.data.datamodule import decode_sample
@@ -105,8 +106,8 @@ backbone = TinyQwen25VL(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=
 if job == "sft":
     module = SFTModule(backbone, lr=1e-3, schedule="constant")
 else:
-    module = PAGRPOModule(backbone, lr=1e-3, schedule="constant", group_size=4, max_completion_length=12,
-                          micro_batch_size=4, beta=0.04)
+    module = PAGRPOModule(backbone, lr=1e-3, schedule="constant", micro_batch_size=4,
+                          rollout=RolloutSettings(group_size=4, max_completion_length=12), loss=LossSettings(beta=0.04))
 strategy = FSDP2Strategy(param_dtype=None, reduce_dtype=None, save_distributed_checkpoint=False) if devices > 1 else "auto"
 recorder = Recorder()
 callbacks = [recorder] + ([TokenSumReward(), TokenParityReward()] if job == "pagrpo" else [])
@@ -123,7 +124,7 @@ if devices > 1:
     blocks = [m for m in backbone.model.modules() if isinstance(m, FSDPModule) and m is not backbone.model]
     assert len(blocks) >= 3, blocks  # two decoder layers and the vision block
     if job == "pagrpo":
-        assert isinstance(module._reference_model, FSDPModule), "the reference was not sharded"
+        assert isinstance(module.reference.model, FSDPModule), "the reference was not sharded"
     final = get_model_state_dict(backbone.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 else:
     final = backbone.model.state_dict()

@@ -14,6 +14,7 @@ import p2r.algorithms.sft as sft_module
 from callbacks.reward_callbacks import RewardCallback
 from p2r.algorithms.nonfinite import NonFiniteGuard, tensors_finite
 from p2r.algorithms.pagrpo import PAGRPOModule
+from p2r.algorithms.settings import LossSettings, RolloutSettings
 from p2r.algorithms.sft import SFTModule
 from p2r.backbones import TinyQwen25VL
 from p2r.data.datamodule import decode_sample
@@ -78,7 +79,8 @@ def make(kind: str, **kwargs):
     backbone = TinyQwen25VL(hidden_size=32, num_layers=1, vision_hidden_size=16, vision_depth=1, seed=0, freeze_vision=True)
     if kind == "sft":
         return SFTModule(backbone, lr=1e-3, schedule="constant", **kwargs)
-    return PAGRPOModule(backbone, lr=1e-3, schedule="constant", group_size=2, max_completion_length=6, beta=0.0, **kwargs)
+    return PAGRPOModule(backbone, lr=1e-3, schedule="constant", rollout=RolloutSettings(group_size=2, max_completion_length=6),
+                        loss=LossSettings(beta=0.0), **kwargs)
 
 
 def poison(monkeypatch, kind: str, bad_calls: set[int]) -> None:

@@ -6,11 +6,14 @@ import csv
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
+from callbacks.reward_callbacks import RewardCallback
 from callbacks.rollouts import Rollouts
 from p2r.algorithms.pagrpo import PAGRPOModule, micro_batches, micro_weight
+from p2r.algorithms.settings import LossSettings, RolloutSettings
 from p2r.backbones import TinyQwen25VL
 from p2r.cli import main
 from p2r.data.synthetic import make_synthetic
@@ -36,7 +39,8 @@ def _rollouts(perception, reasoning, group_size=2):
 
 
 def _module(mode):
-    return PAGRPOModule(TinyQwen25VL(hidden_size=32, num_layers=1, vision_hidden_size=32), mode=mode, group_size=2)
+    return PAGRPOModule(TinyQwen25VL(hidden_size=32, num_layers=1, vision_hidden_size=32), rollout=RolloutSettings(group_size=2),
+                        loss=LossSettings(mode=mode))
 
 
 def test_pa_grpo_normalises_each_process_in_its_group():
@@ -89,6 +93,15 @@ def tiny_sft(tmp_path_factory):
     return work, data
 
 
+class TokenSumReward(RewardCallback):
+    """A reward that varies inside groups even for a barely trained model, so advantages are not zero."""
+
+    name, process = "reasoning/token_sum", "reasoning"
+
+    def score(self, rollouts):
+        return [float(sum(ids) % 5) for ids in rollouts.completion_ids]
+
+
 def _metrics(csv_path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(open(csv_path)))
 
@@ -99,8 +112,8 @@ def test_rl_fit_from_the_tiny_sft_checkpoint(tiny_sft, config, monkeypatch):
     monkeypatch.chdir(work)
     sft = torch.load(work / "runs/sft/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     cli = main(["fit", "--config", f"{ROOT}/configs/{config}.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
-                *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.group_size=2",
-                "--model.init_args.max_completion_length=12", "--model.init_args.micro_batch_size=3"])
+                *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=2",
+                "--model.init_args.rollout.max_completion_length=12", "--model.init_args.micro_batch_size=3"])
     after = cli.model.state_dict()
     changed = [k for k, v in sft.items() if not torch.equal(v, after[k].cpu())]
     assert changed, "no parameter moved in 2 RL steps"
@@ -114,17 +127,49 @@ def test_rl_fit_from_the_tiny_sft_checkpoint(tiny_sft, config, monkeypatch):
     assert list((work / f"runs/{config}/logs").glob("version_*/rollouts/*.jsonl")), "no rollout table written"
 
 
+class ShuffledRecorder(L.Callback):
+    """Keeps what T-GRPO's producer handed the rewards: shuffled completions per prompt."""
+
+    seen: list[tuple[int, int, list[str]]] = []
+
+    def on_rollouts_scored(self, trainer, pl_module, rollouts):
+        ShuffledRecorder.seen.append((rollouts.num_prompts, rollouts.shuffled_samples, rollouts.shuffled_completions))
+
+
+def test_tgrpo_fit_samples_half_a_group_on_shuffled_frames(tiny_sft, monkeypatch):
+    """configs/tgrpo.yaml on the tiny overlay: G = 4 completions per prompt and G / 2 = 2 more on
+    shuffled frames, Video-R1's reward set logged, the policy moves."""
+    work, data = tiny_sft
+    monkeypatch.chdir(work)
+    ShuffledRecorder.seen = []
+    sft = torch.load(work / "runs/sft/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    cli = main(["fit", "--config", f"{ROOT}/configs/tgrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
+                *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=4",
+                "--model.init_args.rollout.max_completion_length=12", f"--trainer.callbacks+={__name__}.ShuffledRecorder",
+                f"--trainer.callbacks+={__name__}.TokenSumReward"])
+    assert cli.model.rollout.shuffled_samples == 2 and cli.model.loss.aggregation == "sequence_mean"
+    for prompts, per_prompt, shuffled in ShuffledRecorder.seen:
+        assert per_prompt == 2 and len(shuffled) == 2 * prompts and all(shuffled)
+    after = cli.model.state_dict()
+    assert any(not torch.equal(v, after[k].cpu()) for k, v in sft.items())
+    rows = _metrics(next((work / "runs/tgrpo/logs").glob("version_*/metrics.csv")))
+    logged = {k for r in rows for k, v in r.items() if v}
+    for name in ("reward/reasoning/accuracy", "reward/reasoning/think_answer_format", "reward/reasoning/temporal",
+                 "reward/reasoning/completion_length", "temporal/pass_rate"):
+        assert name in logged, name
+
+
 def test_reference_equals_the_starting_policy(tiny_sft, monkeypatch):
     """At step 0 the policy is the reference: the KL of the first update is exactly 0."""
     work, data = tiny_sft
     monkeypatch.chdir(work)
     cli = main(["fit", "--config", f"{ROOT}/configs/pagrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
-                *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.group_size=2",
-                "--model.init_args.max_completion_length=8"])
+                *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.rollout.group_size=2",
+                "--model.init_args.rollout.max_completion_length=8"])
     rows = _metrics(next(iter(sorted((work / "runs/pagrpo/logs").glob("version_*/metrics.csv"))[-1:])))
     kl = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
     assert kl and kl[0] == pytest.approx(0.0, abs=1e-6)
-    ref = cli.model._reference_model
+    ref = cli.model.reference.model
     assert not any(p.requires_grad for p in ref.parameters())
     assert not any(k.startswith("_reference") for k in cli.model.state_dict())
 
@@ -136,25 +181,122 @@ def test_rl_without_reward_callbacks_fails_clearly(tiny_sft, monkeypatch, tmp_pa
     overlay.write_text("trainer:\n  callbacks: []\n")
     with pytest.raises(Exception, match="(?i)reward"):
         main(["fit", "--config", f"{ROOT}/configs/pagrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
-              "--config", str(overlay), *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.group_size=2",
-              "--model.init_args.max_completion_length=4"])
+              "--config", str(overlay), *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.rollout.group_size=2",
+              "--model.init_args.rollout.max_completion_length=4"])
 
 
 def test_shared_prompt_and_per_sample_passes_give_the_same_step(tiny_sft, monkeypatch):
     """The same seeded step with the prompt shared per group or repeated per sample: same rollouts,
-    same loss. (Parameters are not compared: Adam's first step is lr * sign(grad), which turns
-    float noise on near-zero gradients into full-size differences; gradient equality is tested
-    on the functions in tests/algorithms/test_shared_prompt.py.)"""
+    same losses, with two updates per rollout batch so that the second update's loss depends on the
+    log-probs of the updated policy (ratio != 1) and on the stored old-policy log-probs.
+    (Parameters are not compared: Adam's first step is lr * sign(grad), which turns float noise on
+    near-zero gradients into full-size differences; gradient equality is tested on the functions
+    in tests/algorithms/test_shared_prompt.py.)"""
     work, data = tiny_sft
     monkeypatch.chdir(work)
     logged = {}
     for shared in ("true", "false"):
         main(["fit", "--config", f"{ROOT}/configs/pagrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
-              *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.group_size=3",
-              "--model.init_args.max_completion_length=10", "--model.init_args.micro_batch_size=3",
-              f"--model.init_args.shared_prompt={shared}"])
+              *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=3",
+              "--model.init_args.rollout.max_completion_length=10", "--model.init_args.micro_batch_size=3",
+              "--model.init_args.num_iterations=2", "--model.init_args.lr=1e-3", f"--model.init_args.shared_prompt={shared}",
+              f"--trainer.callbacks+={__name__}.TokenSumReward"])
         rows = _metrics(sorted((work / "runs/pagrpo/logs").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)[-1])
         logged[shared] = {k: float(v) for r in rows for k, v in r.items() if v and k.startswith("train/") and k != "train/lr"}
     assert logged["true"].keys() == logged["false"].keys() and "train/loss" in logged["true"]
+    # The second update saw a policy that had moved (measured: ratio_max 1.056, KL 1e-3): the loss read the log-probs.
+    assert abs(logged["true"]["train/ratio_max"] - 1) > 1e-3
     for key, value in logged["true"].items():
         assert value == pytest.approx(logged["false"][key], rel=1e-4, abs=1e-6), key
+
+
+# --- wiring: which advantage reaches which token ---------------------------------------------------
+class FixedReward(RewardCallback):
+    """A reward with given values per sample (the step's other rewards are the real callbacks)."""
+
+    def __init__(self, name: str, process: str, values: list[float]) -> None:
+        self.name, self.process, self.values = name, process, values
+
+    def score(self, rollouts):
+        return list(self.values)
+
+
+def _wiring_completions(tokenizer, end: int) -> tuple[list[list[int]], list[int], list[int]]:
+    """Three well-formed completions as token ids and their perception / reasoning token counts.
+
+    The perception part (``<observation>...</observation>``) and the reasoning part (the rest, the
+    end token included) are tokenized apart, so the segment boundary is a token boundary.
+    """
+    ids, lp, lr = [], [], []
+    for words_p, words_r in ((3, 9), (6, 5), (4, 7)):
+        p = tokenizer("<observation>" + " red square" * words_p + "</observation>", add_special_tokens=False)["input_ids"]
+        r = tokenizer(" <think>" + " it moves" * words_r + "</think> <answer>A</answer>", add_special_tokens=False)["input_ids"]
+        ids.append(p + r + [end])
+        lp.append(len(p))
+        lr.append(len(r) + 1)
+    return ids, lp, lr
+
+
+def test_each_segment_gets_its_own_advantage(synthetic_root, monkeypatch):
+    """One real PA-GRPO step in which the perception and the reasoning rewards disagree.
+
+    G = 3 completions of one prompt; perception accuracy [1, 1, 0], reasoning accuracy [0, 1, 1],
+    both formats 1, and length windows that only sample 0's observation (P) and sample 1's
+    reasoning (R) fit. Totals: R_P = [2.2, 2, 1], R_R = [1, 2.2, 2], so (unbiased std, eps 1e-4)
+    A_P = [0.7259, 0.4148, -1.1407] and A_R = [-1.1407, 0.7259, 0.4148]. With one update per
+    batch (ratio 1), beta 0 and segment_mean, the loss's gradient on the log-prob of token t of
+    sample i is -A_P,i / (2 N n_P,i) on its perception tokens and -A_R,i / (2 N n_R,i) on its
+    reasoning tokens (N = 3 samples, n = the segment's tokens). Swapping A_P and A_R, giving a
+    segment's tokens the other advantage, or swapping the segment lengths (the length rewards and
+    the segment means read them) each changes these numbers.
+    """
+    import webdataset as wds
+
+    import p2r.algorithms.pagrpo as pagrpo
+    from callbacks.reward_callbacks import PerceptionFormatReward, PerceptionLengthReward, ReasoningFormatReward, ReasoningLengthReward
+    from p2r.algorithms.rollout import GroupRollout, prepare_prompts
+    from p2r.data.datamodule import decode_sample
+    from p2r.data.video import FrameSampling
+
+    raw = next(iter(wds.tarfile_to_samples()(iter([{"url": str(sorted((synthetic_root / "shards").glob("train-*.tar"))[0])}]))))
+    sample = decode_sample(raw, FrameSampling(fps=4.0, min_frames=4, max_frames=4, min_pixels=784, max_pixels=784))
+    module = PAGRPOModule(TinyQwen25VL(hidden_size=32, num_layers=1, vision_hidden_size=16, vision_depth=1, vocab_size=512),
+                          rollout=RolloutSettings(group_size=3, max_completion_length=64), loss=LossSettings(beta=0.0),
+                          lr=1e-3, schedule="constant")
+    tok = module.backbone.tokenizer
+    ids, lp, lr = _wiring_completions(tok, module.backbone.eos_token_ids[0])
+    assert len({*lp, *lr}) == 6  # every P and R length differs: swapped lengths never fit a window
+
+    def fixed_rollout(backbone, prompts, clips, group_size, *args, **kwargs):
+        return GroupRollout(prepare_prompts(backbone, prompts, clips), group_size, [list(c) for c in ids], [False] * 3)
+
+    seen = []
+
+    def recording_loss(logp, *args, **kwargs):
+        logp.retain_grad()
+        seen.append((logp, kwargs["perception_mask"], args[3]))
+        return real_loss(logp, *args, **kwargs)
+
+    real_loss = pagrpo.pagrpo_loss
+    monkeypatch.setattr(pagrpo, "generate_groups", fixed_rollout)
+    monkeypatch.setattr(pagrpo, "pagrpo_loss", recording_loss)
+    rewards = [
+        FixedReward("perception/accuracy", "perception", [1.0, 1.0, 0.0]), PerceptionFormatReward(),
+        PerceptionLengthReward(lmin=lp[0], lmax=lp[0]),
+        FixedReward("reasoning/accuracy", "reasoning", [0.0, 1.0, 1.0]), ReasoningFormatReward(),
+        ReasoningLengthReward(lmin=lr[1], lmax=lr[1]),
+    ]
+    loader = torch.utils.data.DataLoader([[sample]], batch_size=None, collate_fn=lambda b: b)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=rewards)
+    trainer.fit(module, train_dataloaders=loader)
+
+    (logp, perception, completion), = seen
+    a_p = torch.tensor([0.7259, 0.4148, -1.1407])
+    a_r = torch.tensor([-1.1407, 0.7259, 0.4148])
+    expected = torch.zeros_like(logp)
+    for i in range(3):
+        expected[i, : lp[i]] = -a_p[i] / (2 * 3 * lp[i])
+        expected[i, lp[i] : lp[i] + lr[i]] = -a_r[i] / (2 * 3 * lr[i])
+    assert perception.sum(1).tolist() == lp and (completion & ~perception).sum(1).tolist() == lr
+    torch.testing.assert_close(logp.grad, expected, atol=1e-6, rtol=1e-3)

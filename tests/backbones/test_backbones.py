@@ -9,6 +9,7 @@ import torch
 from p2r.algorithms.sft import SFTModule
 from p2r.backbones import HFBackbone, LoraOptions, TinyQwen2VL, TinyQwen3VL, TinyQwen25VL, VideoBackbone
 from p2r.backbones.base import IGNORE_INDEX
+from p2r.checkpoints import BACKBONE_OPTIONS
 from p2r.data.video import Clip
 
 _rng = np.random.default_rng(0)
@@ -239,13 +240,26 @@ def test_a_full_checkpoint_becomes_the_base_of_lora_and_qlora(tiny_sizes, tmp_pa
     assert abs(cosine(restored, seed0.model.state_dict()[q_key])) < 0.3  # not the backbone's own initialisation
 
 
-def test_weights_from_refuses_a_lora_checkpoint_for_a_plain_backbone(tiny_sizes, tmp_path):
-    source = TinyQwen25VL(**tiny_sizes, lora=LoraOptions(r=2))
+def test_weights_from_a_lora_checkpoint_merges_its_adapters(tiny_sizes, tmp_path):
+    """A LoRA checkpoint seeds a plain backbone as the model it stands for: base + merged adapters,
+    with the adapter options the checkpoint records (without them it cannot be merged: a clear error)."""
+    source = TinyQwen25VL(**tiny_sizes, lora=LoraOptions(r=2, alpha=8, dropout=0.0))
     source.build()
+    with torch.no_grad():
+        for name, p in source.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
     ckpt = lightning_style_checkpoint(source, tmp_path / "lora.ckpt")
+    with pytest.raises(ValueError, match=r"weights_from: '.*lora\.ckpt' holds LoRA adapters but not their options"):
+        TinyQwen25VL(**tiny_sizes, weights_from=ckpt).build()
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, BACKBONE_OPTIONS: source.stored_options()}, ckpt)
     plain = TinyQwen25VL(**tiny_sizes, weights_from=ckpt)
-    with pytest.raises(ValueError, match=r"weights_from: '.*lora\.ckpt' does not match this backbone"):
-        plain.build()
+    plain.build()
+    merged = source.model.merge_and_unload().state_dict()
+    assert plain.model.state_dict().keys() == merged.keys()
+    for key, value in plain.model.state_dict().items():
+        torch.testing.assert_close(value, merged[key], atol=1e-6, rtol=0)
 
 
 def test_weights_from_refuses_a_checkpoint_of_another_size(tiny_sizes, tmp_path):

@@ -6,6 +6,7 @@ import warnings
 import pytest
 
 from callbacks.reward_callbacks import (
+    CompletionLengthReward,
     PerceptionFormatReward,
     PerceptionJudgeReward,
     PerceptionLengthReward,
@@ -250,3 +251,43 @@ def test_a_reward_with_the_wrong_length_is_rejected():
 
     with pytest.raises(ValueError, match="1 values for 4 samples"):
         score_all(None, None, make_rollouts(), callbacks=[Broken()])
+
+
+def _video_r1_group(accuracies: list[float], lengths: list[int], shuffled: list[str]) -> Rollouts:
+    """One multiple-choice video prompt (answer B), G = len(accuracies) completions whose answer is
+    B where the accuracy is 1, with the given token counts, and the given shuffled-frame answers."""
+    completions = [f"<think>t</think><answer>{'B' if a else 'C'}</answer>" for a in accuracies]
+    return Rollouts(group_size=len(accuracies), prompts=[dict(PROMPTS[0])], completions=completions,
+                    completion_ids=[[7] * n for n in lengths], shuffled_completions=shuffled,
+                    shuffled_group_size=len(shuffled))
+
+
+def test_temporal_bonus_compares_means_over_g_ordered_and_g_over_2_shuffled_samples():
+    """Video-R1: G = 4 ordered, G / 2 = 2 shuffled completions; each mean over its own count."""
+    # Ordered accuracy [1, 0, 0, 1]: mean 0.5. Shuffled [B, B]: mean 1.0; 0.5 < 0.8 -> no bonus
+    # (dividing the shuffled sum by G = 4 would give 0.5 and pay the bonus).
+    rollouts = _video_r1_group([1, 0, 0, 1], [10] * 4, ["<answer>B</answer>", "<answer>B</answer>"])
+    score_all(None, None, rollouts, callbacks=[ReasoningAccuracyReward(), TemporalBonusReward()])
+    assert rollouts.rewards["reasoning/temporal"] == [0.0, 0.0, 0.0, 0.0]
+    # Shuffled [B, C]: mean 0.5; 0.5 >= 0.4 -> +0.3 to each ordered sample with accuracy > 0.1.
+    rollouts = _video_r1_group([1, 0, 0, 1], [10] * 4, ["<answer>B</answer>", "<answer>C</answer>"])
+    score_all(None, None, rollouts, callbacks=[ReasoningAccuracyReward(), TemporalBonusReward()])
+    assert rollouts.rewards["reasoning/temporal"] == [0.3, 0.0, 0.0, 0.3]
+    with pytest.raises(ValueError, match="shuffled_completions has 3 entries, expected B\\*shuffled_group_size = 1\\*2"):
+        Rollouts(group_size=4, prompts=[dict(PROMPTS[0])], completions=[""] * 4, shuffled_completions=["", "", ""],
+                 shuffled_group_size=2)
+
+
+def test_completion_length_control_is_video_r1s_rule():
+    """+0.2 to each correct sample (accuracy > 0.1) with 320..512 completion tokens, only when more
+    than one sample of the group is correct."""
+    callbacks = [ReasoningAccuracyReward(), CompletionLengthReward()]
+    two_correct = _video_r1_group([1, 1, 0, 0], [320, 513, 400, 400], ["", ""])
+    score_all(None, None, two_correct, callbacks=callbacks)
+    assert two_correct.rewards["reasoning/completion_length"] == [0.2, 0.0, 0.0, 0.0]  # 513 > 512; wrong ones get none
+    one_correct = _video_r1_group([1, 0, 0, 0], [400, 400, 400, 400], ["", ""])
+    score_all(None, None, one_correct, callbacks=callbacks)
+    assert one_correct.rewards["reasoning/completion_length"] == [0.0] * 4  # a lone correct sample gets no bonus
+    all_correct = _video_r1_group([1, 1, 1, 1], [319, 320, 512, 512], ["", ""])
+    score_all(None, None, all_correct, callbacks=callbacks)
+    assert all_correct.rewards["reasoning/completion_length"] == [0.0, 0.2, 0.2, 0.2]
