@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -115,10 +115,11 @@ def completion_mask_of(rollout: GroupRollout, rows: list[int]) -> torch.Tensor:
 
 
 def shuffled_clip(clip: Clip, rng: random.Random) -> Clip:
-    """The same frames in a random temporal order (T-GRPO's contrast)."""
+    """The same frames in a random temporal order (T-GRPO's contrast); the timestamps stay the
+    ordered clip's, so only the content moves, as in Video-R1 (which permutes the frame tensor)."""
     order = list(range(len(clip.frames)))
     rng.shuffle(order)
-    return Clip(clip.frames[order], clip.fps, clip.frame_indices, clip.total_frames, clip.is_image)
+    return replace(clip, frames=clip.frames[order])
 
 
 class PAGRPOModule(VideoLVLMModule):

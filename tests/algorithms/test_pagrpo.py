@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import csv
 import math
+import random
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
 from callbacks.reward_callbacks import RewardCallback
 from callbacks.rollouts import Rollouts
-from p2r.algorithms.pagrpo import PAGRPOModule, micro_batches, micro_weight
+from p2r.algorithms.pagrpo import PAGRPOModule, micro_batches, micro_weight, shuffled_clip
 from p2r.algorithms.settings import LossSettings, RolloutSettings
 from p2r.backbones import TinyQwen25VL
 from p2r.cli import main
 from p2r.data.synthetic import make_synthetic
+from p2r.data.video import Clip
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
@@ -300,3 +303,13 @@ def test_each_segment_gets_its_own_advantage(synthetic_root, monkeypatch):
         expected[i, lp[i] : lp[i] + lr[i]] = -a_r[i] / (2 * 3 * lr[i])
     assert perception.sum(1).tolist() == lp and (completion & ~perception).sum(1).tolist() == lr
     torch.testing.assert_close(logp.grad, expected, atol=1e-6, rtol=1e-3)
+
+
+def test_shuffled_clip_moves_frames_only():
+    """T-GRPO's contrast permutes the frame content; the clip's real (VFR) timestamps stay in order."""
+    frames = np.arange(4, dtype=np.uint8)[:, None, None, None] * np.ones((4, 2, 2, 3), dtype=np.uint8)
+    clip = Clip(frames, fps=10.0, frame_indices=[0, 3, 9, 20], total_frames=21, timestamps=[0.0, 0.25, 0.9, 2.1])
+    shuffled = shuffled_clip(clip, random.Random(1))
+    order = [int(f[0, 0, 0]) for f in shuffled.frames]
+    assert sorted(order) == [0, 1, 2, 3] and order != [0, 1, 2, 3]
+    assert shuffled.timestamps == clip.timestamps and shuffled.frame_indices == clip.frame_indices
