@@ -99,10 +99,6 @@ class VideoLVLMModule(L.LightningModule):
         for model in self.models_to_shard():
             self.shard(model)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A later stage's weights_from needs the adapters' options to merge them (p2r.backbones.base).
-        checkpoint[BACKBONE_OPTIONS] = self.backbone.stored_options()
-
     def on_backbone_built(self) -> None:
         """Runs once, at the first ``configure_model``: the weights exist, nothing is sharded or restored yet."""
 
@@ -222,6 +218,8 @@ class VideoLVLMModule(L.LightningModule):
         self.log("data/skipped_samples", float(self.skipped_samples), batch_size=max(1, len(batch)))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A later stage's weights_from needs the adapters' options to merge them (p2r.backbones.base).
+        checkpoint[BACKBONE_OPTIONS] = self.backbone.stored_options()
         checkpoint["p2r_skipped_samples"] = self.skipped_samples
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
