@@ -25,7 +25,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from callbacks.segments import char_spans_to_token_mask, split_segments
-from p2r.backbones.base import DecodeEngine, VideoBackbone, move_to
+from p2r.backbones.base import VideoBackbone, move_to
+from p2r.backbones.decoding import DecodeEngine
 from p2r.data.video import Clip
 
 

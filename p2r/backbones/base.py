@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from p2r.backbones.decoding import Decoding, StaticDecoder, custom_mask_support, prefill
+from p2r.backbones.decoding import DecodeEngine, Decoding, StaticDecoder, custom_mask_support, prefill
 from p2r.checkpoints import read_backbone_state
 from p2r.data.video import Clip
 from p2r.strategies import gathered, is_sharded
@@ -35,7 +35,6 @@ IGNORE_INDEX = -100
 # Processor outputs that are per-token (padded to the batch length) vs. per-visual (concatenated).
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 _VISUAL_NAMES = ("visual", "vision_tower", "vision_model")
-DecodeEngine = Literal["eager", "compiled"]
 
 
 @dataclass
