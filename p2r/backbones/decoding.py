@@ -214,7 +214,7 @@ def packed_gqa_attention(
     kv_heads = key.shape[1]
     if length != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    packed = query.view(rows, kv_heads, heads // kv_heads, dim)  # (N, H_kv, H / H_kv, D)
+    packed = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # (N, H_kv, H / H_kv, D)
     out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None  # (N, 1, H, D)
 
