@@ -223,7 +223,7 @@ class PAGRPOModule(VideoLVLMModule):
         orders = [random.Random(r.seed + 1_000_003 * self.global_step + first + i) for i in videos]
         other = generate_groups(
             self.backbone, [prompts[i] for i in videos], [shuffled_clip(clips[i], rng) for i, rng in zip(videos, orders)], k,
-            r.max_completion_length, r.temperature, r.top_p, [gens[i] for i in videos],
+            r.max_completion_length, r.temperature, r.top_p, [gens[i] for i in videos], engine=r.engine,
         )
         decoded = self.backbone.tokenizer.batch_decode(other.completion_ids, skip_special_tokens=True)
         for j, i in enumerate(videos):
@@ -238,7 +238,8 @@ class PAGRPOModule(VideoLVLMModule):
             with gathered(self.backbone.model):
                 gens = self._generators(len(batch))
                 rollout = generate_groups(
-                    self.backbone, prompts, clips, r.group_size, r.max_completion_length, r.temperature, r.top_p, gens
+                    self.backbone, prompts, clips, r.group_size, r.max_completion_length, r.temperature, r.top_p, gens,
+                    engine=r.engine,
                 )
                 shuffled = None
                 if needs_shuffled_frames(self.trainer.callbacks):

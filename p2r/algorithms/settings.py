@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from p2r.backbones.decoding import DecodeEngine
+
 Aggregation = Literal["segment_mean", "token_mean", "sequence_mean", "constant"]
 AGGREGATIONS = ("segment_mean", "token_mean", "sequence_mean", "constant")
 KEY_PREFIX = "model.init_args."
@@ -46,6 +48,10 @@ class RolloutSettings:
     (T-GRPO's TemporalBonusReward); None: group_size // 2, as Video-R1."""
     seed: int = 0
     """Seed of rollout sampling (offset by the step and by each prompt's index in the global batch)."""
+    engine: DecodeEngine = "compiled"
+    """Decode steps: "compiled" (static KV cache, torch.compile'd step, CUDA graphs on a GPU; falls back to
+    "eager", with the reason logged, where the model cannot) or "eager" (dynamic cache, no compile time);
+    p2r.backbones.decoding."""
 
     def __post_init__(self) -> None:
         require("rollout.group_size", self.group_size, self.group_size >= 2,

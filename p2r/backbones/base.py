@@ -17,16 +17,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from p2r.backbones.decoding import DecodeEngine, Decoding, StaticDecoder, custom_mask_support, prefill
 from p2r.checkpoints import read_backbone_options, read_backbone_state
 from p2r.data.video import Clip
-from p2r.strategies import gathered
+from p2r.strategies import gathered, is_sharded
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # Processor outputs that are per-token (padded to the batch length) vs. per-visual (concatenated).
@@ -81,6 +86,8 @@ class VideoBackbone(nn.Module):
         self.weights_from = weights_from
         self.model: nn.Module | None = None
         self.processor = self._make_processor()
+        self._decoder: StaticDecoder | None = None
+        self._decode_fallback_logged: str | None = None
 
     # --- what subclasses provide -------------------------------------------------------------
     def _make_processor(self) -> Any:
@@ -364,10 +371,85 @@ class VideoBackbone(nn.Module):
         return rope(batch["input_ids"], **kwargs)[0]
 
     @property
-    def cache_kwarg(self) -> str:
-        """Name of the forward argument that takes a KV cache (renamed ``cache`` in transformers 5.2x)."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    def architecture(self) -> str:
+        """The built model's Hugging Face ``model_type`` (e.g. ``qwen2_5_vl``)."""
+        return self.model.config.model_type
+
+    def custom_mask_support(self) -> tuple[bool, str]:
+        """Whether the built model takes a custom additive 4-D attention mask as given, and why (not)
+        (what packed shared-prompt rows and the compiled decode need)."""
+        return custom_mask_support(self.model, self.attn_implementation)
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        tensors: dict[str, torch.Tensor],
+        position_ids: torch.Tensor,
+        group_size: int,
+        max_new_tokens: int,
+        engine: DecodeEngine = "eager",
+    ) -> tuple[torch.Tensor, Decoding]:
+        """Prefill B left-padded prompts once; return the first logits (B*G, V) and the decoder of
+        the B*G rows (row i continues prompt i // G), whose ``step`` feeds one token per row.
+
+        ``engine``: "eager" (dynamic cache) or "compiled" (static cache, compiled step; falls back
+        to eager, with the reason logged, where the model cannot; :mod:`p2r.backbones.decoding`).
+        """
+        static = self._static_decoder() if engine == "compiled" else None
+        return prefill(self.model, tensors, position_ids, group_size, max_new_tokens, static)
+
+    def _static_decoder(self) -> StaticDecoder | None:
+        """The compiled engine's state (made on first use), or None (logged) where it cannot run."""
+        ok, why = self.custom_mask_support()
+        if self._decoder is not None and self._decoder.failure is not None:
+            ok, why = False, f"compiling failed earlier ({self._decoder.failure})"
+        if not ok:
+            if why != self._decode_fallback_logged:
+                log.warning("rollout.engine 'compiled' is not possible: %s; using the eager engine", why)
+                self._decode_fallback_logged = why
+            return None
+        if self._decoder is None:
+            self._decoder = StaticDecoder(self.pad_token_id, sharded=is_sharded(self.model))
+        return self._decoder
+
+    def apply_head(
+        self,
+        fn: Callable[[torch.Tensor, Callable], torch.Tensor],
+        logits_to_keep: int,
+        model: nn.Module | None = None,
+        **inputs: Any,
+    ) -> torch.Tensor:
+        """Run ``model``'s forward (default: the policy, ``self.model``) with ``fn(hidden, head)`` in
+        place of its LM head and return that tensor. ``model`` is any module with the backbone's
+        architecture and inputs, e.g. PA-GRPO's frozen reference copy.
+
+        ``hidden`` (B, K, H) are the final hidden states of the last K positions, ``head`` maps
+        hidden states to logits. The head's own call computes nothing but this: no (B, K, V) logits
+        exist unless ``fn`` makes them. ``fn`` runs inside the forward and its result is the
+        forward's output, so FSDP2 gathers the head's weights for it in the forward and again
+        before its backward (FSDP2 reshards the root after the forward and gathers it when the
+        gradient reaches the root's outputs); FSDP, LoRA and checkpointing hooks all apply.
+        Valid where logits are head(hidden) with nothing after it (Qwen-VL; not Gemma's softcapping).
+        """
+        model = self.model if model is None else model
+        if getattr(model.config.get_text_config(), "final_logit_softcapping", None):
+            raise NotImplementedError(f"{self.architecture} caps its logits after the head; apply_head would skip that")
+        full: list[torch.Tensor] = []
+
+        def keep_last_column(module: nn.Module, args: tuple) -> tuple:
+            full.append(args[0])  # (B, K, H)
+            return (args[0][:, -1:],)
+
+        def apply_fn(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return fn(full.pop(), module.forward)  # forward, not __call__: these hooks must not run again
+
+        head = model.get_output_embeddings()
+        handles = [head.register_forward_pre_hook(keep_last_column), head.register_forward_hook(apply_fn)]
+        try:
+            return model(**inputs, use_cache=False, logits_to_keep=logits_to_keep).logits
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _rope_index_fn(self) -> Any:
         for module in self.model.modules():
