@@ -29,7 +29,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from p2r.data.records import RecordError, VideoRecord, parse_record
@@ -136,6 +135,8 @@ class ShardStream(IterableDataset):
         self.resume_raw: list[int] = []
 
     def _raw_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+        import webdataset as wds  # here, not at import: modules and tools that only need Sample run without it
+
         if self.train:
             # Different shard order per rank/worker and epoch; reproducible from the seed.
             seed = self.seed + 1000 * self.epoch + slot
@@ -246,6 +247,8 @@ class EvalStream(ShardStream):
         self.media_root = media_root
 
     def _raw_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
         index = 0
         for name, urls in self.sets.items():
             if len(urls) == 1 and _is_records_file(urls[0]):
