@@ -87,7 +87,8 @@ class RandomInitQwen25VL(VideoBackbone):
         config = self.config()
         config._attn_implementation = self.attn_implementation
         device = torch.device(self.init_device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), device:
             torch.manual_seed(self.seed)
             model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch_dtype)
         if quantization_config is not None:
