@@ -1,41 +1,53 @@
-"""Time per group of G rollouts: p2r's shared-prefill rollout against the two usual ways.
+"""Time per group of G rollouts: p2r's shared-prefill rollout (eager and compiled decoding)
+against the two usual ways.
 
     python tools/bench_rollout.py [--group-size 8] [--new-tokens 64] [--frames 16] [--side 308] [--repeats 3]
 
 Same model (a Qwen2.5-VL built from config, random weights), same video prompt, same sampling
 settings, in one run:
   ours: p2r.algorithms.rollout.generate_groups: the video encoded and the prompt prefilled once,
-        the KV cache repeated G times, one batched decode loop;
+        the KV cache repeated G times, one batched decode loop; with the eager engine (dynamic
+        cache) and the compiled one (static cache, torch.compile'd step; p2r.backbones.decoding);
   (a)   the prompt G times in the batch, one ``generate`` (TRL's and Video-R1's way);
   (b)   ``generate(num_return_sequences=G)``: video encoded once, prompt prefilled G times.
 Every method generates exactly ``--new-tokens`` tokens per sample (end tokens are ignored), so
-the work compared is the same. Prints the median time of ``--repeats`` runs after one warm-up;
-the last line is ``speedup: <x>``, ours against (a).
+the work compared is the same. Prints the median time of ``--repeats`` runs after one warm-up
+(the compiled engine compiles during its warm-up: that time is printed apart), the ratio of the
+two engines, and as its last line ``speedup: <x>``, ours with PA-GRPO's default engine
+(``rollout_engine``) against (a).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 
 import numpy as np
 import torch
 
+from p2r.algorithms.pagrpo import PAGRPOModule
 from p2r.algorithms.rollout import generate_groups
 from p2r.backbones import TinyQwen25VL
 from p2r.backbones.base import move_to
 from p2r.data.video import Clip
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_seconds(methods: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Warm-up time and median time of each method, the methods alternating run by run."""
+    warmup = {name: timed(fn) for name, fn in methods.items()}
+    times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in methods.items():
+            times[name].append(timed(fn))
+    return warmup, {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -69,8 +81,9 @@ def main() -> None:
     sampling = dict(do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=n, min_new_tokens=n,
                     pad_token_id=backbone.pad_token_id)
 
-    def ours() -> None:
-        generate_groups(backbone, [prompt], [clip], g, n, 1.0, 0.95, torch.Generator(device).manual_seed(0))
+    def ours(engine: str):
+        return lambda: generate_groups(backbone, [prompt], [clip], g, n, 1.0, 0.95,
+                                       torch.Generator(device).manual_seed(0), engine=engine)
 
     def repeated_batch() -> None:
         with torch.no_grad():
@@ -85,17 +98,23 @@ def main() -> None:
     params = sum(p.numel() for p in backbone.model.parameters()) / 1e6
     print(f"model: Qwen2.5-VL from config, {params:.1f}M parameters, {device}, {torch.get_num_threads()} threads")
     print(f"prompt: {single['input_ids'].shape[1]} tokens ({vision_tokens} vision tokens); G = {g}; {n} new tokens each")
-    timings = {
-        "ours (prefill once, shared KV cache)": median_seconds(ours, args.repeats),
-        "(a) prompt repeated G times in the batch": median_seconds(repeated_batch, args.repeats),
-        "(b) generate(num_return_sequences=G)": median_seconds(num_return_sequences, args.repeats),
-    }
-    base = timings["ours (prefill once, shared KV cache)"]
+    eager, compiled = "ours, eager decoding", "ours, compiled decoding"
+    way_a, way_b = "(a) prompt repeated G times in the batch", "(b) generate(num_return_sequences=G)"
+    warmup, timings = median_seconds({
+        eager: ours("eager"),
+        compiled: ours("compiled"),
+        way_a: repeated_batch,
+        way_b: num_return_sequences,
+    }, args.repeats)
+    default = inspect.signature(PAGRPOModule.__init__).parameters["rollout_engine"].default
+    base = timings[compiled if default == "compiled" else eager]
     for name, seconds in timings.items():
-        print(f"{name:<44} {seconds:8.3f} s per group   {seconds / base:5.2f}x ours")
-    b = timings["(b) generate(num_return_sequences=G)"]
-    print(f"speedup over (b): {b / base:.2f}")
-    print(f"speedup: {timings['(a) prompt repeated G times in the batch'] / base:.2f}")
+        print(f"{name:<44} {seconds:8.3f} s per group   {seconds / base:5.2f}x ours ({default})")
+    print(f"compiled decoding: first rollout {warmup[compiled]:.1f} s (compiling included), "
+          f"then {timings[compiled]:.3f} s per group")
+    print(f"compiled vs eager: {timings[eager] / timings[compiled]:.2f}x")
+    print(f"speedup over (b): {timings[way_b] / base:.2f}")
+    print(f"speedup: {timings[way_a] / base:.2f}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from p2r.algorithms.rollout import (
     perception_masks,
 )
 from p2r.algorithms.shared_prompt import shared_prompt_logprobs, supports_shared_prompt
+from p2r.backbones.base import DecodeEngine
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import build_question
 from p2r.data.video import Clip
@@ -114,6 +115,7 @@ class PAGRPOModule(VideoLVLMModule):
         shared_prompt: bool = True,
         max_grad_norm: float = 5.0,
         rollout_seed: int = 0,
+        rollout_engine: DecodeEngine = "compiled",
         **kwargs: Any,
     ) -> None:
         """
@@ -140,6 +142,9 @@ class PAGRPOModule(VideoLVLMModule):
                 completion, the prompt repeated G times (TRL/Video-R1's way).
             max_grad_norm: Gradient-norm clip per optimizer step (paper 5).
             rollout_seed: Seed of rollout sampling (offset by step and by each prompt's index in the global batch).
+            rollout_engine: Decode steps of rollouts: "compiled" (static KV cache, torch.compile'd step, CUDA
+                graphs on GPU; falls back to "eager", with the reason logged, where the model cannot) or
+                "eager" (dynamic cache, no compile time); p2r.backbones.decoding.
             *args, **kwargs: The arguments of :class:`p2r.algorithms.base.VideoLVLMModule`.
         """
         super().__init__(*args, **kwargs)
@@ -162,6 +167,7 @@ class PAGRPOModule(VideoLVLMModule):
         self.shared_prompt = shared_prompt
         self.max_grad_norm = max_grad_norm
         self.rollout_seed = rollout_seed
+        self.rollout_engine = rollout_engine
         self.optimizer_steps_per_batch = num_iterations
 
     # --- set-up ----------------------------------------------------------------------------------
@@ -213,14 +219,14 @@ class PAGRPOModule(VideoLVLMModule):
                 gen = self._generators(len(batch))
                 rollout = generate_groups(
                     self.backbone, prompts, clips, self.group_size, self.max_completion_length,
-                    self.temperature, self.top_p, gen,
+                    self.temperature, self.top_p, gen, engine=self.rollout_engine,
                 )
                 shuffled = None
                 if needs_shuffled_frames(self.trainer.callbacks):
                     rng = random.Random(self.rollout_seed + self.global_step)
                     other = generate_groups(
                         self.backbone, prompts, [shuffled_clip(c, rng) for c in clips], self.group_size,
-                        self.max_completion_length, self.temperature, self.top_p, gen,
+                        self.max_completion_length, self.temperature, self.top_p, gen, engine=self.rollout_engine,
                     )
                     shuffled = self.backbone.tokenizer.batch_decode(other.completion_ids, skip_special_tokens=True)
         finally:

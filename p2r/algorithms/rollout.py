@@ -3,14 +3,17 @@
 TRL and Video-R1 put each prompt G times in the generation batch, so the vision encoder and the
 prompt prefill run G times; ``generate(num_return_sequences=G)`` encodes the video once but still
 prefills the prompt G times. Here the B prompts are prefilled together, once each (left-padded),
-the KV cache is repeated G times in place, and one batched decode loop samples all B*G
-completions. Positions are passed explicitly (Qwen's 3-D mrope: computed once from the prompt by
+the KV cache is repeated G times, and one batched decode loop samples all B*G completions.
+Positions are passed explicitly (Qwen's 3-D mrope: computed once from the prompt by
 ``get_rope_index``; decode positions continue at last prompt position + 1, + 2, ...), never
-taken from the model's stateful ``rope_deltas``.
+taken from the model's stateful ``rope_deltas``. The backbone owns the prefill and the decode
+step (cache, mask, positions; eager or compiled engine, :mod:`p2r.backbones.decoding`); this
+module only samples, and syncs with the host once every ``DONE_CHECK_INTERVAL`` tokens.
 
 The same module builds the training batch for the log-prob passes (prompt left-padded,
-completion right-padded, so every completion starts at the same column and the model only
-computes logits for completion positions) and turns log-probs into per-token tensors.
+completion right-padded, so every completion starts at the same column) and computes the
+completions' log-probs from the final hidden states with the LM head applied a chunk of tokens
+at a time, so the (tokens x vocabulary) logits never exist whole (:func:`token_logprobs`).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from callbacks.segments import char_spans_to_token_mask, split_segments
-from p2r.backbones.base import VideoBackbone, move_to
+from p2r.backbones.base import DecodeEngine, VideoBackbone, move_to
 from p2r.data.video import Clip
 
 
@@ -83,6 +87,10 @@ def sample_next_token(
 
     Nucleus: keep the smallest set of most likely tokens whose probability reaches top_p (the
     most likely token always stays), renormalise, sample. ``suppress`` ids are never picked.
+    The draw is ``torch.multinomial(probs, 1, generator=generator)``'s own (the exponential race
+    argmax(p / q), q ~ Exp(1) from one ``exponential_`` call on the generator), so it picks the
+    same tokens from the same seeds, without multinomial's host-side check of the probabilities
+    (one device synchronisation per call).
     """
     if suppress is not None and suppress.numel():
         logits = logits.index_fill(-1, suppress, float("-inf"))  # (N, V)
@@ -94,7 +102,8 @@ def sample_next_token(
         before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
         sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)  # (N, V)
+    return probs.div(race).argmax(-1)  # (N,)
 
 
 def sample_groups(
@@ -114,21 +123,9 @@ def sample_groups(
     return torch.cat([sample_next_token(c, temperature, top_p, g, suppress) for c, g in zip(chunks, generator)])  # (N,)
 
 
-def _next_positions(position_ids: torch.Tensor) -> torch.Tensor:
-    """Position of the first generated token per prompt: last prompt position + 1 (B,)."""
-    last = position_ids[..., -1]  # (3, B) or (B,): left padding puts every prompt's end last
-    return (last.max(0).values if last.ndim == 2 else last) + 1
-
-
-def _decode_positions(start: torch.Tensor, step: int, mrope: bool) -> torch.Tensor:
-    pos = (start + step).view(-1, 1)  # (N, 1)
-    return pos.unsqueeze(0).expand(3, -1, -1) if mrope else pos  # (3, N, 1) or (N, 1)
-
-
-def _cache_of(out) -> object:
-    """The KV cache of a model output (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
+# The decode loop asks the device whether every row has ended once per this many tokens (a host
+# synchronisation); rows that end in between decode padding until then.
+DONE_CHECK_INTERVAL = 16
 
 
 @torch.no_grad()
@@ -141,24 +138,20 @@ def generate_groups(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    engine: DecodeEngine = "eager",
 ) -> GroupRollout:
     """Sample ``group_size`` completions for each prompt with one prefill per prompt.
 
     ``generator``: one for the whole batch, or one per prompt (see :func:`sample_groups`).
+    ``engine``: "eager" or "compiled" decode steps (:mod:`p2r.backbones.decoding`); both sample
+    the same tokens up to float rounding of the logits.
 
     Stops a row at its first end token (kept in its ids) and flags rows that reach
     ``max_new_tokens`` without one as truncated. ``temperature=0`` decodes greedily.
     """
-    model = backbone.model
     batch = prepare_prompts(backbone, prompts, clips)
-    out = model(**batch.tensors, position_ids=batch.position_ids, use_cache=True, logits_to_keep=1)
-    cache = _cache_of(out)
-    cache.batch_repeat_interleave(group_size)
+    logits, decoder = backbone.prefill(batch.tensors, batch.position_ids, group_size, max_new_tokens, engine)
     n = len(prompts) * group_size
-    logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # (N, V)
-    start = _next_positions(batch.position_ids).repeat_interleave(group_size)  # (N,)
-    attn = batch.tensors["attention_mask"].repeat_interleave(group_size, 0)  # (N, P)
-    mrope = batch.position_ids.ndim == 3
     eos = torch.tensor(backbone.eos_token_ids, device=logits.device)
     suppress = torch.tensor(backbone.media_token_ids, dtype=torch.long, device=logits.device)
     done = torch.zeros(n, dtype=torch.bool, device=logits.device)
@@ -168,19 +161,10 @@ def generate_groups(
         tok = tok.masked_fill(done, backbone.pad_token_id)
         tokens.append(tok)
         done |= torch.isin(tok, eos)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or ((step + 1) % DONE_CHECK_INTERVAL == 0 and bool(done.all())):
             break
         # Rows already done keep decoding padding; their outputs are discarded.
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)  # (N, P+step+1)
-        out = model(
-            input_ids=tok[:, None],
-            attention_mask=attn,
-            position_ids=_decode_positions(start, step, mrope),
-            use_cache=True,
-            **{backbone.cache_kwarg: cache},
-        )
-        cache = _cache_of(out)
-        logits = out.logits[:, -1]
+        logits = decoder.step(tok)  # (N, V)
     ids = torch.stack(tokens, 1).tolist()  # (N, T)
     eos_ids = set(backbone.eos_token_ids)
     completions, truncated = [], []
@@ -260,25 +244,57 @@ def build_train_batch(backbone: VideoBackbone, rollout: GroupRollout, rows: list
     return TrainBatch(tensors, backbone.position_ids(tensors), comp.to(dev), comp_mask.to(dev))
 
 
-def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[ids] without materialising the full (N, T, V) log-softmax at once."""
-    rows = []
-    for row_logits, row_ids in zip(logits, ids):  # (T, V), (T,)
-        row_logits = row_logits.float()
-        picked = row_logits.gather(-1, row_ids[:, None]).squeeze(-1)  # (T,)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(rows)  # (N, T)
+# Tokens per LM-head chunk in the log-prob passes: at most this many rows of the (tokens x
+# vocabulary) logits exist at once (Qwen2.5-VL's 152,064 words: 512 tokens = 0.3 GB in fp32).
+LOGPROB_CHUNK_TOKENS = 512
 
 
-def completion_logprobs(backbone: VideoBackbone, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs (N, T) of the completions under the backbone's current weights.
-
-    Logits are divided by the sampling temperature (as TRL does), so the ratio compares the
-    same distributions that produced the samples.
-    """
-    t = batch.completion_ids.shape[1]
-    out = backbone.model(**batch.tensors, position_ids=batch.position_ids, use_cache=False, logits_to_keep=t + 1)
-    logits = out.logits[:, :-1]  # (N, T, V): position P-1+t predicts completion token t
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = head(hidden).float()  # (c, V)
     if temperature not in (0, 1):
         logits = logits / temperature
-    return selective_log_softmax(logits, batch.completion_ids)
+    return logits.gather(-1, ids[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (c,)
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    ids: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """log softmax(head(hidden) / temperature)[ids] in fp32 (M,) for M positions, hidden (M, H), ids (M,).
+
+    The head runs on ``chunk_tokens`` positions at a time. With gradients on, a chunk's logits are
+    not kept for the backward pass but recomputed there (activation checkpointing, one extra head
+    matmul per chunk), so neither pass ever holds more than one chunk of (tokens x vocabulary).
+    """
+    parts = []
+    for h, t in zip(hidden.split(chunk_tokens), ids.split(chunk_tokens)):  # (c, H), (c,)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_logprobs, head, h, t, temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(head, h, t, temperature))
+    return torch.cat(parts)  # (M,)
+
+
+def scatter_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values (M,) of the True entries of ``mask`` (n, T), in row-major order, as (n, T); 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+
+def completion_logprobs(
+    backbone: VideoBackbone, batch: TrainBatch, temperature: float = 1.0, chunk_tokens: int = LOGPROB_CHUNK_TOKENS
+) -> torch.Tensor:
+    """Per-token log-probs (N, T) of the completions under the backbone's current weights; 0 on padding.
+
+    Logits are divided by the sampling temperature (as TRL does), so the ratio compares the
+    same distributions that produced the samples. The LM head runs on the completion tokens
+    only, ``chunk_tokens`` at a time (:func:`token_logprobs`).
+    """
+    t = batch.completion_ids.shape[1]
+    hidden = backbone.head_inputs(t + 1, **batch.tensors, position_ids=batch.position_ids)  # (N, T+1, H)
+    hidden = hidden[:, :-1]  # (N, T, H): position P-1+t predicts completion token t
+    mask = batch.completion_mask  # (N, T)
+    picked = token_logprobs(hidden[mask], backbone.output_head, batch.completion_ids[mask], temperature, chunk_tokens)
+    return scatter_tokens(picked, mask)  # (N, T)

@@ -20,16 +20,18 @@ sum over the G completions, which is what the per-sample path accumulates G time
 Details:
   - A completion's last token predicts nothing, so it is left out of the row; the last prompt
     position predicts every completion's first token (its logits are computed once).
-  - Logits are computed only for the row's tail (``logits_to_keep``): the last prompt column and
-    the completion columns, which all rows share because prompts are left-padded to one width.
+  - Only the row's tail (``logits_to_keep``) reaches the LM head: the last prompt column and the
+    completion columns, which all rows share because prompts are left-padded to one width; and
+    of those only the completion tokens' positions, a chunk at a time (never the whole
+    (tokens x vocabulary) logits, :func:`p2r.algorithms.rollout.token_logprobs`).
   - transformers 5.x (checked on 5.24, ``masking_utils._preprocess_mask_arguments``) passes a
     4-D ``attention_mask`` (B, 1, Lq, Lk) through untouched: no causal or padding mask is added,
     so this one must encode both. sdpa hands it to ``scaled_dot_product_attention`` (bool or
     additive float both work there), eager *adds* it to the scores (a bool mask would add 1, not
     block), so the mask is additive float in the model's dtype: 0 to attend, the dtype's minimum
     to block. flash_attention_2 takes no such mask and flex_attention wants a BlockMask:
-    :func:`supports_shared_prompt` refuses them, and sliding-window layers (the window would be
-    dropped silently).
+    :func:`supports_shared_prompt` refuses them (the backbone's ``custom_mask_support``), and
+    sliding-window layers (the window would be dropped silently).
   - With LoRA dropout in train mode the shared prompt gets one dropout mask for its G
     completions, where the per-sample path draws G; the expectation is the same.
   - Cost: attention runs over (P + sum of completions)^2 per group with a dense mask instead of
@@ -43,42 +45,33 @@ from dataclasses import dataclass
 
 import torch
 
-from p2r.algorithms.rollout import GroupRollout, merge_visual
+from p2r.algorithms.rollout import LOGPROB_CHUNK_TOKENS, GroupRollout, merge_visual, scatter_tokens, token_logprobs
 from p2r.backbones.base import VideoBackbone, move_to
 
 # Model types whose shared-prompt log-probs are checked against the per-sample path
 # (tests/algorithms/test_shared_prompt.py): the mask reaches attention as given, vision
 # features fill their placeholders in place, and logits are lm_head(hidden) with no extra term.
 VERIFIED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-MASKED_ATTENTION = ("sdpa", "eager")
 _TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
 
 
 def supports_shared_prompt(backbone: VideoBackbone) -> tuple[bool, str]:
     """Whether the built backbone can run the shared-prompt passes, and why (not).
 
-    Refuses attention kernels that cannot take a custom 4-D mask, architectures not verified
-    against the per-sample path, and sliding-window layers.
+    Refuses attention kernels that cannot take a custom 4-D mask, sliding-window layers, and
+    architectures not verified against the per-sample path.
     """
     if not backbone.is_built:
         raise RuntimeError("supports_shared_prompt needs a built backbone (call backbone.build() first)")
-    config = backbone.model.config
-    impl = getattr(config, "_attn_implementation", None) or backbone.attn_implementation
-    if impl not in MASKED_ATTENTION:
+    ok, why = backbone.custom_mask_support()
+    if not ok:
+        return False, f"{why}: it cannot pack G completions behind one shared prompt; set shared_prompt: false"
+    if backbone.architecture not in VERIFIED_MODEL_TYPES:
         return False, (
-            f"attn_implementation={impl!r} cannot take the custom 4-D attention mask that packs G completions "
-            f"behind one shared prompt (flash_attention_2 takes padding masks only, flex_attention a BlockMask); "
-            f"use one of {MASKED_ATTENTION} or set shared_prompt: false"
-        )
-    if config.model_type not in VERIFIED_MODEL_TYPES:
-        return False, (
-            f"shared prompt passes are verified for {VERIFIED_MODEL_TYPES} only, not {config.model_type!r}; "
+            f"shared prompt passes are verified for {VERIFIED_MODEL_TYPES} only, not {backbone.architecture!r}; "
             "set shared_prompt: false"
         )
-    text = config.get_text_config()
-    if getattr(text, "use_sliding_window", False) or "sliding_attention" in (getattr(text, "layer_types", None) or []):
-        return False, "sliding-window attention layers would lose their window under the custom mask; set shared_prompt: false"
-    return True, f"{config.model_type} with {impl} attention takes a custom 4-D mask"
+    return True, why
 
 
 def shared_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -194,30 +187,28 @@ def build_shared_batch(backbone: VideoBackbone, rollout: GroupRollout, prompt_in
 
 
 def shared_prompt_logprobs(
-    backbone: VideoBackbone, rollout: GroupRollout, prompt_indices: list[int], temperature: float = 1.0
+    backbone: VideoBackbone,
+    rollout: GroupRollout,
+    prompt_indices: list[int],
+    temperature: float = 1.0,
+    chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs (n, T) and completion mask (n, T) of the G completions of each prompt.
 
     One forward for the prompts ``prompt_indices`` (one row each, the video encoded once per
     prompt); samples in the order ``[p * G + j for p in prompt_indices for j in range(G)]``.
     Equal, within float rounding, to ``completion_logprobs(backbone, build_train_batch(backbone,
-    rollout, those rows), temperature)`` and that batch's ``completion_mask``. Logits are divided
-    by the sampling temperature as there.
+    rollout, those rows), temperature)`` and that batch's ``completion_mask`` (0 on padding, as
+    there). The LM head runs on the completion tokens only, ``chunk_tokens`` at a time
+    (:func:`p2r.algorithms.rollout.token_logprobs`).
     """
     batch = build_shared_batch(backbone, rollout, prompt_indices)
-    out = backbone.model(
-        **batch.tensors,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        logits_to_keep=batch.logits_to_keep,
-    )
-    logits = out.logits  # (R, K, V): column 0 is the last prompt position
-    if temperature not in (0, 1):
-        logits = logits / temperature
-    # The log-normaliser once per kept position, in fp32 and T positions at a time, as
-    # selective_log_softmax does row by row.
-    chunks = logits.flatten(0, 1).split(batch.completion_ids.shape[1])  # (<=T, V) each
-    lse = torch.cat([torch.logsumexp(c.float(), dim=-1) for c in chunks]).view(logits.shape[:2])  # (R, K)
-    picked = logits[batch.logit_rows, batch.logit_cols, batch.completion_ids].float()  # (n, T)
-    return picked - lse[batch.logit_rows, batch.logit_cols], batch.completion_mask  # (n, T), (n, T)
+    hidden = backbone.head_inputs(
+        batch.logits_to_keep, **batch.tensors, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+    )  # (R, K, H): column 0 is the last prompt position
+    mask = batch.completion_mask  # (n, T)
+    picked = token_logprobs(
+        hidden[batch.logit_rows[mask], batch.logit_cols[mask]], backbone.output_head, batch.completion_ids[mask],
+        temperature, chunk_tokens,
+    )  # (M,)
+    return scatter_tokens(picked, mask), mask  # (n, T), (n, T)

@@ -16,20 +16,25 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from p2r.backbones.decoding import Decoding, StaticDecoder, custom_mask_support, prefill
 from p2r.checkpoints import read_backbone_state
 from p2r.data.video import Clip
-from p2r.strategies import gathered
+from p2r.strategies import gathered, is_sharded
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # Processor outputs that are per-token (padded to the batch length) vs. per-visual (concatenated).
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 _VISUAL_NAMES = ("visual", "vision_tower", "vision_model")
+DecodeEngine = Literal["eager", "compiled"]
 
 
 @dataclass
@@ -79,6 +84,8 @@ class VideoBackbone(nn.Module):
         self.weights_from = weights_from
         self.model: nn.Module | None = None
         self.processor = self._make_processor()
+        self._decoder: StaticDecoder | None = None
+        self._decode_fallback_logged: str | None = None
 
     # --- what subclasses provide -------------------------------------------------------------
     def _make_processor(self) -> Any:
@@ -307,10 +314,71 @@ class VideoBackbone(nn.Module):
         return rope(batch["input_ids"], **kwargs)[0]
 
     @property
-    def cache_kwarg(self) -> str:
-        """Name of the forward argument that takes a KV cache (renamed ``cache`` in transformers 5.2x)."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    def architecture(self) -> str:
+        """The built model's Hugging Face ``model_type`` (e.g. ``qwen2_5_vl``)."""
+        return self.model.config.model_type
+
+    def custom_mask_support(self) -> tuple[bool, str]:
+        """Whether the built model takes a custom additive 4-D attention mask as given, and why (not)
+        (what packed shared-prompt rows and the compiled decode need)."""
+        return custom_mask_support(self.model, self.attn_implementation)
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        tensors: dict[str, torch.Tensor],
+        position_ids: torch.Tensor,
+        group_size: int,
+        max_new_tokens: int,
+        engine: DecodeEngine = "eager",
+    ) -> tuple[torch.Tensor, Decoding]:
+        """Prefill B left-padded prompts once; return the first logits (B*G, V) and the decoder of
+        the B*G rows (row i continues prompt i // G), whose ``step`` feeds one token per row.
+
+        ``engine``: "eager" (dynamic cache) or "compiled" (static cache, compiled step; falls back
+        to eager, with the reason logged, where the model cannot; :mod:`p2r.backbones.decoding`).
+        """
+        static = self._static_decoder() if engine == "compiled" else None
+        return prefill(self.model, tensors, position_ids, group_size, max_new_tokens, static)
+
+    def _static_decoder(self) -> StaticDecoder | None:
+        """The compiled engine's state (made on first use), or None (logged) where it cannot run."""
+        ok, why = self.custom_mask_support()
+        if self._decoder is not None and self._decoder.failure is not None:
+            ok, why = False, f"compiling failed earlier ({self._decoder.failure})"
+        if not ok:
+            if why != self._decode_fallback_logged:
+                log.warning("rollout_engine 'compiled' is not possible: %s; using the eager engine", why)
+                self._decode_fallback_logged = why
+            return None
+        if self._decoder is None:
+            self._decoder = StaticDecoder(self.pad_token_id, sharded=is_sharded(self.model))
+        return self._decoder
+
+    @property
+    def output_head(self) -> nn.Module:
+        """The language-model head (final hidden states -> vocabulary logits)."""
+        return self.model.get_output_embeddings()
+
+    def head_inputs(self, logits_to_keep: int, **inputs: Any) -> torch.Tensor:
+        """Final hidden states (B, K, H) of the last K positions: what :attr:`output_head` would turn into logits.
+
+        Runs the model's own forward (FSDP, LoRA and checkpointing hooks all apply) but lets the
+        head compute one column only, so no (B, K, V) logits exist. Under FSDP2 the head's weight
+        stays gathered after the root forward (the root is not resharded until its backward).
+        """
+        captured: list[torch.Tensor] = []
+
+        def keep_last_column(module: nn.Module, args: tuple) -> tuple:
+            captured.append(args[0])  # (B, K, H)
+            return (args[0][:, -1:],)
+
+        handle = self.output_head.register_forward_pre_hook(keep_last_column)
+        try:
+            self.model(**inputs, use_cache=False, logits_to_keep=logits_to_keep)
+        finally:
+            handle.remove()
+        return captured[0]
 
     def _rope_index_fn(self) -> Any:
         for module in self.model.modules():

@@ -1,4 +1,4 @@
-"""Group rollouts: one prefill per prompt, exact greedy equivalence, masks and log-probs."""
+"""Group rollouts: one prefill per prompt, exact greedy equivalence, masks and log-probs (chunked)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from p2r.algorithms.rollout import (
     generate_groups,
     perception_masks,
     sample_next_token,
+    token_logprobs,
     token_offsets,
 )
 from p2r.backbones import TinyQwen25VL
@@ -147,3 +148,70 @@ def test_per_prompt_generators_make_a_group_independent_of_its_batch(backbone, p
     assert together[4:] == alone
     other_seed = generate_groups(backbone, texts[1:], clips[1:], 4, 10, 1.0, 0.95, gens(13)).completion_ids
     assert other_seed != alone
+
+
+def test_sampling_draws_what_multinomial_draws_from_the_same_seed():
+    probs_logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0))
+    for top_p in (1.0, 0.9):
+        ours, theirs = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+        for _ in range(5):
+            tokens = sample_next_token(probs_logits, 0.8, top_p, ours)
+            probs = torch.softmax(probs_logits / 0.8, -1)
+            if top_p < 1:
+                sorted_p, order = probs.sort(-1, descending=True)
+                sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+            assert torch.equal(tokens, torch.multinomial(probs, 1, generator=theirs).squeeze(-1))
+
+
+class _RowCounter:
+    """Records how many positions (rows of logits) each call of a head computes."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        self.rows: list[int] = []
+        self.handle = head.register_forward_hook(lambda m, args, out: self.rows.append(out.shape[:-1].numel()))
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 13, 100])
+def test_token_logprobs_chunked_equal_the_whole_log_softmax_with_gradients(chunk):
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 8, generator=gen))
+    hidden = torch.randn(13, 8, generator=gen, requires_grad=True)
+    ids = torch.randint(0, 50, (13,), generator=gen)
+    weights = torch.randn(13, generator=gen)
+
+    expected = torch.log_softmax(head(hidden) / 0.7, -1).gather(-1, ids[:, None]).squeeze(-1)  # (13,)
+    (expected * weights).sum().backward()
+    grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad = head.weight.grad = None
+
+    counter = _RowCounter(head)
+    got = token_logprobs(hidden, head, ids, 0.7, chunk)
+    (got * weights).sum().backward()
+    counter.handle.remove()
+    # the same arithmetic on other matrix shapes: equal up to fp32 rounding
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(hidden.grad, grads[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head.weight.grad, grads[1], atol=1e-5, rtol=1e-5)
+    chunks = -(-13 // chunk)
+    assert len(counter.rows) == 2 * chunks  # each chunk computed in the forward and again in the backward
+    assert max(counter.rows) == min(chunk, 13)  # never more than one chunk of logits at once
+
+
+def test_completion_logprobs_chunked_never_hold_more_than_a_chunk_of_logits(backbone, prompts):
+    texts, clips = prompts
+    rollout = generate_groups(backbone, texts, clips, group_size=2, max_new_tokens=7, temperature=1.0,
+                              generator=torch.Generator().manual_seed(3))
+    batch = build_train_batch(backbone, rollout, list(range(4)))
+    with torch.no_grad():
+        whole = completion_logprobs(backbone, batch, 0.9, chunk_tokens=10_000)
+        counter = _RowCounter(backbone.output_head)
+        chunked = completion_logprobs(backbone, batch, 0.9, chunk_tokens=3)
+        counter.handle.remove()
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+    assert (chunked[~batch.completion_mask] == 0).all()
+    # the model's own forward asks the head for the last column of each of the 4 rows only
+    assert counter.rows[0] == 4 and max(counter.rows[1:]) == 3
+    assert sum(counter.rows[1:]) == int(batch.completion_mask.sum())  # no logits for padding
