@@ -13,7 +13,10 @@ nodes, PA-GRPO shape, frame budget) and prints, per GPU, the bytes of:
       autocast caches a compute-dtype copy of every trainable Linear/Conv weight and bias for the
       whole step (embeddings and norms are not cast);
   rollout KV cache, activations, FSDP working set, optimizer temporaries   estimates: they depend
-      on prompt and answer lengths; the assumptions are printed with the numbers.
+      on prompt and answer lengths; the assumptions are printed with the numbers. The compiled
+      decode engine's static KV cache (prompt + max_completion_length, rounded up to a multiple of
+      256 columns) stays allocated between rollouts, so it is persistent; the eager engine's
+      dynamic cache exists during the rollout only.
 
 Phases do not overlap: the rollout (gathered weights, KV cache) ends before the training passes
 (gradients, activations) begin, and both end before the optimizer step (its temporaries), so the
@@ -34,6 +37,9 @@ Rules (read from p2r's code; change them here when the code changes):
     sharded with the policy under FSDP2 (``models_to_shard``), whole on every GPU otherwise
     (under FSDPStrategy it is not part of the wrapped module). LoRA/QLoRA: adapters off, no copy.
   - AdamW keeps two states per trainable parameter in that parameter's dtype.
+  - log-probs of the PA-GRPO passes run the LM head on LOGPROB_CHUNK_TOKENS positions at a time
+    (p2r.algorithms.rollout.token_logprobs), so one chunk of (tokens x vocabulary) logits exists at
+    a time; SFT's loss computes the logits of the whole sequence at once.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from p2r.algorithms.rollout import LOGPROB_CHUNK_TOKENS
+from p2r.backbones.decoding import CACHE_LENGTH_MULTIPLE
 
 # Bytes left for the CUDA context, NCCL buffers and allocator fragmentation (an estimate).
 RESERVE_BYTES = 3 * 2**30
@@ -79,6 +88,7 @@ class Setup:
     beta: float = 0.04
     micro_batch_size: int = 8
     shared_prompt: bool = True
+    rollout_engine: str = "compiled"  # "compiled": static KV cache kept between rollouts; "eager": dynamic
     prompts_per_rank: int = 1
     vision_tokens: int = 1024  # per prompt, upper bound from the frame budget
     text_tokens: int = PROMPT_TEXT_TOKENS
@@ -184,8 +194,18 @@ def setup_from_config(cfg: dict[str, Any], devices: int | None = None) -> Setup:
         group_size=int(margs.get("group_size", 8)), completion_tokens=int(margs.get("max_completion_length", 768)),
         beta=float(margs.get("beta", 0.04)), micro_batch_size=int(margs.get("micro_batch_size", 8)),
         shared_prompt=bool(margs.get("shared_prompt", True)),
+        rollout_engine=str(margs.get("rollout_engine") or _default_engine()),
         prompts_per_rank=int((cfg.get("data") or {}).get("batch_size", 1)), vision_tokens=vision_tokens,
     )
+
+
+def _default_engine() -> str:
+    """PAGRPOModule's default ``rollout_engine`` (configs without the key get it)."""
+    import inspect
+
+    from p2r.algorithms.pagrpo import PAGRPOModule
+
+    return inspect.signature(PAGRPOModule.__init__).parameters["rollout_engine"].default
 
 
 def meta_model_from_config(cfg: dict[str, Any]) -> nn.Module:
@@ -308,7 +328,8 @@ def activation_bytes(s: Setup, d: dict[str, int], rows: int, length: int, scored
     rows x length tokens through the language model, ``scored`` logit columns per row (float32
     log-softmax and its gradient next to the compute-dtype logits: 12 bytes per logit in bf16),
     ``patches`` vision patches per forward. With gradient checkpointing each block keeps only its
-    input and one block's activations exist at a time during the backward.
+    input and one block's activations exist at a time during the backward. PA-GRPO's passes turn
+    at most LOGPROB_CHUNK_TOKENS positions into logits at a time; SFT all of its ``scored`` ones.
     """
     b = _BYTES[s.compute]
     tokens = rows * length
@@ -317,7 +338,8 @@ def activation_bytes(s: Setup, d: dict[str, int], rows: int, length: int, scored
         lm = tokens * (d["layers"] * d["hidden"] * b + per_layer)
     else:
         lm = tokens * d["layers"] * per_layer
-    logits = rows * scored * d["vocab"] * (2 * b + 8)
+    at_once = min(rows * scored, LOGPROB_CHUNK_TOKENS) if s.job == "pagrpo" else rows * scored
+    logits = at_once * d["vocab"] * (2 * b + 8)
     vision = 0
     if vision_trains and d["vision_depth"]:
         per_block = _layer_bytes_per_token(d["vision_hidden"], d["vision_intermediate"], b)
@@ -358,8 +380,14 @@ def plan(setup: Setup, counts: Counts) -> Plan:
         prompts_in_pass = rows if s.shared_prompt else math.ceil(rows / g)
         training.append(("activations", activation_bytes(s, d, rows, length, scored, patches * prompts_in_pass, vision_trains), "estimate"))
         seqs = s.prompts_per_rank * g
-        kv = seqs * (prompt + t) * d["layers"] * 2 * d["kv_heads"] * d["head_dim"] * cb
-        rollout = [("rollout KV cache", kv, "estimate")]
+        per_token = d["layers"] * 2 * d["kv_heads"] * d["head_dim"] * cb  # keys and values of every layer
+        if s.rollout_engine == "compiled":  # preallocated, rounded up, kept between rollouts
+            columns = -(-(prompt + t) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+            persistent.append(("rollout KV cache (compiled engine: static, kept)", seqs * columns * per_token, "estimate"))
+            rollout = [("prefill KV cache (copied into the static one)", s.prompts_per_rank * prompt * per_token, "estimate")]
+        else:
+            columns = prompt + t
+            rollout = [("rollout KV cache (eager engine)", seqs * columns * per_token, "estimate")]
         if s.strategy == "fsdp2":
             rollout.insert(0, ("gathered rollout weights (all units, compute dtype)", c.full_compute_bytes, "exact"))
         elif s.strategy == "fsdp1":
@@ -368,7 +396,7 @@ def plan(setup: Setup, counts: Counts) -> Plan:
             rollout.append(("autocast weight copies", c.autocast_bytes, "exact"))
         prefill = s.prompts_per_rank * prompt * (2 * d["intermediate"] + 4 * d["hidden"]) * cb + patches * 4 * d["vision_hidden"] * cb
         rollout.append(("prefill activations (no grad)", prefill, "estimate"))
-        notes.append(f"rollout: {seqs} sequences x ({prompt} + {t}) tokens in the KV cache")
+        notes.append(f"rollout ({s.rollout_engine} engine): {seqs} sequences x {columns} columns of KV cache (prompt {prompt} + {t})")
     else:
         length = prompt + SFT_TARGET_TOKENS
         rows = s.prompts_per_rank

@@ -110,9 +110,19 @@ def test_7b_pagrpo_under_fsdp2_on_7_gpus_equals_hand_worked_bytes():
     assert r["optimizer state (AdamW, 2 per trainable)"] == 2 * r["weights"] == 2 * r["gradients"]
     # Every unit gathered in bf16 for the rollout: the whole model, padded to a multiple of 7 rows.
     assert 2 * N_7B <= r["gathered rollout weights (all units, compute dtype)"] <= 2 * N_7B + tensors * 7 * 18944 * 2
-    # 8 sequences x (8 x 128 vision + 256 text + 768) tokens x 28 layers x (k, v) x 4 heads x 128 x 2 bytes.
-    assert r["rollout KV cache"] == 8 * (1024 + 256 + 768) * 28 * 2 * 4 * 128 * 2 == 939_524_096
+    # The compiled engine's static cache, kept between rollouts: 8 sequences x (8 x 128 vision + 256
+    # text + 768) columns (already a multiple of 256) x 28 layers x (k, v) x 4 heads x 128 x 2 bytes.
+    assert r["rollout KV cache (compiled engine: static, kept)"] == 8 * 2048 * 28 * 2 * 4 * 128 * 2 == 939_524_096
     assert "fits in 80 GiB" in format_plan(p, 80)
+
+
+def test_kv_cache_follows_the_rollout_engine():
+    backbone = {"class_path": "p2r.backbones.HFBackbone", "init_args": {"model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"}}
+    per_token = 28 * 2 * 4 * 128 * 2  # bf16 keys and values of every layer
+    eager = plan_from_config(config("pagrpo", precision="bf16-true", backbone=backbone, rollout_engine="eager", max_completion_length=700))
+    assert rows(eager)["rollout KV cache (eager engine)"] == 8 * (1280 + 700) * per_token
+    compiled = plan_from_config(config("pagrpo", precision="bf16-true", backbone=backbone, rollout_engine="compiled", max_completion_length=700))
+    assert rows(compiled)["rollout KV cache (compiled engine: static, kept)"] == 8 * 2048 * per_token  # 1980 rounded up to 256s
 
 
 def test_7b_pagrpo_under_ddp_bf16_true_equals_hand_worked_bytes_and_does_not_fit_80gb():
@@ -124,7 +134,8 @@ def test_7b_pagrpo_under_ddp_bf16_true_equals_hand_worked_bytes_and_does_not_fit
     r = rows(p)
     assert r["weights"] == r["PA-GRPO reference"] == r["DDP gradient buckets"] == r["gradients"] == 2 * N_7B
     assert r["optimizer state (AdamW, 2 per trainable)"] == 4 * N_7B
-    assert p.persistent_total == 10 * N_7B  # 2 + 4 + 2 + 2 bytes per parameter before any activation
+    # 2 + 4 + 2 + 2 bytes per parameter, and the compiled engine's static KV cache, before any activation
+    assert p.persistent_total == 10 * N_7B + 939_524_096
     assert "does NOT fit in 80 GiB" in format_plan(p, 80)
 
 
@@ -138,7 +149,7 @@ def test_activation_estimate_equals_its_hand_worked_formula():
     length, scored = 1280 + 8 * 768, 8 * 768 + 1  # one packed row: prompt + G completions
     per_layer = 2 * (6 * h + 4 * i) + 8 * h
     lm = length * (layers * h * 2 + per_layer)
-    logits = scored * vocab * 12
+    logits = 512 * vocab * 12  # the LM head runs on 512 of the 6145 scored positions at a time
     vision = 4096 * (32 * 1280 * 2 + 2 * (6 * 1280 + 4 * 3420) + 8 * 1280)
     mask = length * length * 2
     assert rows(p)["activations"] == lm + logits + vision + mask

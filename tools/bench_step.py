@@ -49,6 +49,7 @@ import resource
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,11 +78,8 @@ FixedLengthQwen25VL = fixed_length(TinyQwen25VL)
 
 def rollout_engines() -> tuple[str, ...]:
     """The decode engines this build's ``generate_groups`` offers ("eager" always)."""
-    params = inspect.signature(generate_groups).parameters
-    if "engine" not in params:
-        return ("eager",)
-    annotation = str(params["engine"].annotation)
-    return tuple(e for e in ("eager", "compiled") if e in annotation) or ("eager",)
+    engine = typing.get_type_hints(generate_groups).get("engine")
+    return tuple(typing.get_args(engine)) or ("eager",)
 
 
 def rollout_kwargs(engine: str) -> dict[str, str]:

