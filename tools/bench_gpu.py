@@ -201,7 +201,7 @@ def model_flops(model: nn.Module, tokens: int, patches: int) -> float:
 # --- sections ------------------------------------------------------------------------------------
 def section_decode(args) -> dict:
     device, s = device_of(args), shapes(args)
-    backbone = build(args, args.decode_arch, fixed=True, dtype="bfloat16")
+    backbone = build(args, args.decode_arch, fixed=True, dtype="bfloat16", num_layers=args.layers)
     backbone.eval()
     prompts, clips = [backbone.render_prompt(QUESTION, "video")], [clip_of(s["decode_frames"], s["decode_side"])]
     g, t = s["group"], s["new_tokens"]
@@ -265,7 +265,7 @@ def moved_fraction(sample) -> float:
 
 def section_sft(args) -> dict:
     device, s = device_of(args), shapes(args)
-    backbone = build(args, args.train_arch, dtype="float32", gradient_checkpointing=True, num_layers=args.train_layers)
+    backbone = build(args, args.train_arch, dtype="float32", gradient_checkpointing=True, num_layers=args.layers)
     backbone.train()
     batch, clip = sft_inputs(backbone, s)
     batch = move_to(batch, device, torch.float32)
@@ -301,7 +301,7 @@ def section_pagrpo(args) -> dict:
     from p2r.memory_plan import Setup, count, plan
 
     device, s = device_of(args), shapes(args)
-    backbone = build(args, args.train_arch, fixed=True, dtype="float32", gradient_checkpointing=True, num_layers=args.train_layers)
+    backbone = build(args, args.train_arch, fixed=True, dtype="float32", gradient_checkpointing=True, num_layers=args.layers)
     reference = copy.deepcopy(backbone.model).eval().requires_grad_(False)  # float32, as PAGRPOModule copies it
     optimizer = torch.optim.AdamW([p for p in backbone.model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.01)
     side = s["train_side"]
@@ -349,7 +349,7 @@ def section_fsdp(args, kind: str) -> dict:
     if args.tiny:
         backbone = TinyQwen25VL(**TINY, **options)
     else:
-        backbone = RandomInitQwen25VL(args.train_arch, num_layers=args.train_layers, init_device=str(device), **options)
+        backbone = RandomInitQwen25VL(args.train_arch, num_layers=args.layers, init_device=str(device), **options)
     module = SFTModule(backbone=backbone, lr=1e-5)
     record = VideoRecord(id="bench", problem=QUESTION, problem_type="multiple choice", data_type="video", path="bench.mp4",
                          solution="<answer>A</answer>", options=["left", "right"], observation="The square moves left.",
@@ -489,8 +489,8 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     parser.add_argument("--decode-arch", default="qwen2_5_vl_7b", help="architecture of the decode section")
     parser.add_argument("--train-arch", default="qwen2_5_vl_3b", help="architecture of the training sections")
-    parser.add_argument("--train-layers", type=int, default=None,
-                        help="decoder layers of the training sections' model (default: all; e.g. 18 to fit an 80 GB GPU)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers of every real-architecture model (default: all; e.g. 18 fits the training sections in 80 GB)")
     parser.add_argument("--group-size", type=int, default=None, help="sequences per prompt (default 8)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per sequence (default 768; 16 with --tiny)")
     parser.add_argument("--steps", type=int, default=2, help="timed SFT steps and FSDP steps")

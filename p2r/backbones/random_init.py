@@ -20,7 +20,7 @@ from torch import nn
 
 from p2r.backbones.architectures import architecture_config, architecture_values
 from p2r.backbones.base import VideoBackbone, requantize
-from p2r.backbones.tiny import _qwen_processor
+from p2r.backbones.tiny import _qwen_processor, qwen_special_ids
 from p2r.backbones.tokenizer import train_tokenizer
 
 Architecture = Literal["qwen2_5_vl_3b", "qwen2_5_vl_7b"]
@@ -31,7 +31,7 @@ class RandomInitQwen25VL(VideoBackbone):
 
     def __init__(
         self,
-        architecture: Architecture = "qwen2_5_vl_7b",
+        architecture_name: Architecture = "qwen2_5_vl_7b",
         num_layers: int | None = None,
         vision_depth: int | None = None,
         init_device: str = "cpu",
@@ -40,14 +40,14 @@ class RandomInitQwen25VL(VideoBackbone):
     ) -> None:
         """
         Args:
-            architecture: Stored architecture (p2r/backbones/architectures/<name>.json).
+            architecture_name: Stored architecture (p2r/backbones/architectures/<name>.json).
             num_layers: Decoder layers to keep (None: the real number).
             vision_depth: Vision blocks to keep (None: the real number).
             init_device: Device the weights are created on ("cuda" builds 7B in seconds).
             seed: Seed of the weight initialisation.
             **options: The options of :class:`p2r.backbones.base.VideoBackbone` (dtype, lora, ...).
         """
-        self.architecture = architecture
+        self.architecture_name = architecture_name
         self.num_layers = num_layers
         self.vision_depth = vision_depth
         self.init_device = init_device
@@ -63,23 +63,17 @@ class RandomInitQwen25VL(VideoBackbone):
     def config(self) -> Any:
         """The architecture's config with this tokenizer's special ids and the requested depths."""
         tok = self.tokenizer
-        ids = {n: tok.convert_tokens_to_ids(n) for n in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
         overrides: dict[str, Any] = dict(
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-            bos_token_id=None,
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            qwen_special_ids(tok), bos_token_id=None,
+            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
         )
         if self.num_layers is not None:
             overrides["num_hidden_layers"] = self.num_layers
         if self.vision_depth is not None:
-            vision = dict(architecture_values(self.architecture)["vision_config"])
+            vision = dict(architecture_values(self.architecture_name)["vision_config"])
             full = [i for i in vision["fullatt_block_indexes"] if i < self.vision_depth] or [self.vision_depth - 1]
             overrides["vision_config"] = {**vision, "depth": self.vision_depth, "fullatt_block_indexes": full}
-        return architecture_config(self.architecture, **overrides)
+        return architecture_config(self.architecture_name, **overrides)
 
     def _make_model(self, torch_dtype: torch.dtype, quantization_config: Any) -> nn.Module:
         from transformers import Qwen2_5_VLForConditionalGeneration
