@@ -51,7 +51,7 @@ from p2r.algorithms.rollout import (
     perception_masks,
 )
 from p2r.algorithms.shared_prompt import shared_prompt_logprobs, supports_shared_prompt
-from p2r.backbones.base import DecodeEngine
+from p2r.backbones.decoding import DecodeEngine
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import build_question
 from p2r.data.video import Clip

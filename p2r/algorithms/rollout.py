@@ -18,13 +18,15 @@ at a time, so the (tokens x vocabulary) logits never exist whole (:func:`token_l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from callbacks.segments import char_spans_to_token_mask, split_segments
-from p2r.backbones.base import DecodeEngine, VideoBackbone, move_to
+from p2r.backbones.base import VideoBackbone, move_to
+from p2r.backbones.decoding import DecodeEngine
 from p2r.data.video import Clip
 
 
@@ -249,7 +251,7 @@ def build_train_batch(backbone: VideoBackbone, rollout: GroupRollout, rows: list
 LOGPROB_CHUNK_TOKENS = 512
 
 
-def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+def _chunk_logprobs(head: Callable, hidden: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = head(hidden).float()  # (c, V)
     if temperature not in (0, 1):
         logits = logits / temperature
@@ -258,7 +260,7 @@ def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tens
 
 def token_logprobs(
     hidden: torch.Tensor,
-    head: torch.nn.Module,
+    head: Callable[[torch.Tensor], torch.Tensor],
     ids: torch.Tensor,
     temperature: float = 1.0,
     chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
@@ -292,9 +294,12 @@ def completion_logprobs(
     same distributions that produced the samples. The LM head runs on the completion tokens
     only, ``chunk_tokens`` at a time (:func:`token_logprobs`).
     """
-    t = batch.completion_ids.shape[1]
-    hidden = backbone.head_inputs(t + 1, **batch.tensors, position_ids=batch.position_ids)  # (N, T+1, H)
-    hidden = hidden[:, :-1]  # (N, T, H): position P-1+t predicts completion token t
     mask = batch.completion_mask  # (N, T)
-    picked = token_logprobs(hidden[mask], backbone.output_head, batch.completion_ids[mask], temperature, chunk_tokens)
+    ids = batch.completion_ids[mask]  # (M,)
+
+    def logprobs(hidden: torch.Tensor, head: Callable) -> torch.Tensor:  # hidden (N, T+1, H)
+        # position P-1+t predicts completion token t
+        return token_logprobs(hidden[:, :-1][mask], head, ids, temperature, chunk_tokens)  # (M,)
+
+    picked = backbone.apply_head(logprobs, mask.shape[1] + 1, **batch.tensors, position_ids=batch.position_ids)
     return scatter_tokens(picked, mask)  # (N, T)

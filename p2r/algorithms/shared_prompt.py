@@ -41,6 +41,7 @@ Details:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -203,12 +204,14 @@ def shared_prompt_logprobs(
     (:func:`p2r.algorithms.rollout.token_logprobs`).
     """
     batch = build_shared_batch(backbone, rollout, prompt_indices)
-    hidden = backbone.head_inputs(
-        batch.logits_to_keep, **batch.tensors, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-    )  # (R, K, H): column 0 is the last prompt position
     mask = batch.completion_mask  # (n, T)
-    picked = token_logprobs(
-        hidden[batch.logit_rows[mask], batch.logit_cols[mask]], backbone.output_head, batch.completion_ids[mask],
-        temperature, chunk_tokens,
-    )  # (M,)
+    rows, cols, ids = batch.logit_rows[mask], batch.logit_cols[mask], batch.completion_ids[mask]  # (M,) each
+
+    def logprobs(hidden: torch.Tensor, head: Callable) -> torch.Tensor:  # hidden (R, K, H), column 0: last prompt position
+        return token_logprobs(hidden[rows, cols], head, ids, temperature, chunk_tokens)  # (M,)
+
+    picked = backbone.apply_head(
+        logprobs, batch.logits_to_keep, **batch.tensors, attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+    )
     return scatter_tokens(picked, mask), mask  # (n, T), (n, T)

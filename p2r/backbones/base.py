@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from p2r.backbones.decoding import Decoding, StaticDecoder, custom_mask_support, prefill
+from p2r.backbones.decoding import DecodeEngine, Decoding, StaticDecoder, custom_mask_support, prefill
 from p2r.checkpoints import read_backbone_state
 from p2r.data.video import Clip
 from p2r.strategies import gathered, is_sharded
@@ -34,7 +35,6 @@ IGNORE_INDEX = -100
 # Processor outputs that are per-token (padded to the batch length) vs. per-visual (concatenated).
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 _VISUAL_NAMES = ("visual", "vision_tower", "vision_model")
-DecodeEngine = Literal["eager", "compiled"]
 
 
 @dataclass
@@ -355,30 +355,35 @@ class VideoBackbone(nn.Module):
             self._decoder = StaticDecoder(self.pad_token_id, sharded=is_sharded(self.model))
         return self._decoder
 
-    @property
-    def output_head(self) -> nn.Module:
-        """The language-model head (final hidden states -> vocabulary logits)."""
-        return self.model.get_output_embeddings()
+    def apply_head(self, fn: Callable[[torch.Tensor, Callable], torch.Tensor], logits_to_keep: int, **inputs: Any) -> torch.Tensor:
+        """Run the model's forward with ``fn(hidden, head)`` in place of its LM head and return that tensor.
 
-    def head_inputs(self, logits_to_keep: int, **inputs: Any) -> torch.Tensor:
-        """Final hidden states (B, K, H) of the last K positions: what :attr:`output_head` would turn into logits.
-
-        Runs the model's own forward (FSDP, LoRA and checkpointing hooks all apply) but lets the
-        head compute one column only, so no (B, K, V) logits exist. Under FSDP2 the head's weight
-        stays gathered after the root forward (the root is not resharded until its backward).
+        ``hidden`` (B, K, H) are the final hidden states of the last K positions, ``head`` maps
+        hidden states to logits. The head's own call computes nothing but this: no (B, K, V) logits
+        exist unless ``fn`` makes them. ``fn`` runs inside the forward and its result is the
+        forward's output, so FSDP2 gathers the head's weights for it in the forward and again
+        before its backward (FSDP2 reshards the root after the forward and gathers it when the
+        gradient reaches the root's outputs); FSDP, LoRA and checkpointing hooks all apply.
+        Valid where logits are head(hidden) with nothing after it (Qwen-VL; not Gemma's softcapping).
         """
-        captured: list[torch.Tensor] = []
+        if getattr(self.model.config.get_text_config(), "final_logit_softcapping", None):
+            raise NotImplementedError(f"{self.architecture} caps its logits after the head; apply_head would skip that")
+        full: list[torch.Tensor] = []
 
         def keep_last_column(module: nn.Module, args: tuple) -> tuple:
-            captured.append(args[0])  # (B, K, H)
+            full.append(args[0])  # (B, K, H)
             return (args[0][:, -1:],)
 
-        handle = self.output_head.register_forward_pre_hook(keep_last_column)
+        def apply_fn(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return fn(full.pop(), module.forward)  # forward, not __call__: these hooks must not run again
+
+        head = self.model.get_output_embeddings()
+        handles = [head.register_forward_pre_hook(keep_last_column), head.register_forward_hook(apply_fn)]
         try:
-            self.model(**inputs, use_cache=False, logits_to_keep=logits_to_keep)
+            return self.model(**inputs, use_cache=False, logits_to_keep=logits_to_keep).logits
         finally:
-            handle.remove()
-        return captured[0]
+            for handle in handles:
+                handle.remove()
 
     def _rope_index_fn(self) -> Any:
         for module in self.model.modules():

@@ -41,12 +41,14 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+DecodeEngine = Literal["eager", "compiled"]
 
 # Static cache lengths are rounded up to a multiple of this: prompts of nearby lengths share one
 # compiled step; the padding costs at most this many masked key columns per step.

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import p2r.algorithms.rollout as rollout_module
 from p2r.algorithms.rollout import (
     build_train_batch,
     completion_logprobs,
@@ -200,18 +201,21 @@ def test_token_logprobs_chunked_equal_the_whole_log_softmax_with_gradients(chunk
     assert max(counter.rows) == min(chunk, 13)  # never more than one chunk of logits at once
 
 
-def test_completion_logprobs_chunked_never_hold_more_than_a_chunk_of_logits(backbone, prompts):
+def test_completion_logprobs_chunked_never_hold_more_than_a_chunk_of_logits(backbone, prompts, monkeypatch):
     texts, clips = prompts
     rollout = generate_groups(backbone, texts, clips, group_size=2, max_new_tokens=7, temperature=1.0,
                               generator=torch.Generator().manual_seed(3))
     batch = build_train_batch(backbone, rollout, list(range(4)))
+    chunks = []
+    original = rollout_module._chunk_logprobs
+    monkeypatch.setattr(rollout_module, "_chunk_logprobs", lambda head, h, *a: chunks.append(len(h)) or original(head, h, *a))
+    model_head = _RowCounter(backbone.model.get_output_embeddings())
     with torch.no_grad():
         whole = completion_logprobs(backbone, batch, 0.9, chunk_tokens=10_000)
-        counter = _RowCounter(backbone.output_head)
+        chunks.clear()
         chunked = completion_logprobs(backbone, batch, 0.9, chunk_tokens=3)
-        counter.handle.remove()
+    model_head.handle.remove()
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
     assert (chunked[~batch.completion_mask] == 0).all()
-    # the model's own forward asks the head for the last column of each of the 4 rows only
-    assert counter.rows[0] == 4 and max(counter.rows[1:]) == 3
-    assert sum(counter.rows[1:]) == int(batch.completion_mask.sum())  # no logits for padding
+    assert model_head.rows == [4, 4]  # the model's own head call: the last column of each of the 4 rows only
+    assert max(chunks) == 3 and sum(chunks) == int(batch.completion_mask.sum())  # no logits for padding

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import p2r.algorithms.rollout as rollout_module
 from p2r.algorithms.policy_loss import pagrpo_loss
 from p2r.algorithms.rollout import GroupRollout, build_train_batch, completion_logprobs, prepare_prompts
 from p2r.algorithms.shared_prompt import shared_attention_mask, shared_prompt_logprobs, supports_shared_prompt
@@ -208,3 +209,47 @@ def test_supports_shared_prompt_refuses_what_cannot_take_the_mask(monkeypatch):
     assert not ok and "sliding" in reason
     with pytest.raises(RuntimeError, match="built"):
         supports_shared_prompt(TinyQwen25VL(**SIZES))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_chunked_lm_head_gives_the_unchunked_loss_and_gradients(lora, monkeypatch):
+    """Both paths, policy (gradients) and reference (no gradients, adapters off): a chunk of 5
+    tokens gives what one chunk of every token gives, and the head never sees more than 5."""
+    backbone = _build(TinyQwen25VL, lora)
+    rollout = _rollout(backbone, 8)
+    micro = [[0, 2], [1]]
+
+    def per_sample(chunk):
+        def logprobs_of(prompt_indices):
+            batch = build_train_batch(backbone, rollout, _rows(prompt_indices, 8))
+            return completion_logprobs(backbone, batch, chunk_tokens=chunk), batch.completion_mask
+        return logprobs_of
+
+    def shared(chunk):
+        return lambda prompt_indices: shared_prompt_logprobs(backbone, rollout, prompt_indices, chunk_tokens=chunk)
+
+    for path in (per_sample, shared):
+        expected_loss, expected = _loss_and_grads(backbone, rollout, micro, path(10**6))
+        shapes, chunks = [], []
+        original = rollout_module._chunk_logprobs
+        monkeypatch.setattr(rollout_module, "_chunk_logprobs", lambda head, h, *a: chunks.append(len(h)) or original(head, h, *a))
+        head = backbone.model.get_output_embeddings()
+        hook = head.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape[:-1])))
+        try:
+            loss, grads = _loss_and_grads(backbone, rollout, micro, path(5))
+        finally:
+            hook.remove()
+            monkeypatch.undo()
+        assert loss == pytest.approx(expected_loss, abs=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected[name], atol=1e-6 + 1e-5 * float(expected[name].abs().max()), rtol=0)
+        # the model's forwards ask the head for one column per row (R, 1); the chunks for at most 5 positions,
+        # each once in the forward and once more when the backward recomputes it
+        assert shapes and {s[1] for s in shapes} == {1}
+        assert max(chunks) == 5 and sum(chunks) == 2 * sum(len(c) for c in rollout.completion_ids)
+        if lora:
+            with torch.no_grad(), backbone.adapters_disabled():
+                reference = [path(5)(p)[0] for p in micro]
+                whole = [path(10**6)(p)[0] for p in micro]
+            for a, b in zip(reference, whole):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

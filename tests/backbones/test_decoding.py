@@ -19,6 +19,7 @@ from torch._dynamo.utils import counters
 
 from p2r.algorithms.rollout import generate_groups, prepare_prompts
 from p2r.backbones import LoraOptions, TinyQwen2VL, TinyQwen3VL, TinyQwen25VL
+from p2r.backbones.decoding import packed_gqa_attention
 
 SIZES = dict(hidden_size=32, num_layers=2, vision_hidden_size=32, seed=3)
 NEW_TOKENS = 24
@@ -170,3 +171,18 @@ def test_a_compile_failure_finishes_the_rollout_uncompiled_then_uses_eager(monke
     text = caplog.text
     assert "compiled decoding failed (RuntimeError: backend says no)" in text
     assert "compiling failed earlier" in text
+
+
+def test_packed_gqa_attention_equals_repeated_key_value_heads():
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 6, 1, 8, generator=gen)  # 6 query heads over 2 key/value heads
+    key, value = torch.randn(3, 2, 10, 8, generator=gen), torch.randn(3, 2, 10, 8, generator=gen)
+    mask = torch.zeros(3, 1, 1, 10).masked_fill(torch.rand(3, 1, 1, 10, generator=gen) < 0.3, torch.finfo(torch.float32).min)
+    mask[..., 0] = 0  # every row sees a key
+    module = torch.nn.Module()
+    out, _ = packed_gqa_attention(module, query, key, value, mask, scaling=0.3)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, 3), repeat_kv(value, 3), attn_mask=mask, scale=0.3).transpose(1, 2)  # (3, 1, 6, 8)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
