@@ -207,7 +207,8 @@ def one_step(backbone, reference, optimizer, prompts, clips, s: StepSettings, sh
     optimizer.zero_grad(set_to_none=True)
     timer.lap("optimizer step")
     video = backbone.tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    info = {"loss": total, "grad_norm": grad_norm, "prompt_tokens": [int(it["input_ids"].shape[1]) for it in rollout.prompts.items],
+    info = {"loss": total, "grad_norm": grad_norm, "completion_lengths": [len(ids) for ids in rollout.completion_ids],
+            "prompt_tokens": [int(it["input_ids"].shape[1]) for it in rollout.prompts.items],
             "vision_tokens": [int((it["input_ids"] == video).sum()) for it in rollout.prompts.items]}
     return timer.times, info
 
@@ -294,8 +295,10 @@ def run_trl(args) -> dict:
     images = [Image.fromarray(f) for f in clips[0].frames[::2]]
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": QUESTIONS[0]}], "images": images}])
     rng = np.random.default_rng(args.seed + 1)
+    lengths: list[list[int]] = []
 
-    def random_reward(completions, **kwargs) -> list[float]:
+    def random_reward(completions, completion_ids, **kwargs) -> list[float]:
+        lengths.append([len(ids) for ids in completion_ids])
         return [float(x) for x in rng.standard_normal(len(completions))]
 
     class StepClock(TrainerCallback):
@@ -330,8 +333,11 @@ def run_trl(args) -> dict:
         trainer = GRPOTrainer(model=tmp, reward_funcs=random_reward, args=config, train_dataset=data,
                               processing_class=backbone.processor, callbacks=[clock])
         generate = trainer.model.generate
+        image_pad = backbone.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        vision_tokens: list[int] = []
 
         def timed_generate(*a, **k):
+            vision_tokens.append(int((k["input_ids"][0] == image_pad).sum()))  # what TRL's processor made of the images
             start = time.perf_counter()
             try:
                 return generate(*a, **k)
@@ -344,7 +350,8 @@ def run_trl(args) -> dict:
         trainer.train()
     step = clock.steps[-1]
     return {"step_s": step, "generate_s": clock.generate_s[-1], "memory": peak_memory(device, clock.before_mib),
-            "vision_tokens": [len(images) * (args.side // 28) ** 2], "threads": torch.get_num_threads()}
+            "vision_tokens": vision_tokens[-1:], "completion_lengths": lengths[-1],
+            "threads": torch.get_num_threads()}
 
 
 def run_round(path: str) -> dict:
