@@ -148,7 +148,10 @@ def _count(value: Any, default: int = 1) -> int:
 
 
 def setup_from_config(cfg: dict[str, Any], devices: int | None = None) -> Setup:
-    """A :class:`Setup` from a LightningCLI fit config as a plain dict (``namespace.as_dict()``)."""
+    """A :class:`Setup` from a LightningCLI fit config as a plain dict (``namespace.as_dict()``).
+
+    ``devices`` overrides ``trainer.devices``; a value that is not a count ("auto") plans one GPU.
+    """
     trainer, model = cfg.get("trainer") or {}, cfg.get("model") or {}
     margs = _init_args(model)
     bargs = _init_args(margs.get("backbone"))
