@@ -59,7 +59,7 @@ MASKED_ATTENTION = ("sdpa", "eager")
 class Decoding(Protocol):
     """One rollout's decoder, after the prefill."""
 
-    engine: str  # "eager" or "compiled": the engine that actually runs (after any fallback)
+    engine: str  # what runs the steps: "eager", "compiled", or after a compile failure "static cache, uncompiled"
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed the tokens just sampled (N,) and return the logits (N, V) for the next position."""
@@ -202,8 +202,8 @@ def packed_gqa_attention(
     """sdpa for one query token per row with the query heads of each key/value head packed together.
 
     query (N, H, 1, D) -> (N, H_kv, H / H_kv, D) (query head h uses key/value head h // (H / H_kv),
-    as transformers' ``repeat_kv`` pairs them), keys/values (N, H_kv, L, D), mask (N, 1, 1, L):
-    the keys and values are read once per step. transformers' own sdpa path does this only when
+    as transformers' ``repeat_kv`` pairs them), keys/values (N, H_kv, L, D), mask (N, 1, 1, L)
+    shared by all heads: the keys and values are read once per step. transformers' own sdpa path does this only when
     not compiling; under torch.compile with a mask it materialises the keys and values H / H_kv
     times (7x for Qwen2.5-VL-7B), which would make a decode step read several times the cache.
     Other query lengths go to transformers' sdpa function unchanged.
@@ -214,7 +214,7 @@ def packed_gqa_attention(
     kv_heads = key.shape[1]
     if length != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    packed = query.view(rows, kv_heads, heads // kv_heads, dim)  # (N, H_kv, H / H_kv, D)
+    packed = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # (N, H_kv, H / H_kv, D)
     out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None  # (N, 1, H, D)
 
@@ -237,7 +237,7 @@ class _StaticBuffers:
     """Everything one compiled decode step reads or writes, allocated once for (rows, length)."""
 
     def __init__(self, like: list[tuple[torch.Tensor, torch.Tensor]], rows: int, length: int, pad_token_id: int) -> None:
-        k0, v0 = like[0]
+        k0 = like[0][0]
         device, self.dtype = k0.device, k0.dtype
         self.rows, self.length = rows, length
         self.layout = [(k.shape[1], k.shape[3], v.shape[3]) for k, v in like]  # (kv_heads, key dim, value dim)
