@@ -1,6 +1,7 @@
 """The p2r command line: LightningCLI over p2r's modules and the WebDataset DataModule.
 
     python -m p2r fit  --config configs/sft.yaml [--config configs/tiny.yaml] [--print_config]
+    python -m p2r fit  --config configs/pagrpo.yaml --print_memory [--device_memory_gb 80]
     python -m p2r test --config configs/eval.yaml --ckpt_path CKPT
     p2r --help
 
@@ -88,6 +89,24 @@ class P2RCLI(LightningCLI):
             if cause is None:
                 raise
             raise cause from None
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--print_memory", action="store_true",
+            help="Print the per-GPU memory plan of this fit run (p2r.memory_plan) and exit without building the model.",
+        )
+        parser.add_argument("--device_memory_gb", type=float, default=80.0, help="GPU memory (GiB) the plan is checked against.")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if not config.get("print_memory"):
+            return
+        if self.subcommand != "fit":
+            raise SystemExit(f"--print_memory plans a fit run, not {self.subcommand!r}")
+        from p2r.memory_plan import format_plan, plan_from_config
+
+        print(format_plan(plan_from_config(config.as_dict()), config.device_memory_gb))
+        raise SystemExit(0)
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

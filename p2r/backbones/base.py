@@ -477,8 +477,13 @@ class VideoBackbone(nn.Module):
 
     def fsdp_block_classes(self) -> set[type[nn.Module]]:
         """Module classes to shard one by one: decoder layers and vision blocks."""
-        names = ("DecoderLayer", "VisionBlock", "Block", "EncoderLayer")
-        return {type(m) for m in self.model.modules() if type(m).__name__.endswith(names) and m is not self.model}
+        return block_classes(self.model)
+
+
+def block_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """The repeated block classes of ``model`` (decoder layers, vision blocks): FSDP's units."""
+    names = ("DecoderLayer", "VisionBlock", "Block", "EncoderLayer")
+    return {type(m) for m in model.modules() if type(m).__name__.endswith(names) and m is not model}
 
 
 def _model_entries(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -92,13 +92,7 @@ class _TinyBackbone(VideoBackbone):
         )
 
     def _special_ids(self) -> dict[str, int]:
-        ids = self._token_ids(self.tokenizer)
-        return dict(
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-        )
+        return qwen_special_ids(self.tokenizer)
 
     def _config(self) -> Any:
         raise NotImplementedError
@@ -115,6 +109,17 @@ class _TinyBackbone(VideoBackbone):
         if quantization_config is not None:
             model = requantize(model, quantization_config, torch_dtype)
         return model
+
+
+def qwen_special_ids(tok: Any) -> dict[str, int]:
+    """The config's vision token ids (image, video, vision start/end) for an in-process tokenizer."""
+    ids = {n: tok.convert_tokens_to_ids(n) for n in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    return dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
 
 
 def _qwen_processor(processor_cls: type, video_cls: type, tok: Any, patch: int) -> Any:

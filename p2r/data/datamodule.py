@@ -36,7 +36,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from p2r.data.records import RecordError, RecordLimits, VideoRecord, parse_record
