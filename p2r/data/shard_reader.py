@@ -28,8 +28,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from webdataset.gopen import gopen
-
 from p2r.data.shards import MEDIA_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -85,6 +83,8 @@ def shard_items(url: str, max_record_bytes: int, max_media_bytes: int) -> Iterat
     ``max_record_bytes`` (``.json``) or ``max_media_bytes`` (media) make their sample unusable
     without being read. Never raises for what is in the shard.
     """
+    from webdataset.gopen import gopen  # here: modules that only need Sample run without webdataset
+
     try:
         stream = gopen(url, "rb")
     except Exception as err:  # a missing file, a refused URL: whatever the opener raises
