@@ -13,6 +13,7 @@ import webdataset as wds
 
 from callbacks.reward_callbacks import RewardCallback
 from p2r.algorithms.pagrpo import PAGRPOModule
+from p2r.algorithms.settings import LossSettings, RolloutSettings
 from p2r.algorithms.sft import SFTModule
 from p2r.backbones import TinyQwen25VL
 from p2r.data.datamodule import decode_sample
@@ -66,7 +67,8 @@ def test_each_skip_is_counted_at_its_step(samples, kind):
     ]
     backbone = TinyQwen25VL(hidden_size=32, num_layers=1, vision_hidden_size=16, vision_depth=1, seed=0)
     module = (SFTModule(backbone, lr=1e-3) if kind == "sft"
-              else PAGRPOModule(backbone, lr=1e-3, group_size=2, max_completion_length=4, beta=0.0))
+              else PAGRPOModule(backbone, lr=1e-3, rollout=RolloutSettings(group_size=2, max_completion_length=4),
+                              loss=LossSettings(beta=0.0)))
     seen = SkipsPerStep()
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[seen, *([ConstantReward()] if kind == "pagrpo" else [])])
