@@ -165,6 +165,8 @@ class ShardStream(IterableDataset):
     def _raw_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any] | Unusable]:
         """Raw samples and unusable items of this slot, in order (each counts as one resume position)."""
         if self.train:
+            import webdataset as wds  # here, not at import: modules and tools that only need Sample run without it
+
             # Different shard order per rank/worker and epoch; reproducible from the seed.
             seed = self.seed + 1000 * self.epoch + slot
             # worker_seed: the order depends on our seed only (it already holds the worker slot),
