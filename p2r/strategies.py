@@ -34,6 +34,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from p2r.checkpoints import PARTIAL_SUFFIX, fsync_folder
+from p2r.compat import set_data_parallel_size
 
 DType = Literal["bfloat16", "float16", "float32"]
 # Attribute of a sharded model: its units' reshard_after_forward setting outside gathered().
@@ -102,6 +103,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.param_dtype = param_dtype
         self.reduce_dtype = reduce_dtype
         self.reshard_after_forward = reshard_after_forward
+        self.save_distributed = save_distributed_checkpoint
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
@@ -111,7 +113,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         # One data-parallel dimension over every rank; Lightning's "auto" would make the devices
         # of a node a tensor-parallel group, which p2r's models do not implement.
-        self._data_parallel_size = self.num_nodes * self.num_processes
+        set_data_parallel_size(self, self.num_nodes * self.num_processes)
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
@@ -125,7 +127,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         the next save puts it back in place before writing, so it is never deleted while it is
         the only complete checkpoint. A failed write (a full disk) leaves the old folder as it was.
         """
-        if not self._save_distributed_checkpoint:
+        if not self.save_distributed:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
         partial = path.with_name(path.name + PARTIAL_SUFFIX)
@@ -201,11 +203,13 @@ class FSDPStrategy(LightningFSDPStrategy):
             )
         super().setup_environment()
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
+    def setup(self, trainer: Any) -> None:
+        # The module's configure_model has built the backbone by now; Lightning wraps the model in
+        # super().setup, reading the policy from self.kwargs.
         if "auto_wrap_policy" not in self.kwargs:
             from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
             backbone = getattr(self.lightning_module, "backbone", None)
             if backbone is not None and backbone.is_built:
                 self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(backbone.fsdp_block_classes())
-        return super()._setup_model(model)
+        super().setup(trainer)

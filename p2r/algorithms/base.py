@@ -27,6 +27,7 @@ from p2r.algorithms.settings import require
 from p2r.algorithms.update_check import FirstStepUpdateCheck, warn_once
 from p2r.backbones.base import VideoBackbone
 from p2r.checkpoints import BACKBONE_OPTIONS
+from p2r.compat import attached_trainer
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import PromptTemplate, build_prompt
 from p2r.data.shard_reader import SkipLog
@@ -108,7 +109,8 @@ class VideoLVLMModule(L.LightningModule):
 
     def shard(self, model: torch.nn.Module) -> None:
         """Apply the strategy's FSDP2 sharding (p2r.strategies.FSDP2Strategy) to ``model``, if any."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        strategy = trainer.strategy if trainer is not None else None
         if isinstance(strategy, ModelParallelStrategy) and not hasattr(strategy, "parallelize"):
             raise ValueError(
                 "trainer.strategy: Lightning's ModelParallelStrategy leaves sharding to the module; p2r shards "
@@ -143,7 +145,7 @@ class VideoLVLMModule(L.LightningModule):
 
     def agreed(self, flag: bool) -> bool:
         """``flag`` if it holds on every rank (a collective: every rank must call it)."""
-        return self.trainer.strategy.reduce_boolean_decision(flag, all=True) if self._trainer is not None else flag
+        return self.trainer.strategy.reduce_boolean_decision(flag, all=True) if attached_trainer(self) is not None else flag
 
     def count_step(self, finite: bool, what: str) -> bool:
         """Record one optimizer step's outcome (already agreed across ranks): log the total of bad
@@ -157,7 +159,7 @@ class VideoLVLMModule(L.LightningModule):
             self.nonfinite.record(finite, what, self.global_step)
         except FloatingPointError as err:
             self._stop_error = err
-            if self._trainer is None:
+            if attached_trainer(self) is None:
                 raise
             self.trainer.should_stop = True
         self.log("train/nonfinite_steps", float(self.nonfinite.total), batch_size=1)
@@ -212,7 +214,7 @@ class VideoLVLMModule(L.LightningModule):
         ranks and saved in checkpoints, so ``data/skipped_samples`` counts every skip of the run.
         """
         step = torch.tensor(float(sum(s.skipped for s in batch) + dropped), device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if attached_trainer(self) is not None and self.trainer.world_size > 1:
             step = self.trainer.strategy.reduce(step, reduce_op="sum")
         self.skipped_samples += int(step.item())
         self.log("data/skipped_samples", float(self.skipped_samples), batch_size=max(1, len(batch)))

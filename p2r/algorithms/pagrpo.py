@@ -61,6 +61,7 @@ from p2r.algorithms.rollout import (
 )
 from p2r.algorithms.settings import LossSettings, RolloutSettings, require
 from p2r.algorithms.shared_prompt import shared_prompt_logprobs, supports_shared_prompt
+from p2r.compat import attached_trainer
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import build_question
 from p2r.data.video import Clip
@@ -186,7 +187,8 @@ class PAGRPOModule(VideoLVLMModule):
         # Copied now, before sharding and before Lightning restores a resumed checkpoint: the
         # reference stays the starting (SFT) policy. In the dtype the policy computes in (the
         # FSDP2 strategy's param_dtype, else the parameters'), so the KL is 0 at the first step.
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        strategy = trainer.strategy if trainer is not None else None
         dtype = getattr(strategy, "compute_dtype", None) or next(self.backbone.model.parameters()).dtype
         self.reference = Reference(self.backbone.frozen_copy(dtype))
 

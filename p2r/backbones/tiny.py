@@ -18,6 +18,7 @@ from torch import nn
 
 from p2r.backbones.base import VideoBackbone, requantize
 from p2r.backbones.tokenizer import train_tokenizer
+from p2r.compat import set_attention_implementation
 
 
 class _TinyBackbone(VideoBackbone):
@@ -102,7 +103,7 @@ class _TinyBackbone(VideoBackbone):
 
     def _make_model(self, torch_dtype: torch.dtype, quantization_config: Any) -> nn.Module:
         config = self._config()
-        config._attn_implementation = self.attn_implementation
+        set_attention_implementation(config, self.attn_implementation)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = self._model_class()(config).to(torch_dtype)
