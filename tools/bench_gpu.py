@@ -71,7 +71,7 @@ from bench_step import StepSettings, fixed_length, make_prompts, one_step, rollo
 from p2r.algorithms.rollout import generate_groups
 from p2r.algorithms.sft import masked_lm_loss
 from p2r.backbones import TinyQwen25VL
-from p2r.backbones.base import move_to
+from p2r.backbones.batching import move_to
 from p2r.backbones.random_init import RandomInitQwen25VL
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,6 @@ import torch
 from p2r.algorithms.rollout import generate_groups
 from p2r.algorithms.settings import RolloutSettings
 from p2r.backbones import TinyQwen25VL
-from p2r.backbones.base import move_to
 from p2r.data.video import Clip
 
 
@@ -74,9 +73,9 @@ def main() -> None:
     frames = rng.integers(0, 255, (args.frames, args.side, args.side, 3), dtype=np.uint8)
     clip = Clip(frames, fps=2.0, frame_indices=list(range(args.frames)), total_frames=args.frames)
     prompt = backbone.render_prompt("Describe what happens in the video, then answer: which way does it move?", "video")
-    single = move_to(backbone.encode([prompt], [clip]), backbone.model.device, backbone.model.dtype)
+    single = backbone.move(backbone.encode([prompt], [clip]))
     vision_tokens = int((single["input_ids"] == backbone.tokenizer.convert_tokens_to_ids("<|video_pad|>")).sum())
-    repeated = move_to(backbone.encode([prompt] * g, [clip] * g), backbone.model.device, backbone.model.dtype)
+    repeated = backbone.move(backbone.encode([prompt] * g, [clip] * g))
     sampling = dict(do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=n, min_new_tokens=n,
                     pad_token_id=backbone.pad_token_id)
 

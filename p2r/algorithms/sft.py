@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from p2r.algorithms.base import VideoLVLMModule
-from p2r.backbones.base import IGNORE_INDEX, move_to
+from p2r.backbones.base import IGNORE_INDEX
+from p2r.backbones.batching import move_to
 from p2r.data.datamodule import Sample
 from p2r.data.records import RecordError, target_text
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from p2r.backbones.batching import collate, left_align, move_to, pad
 from p2r.backbones.decoding import DecodeEngine, Decoding, StaticDecoder, custom_mask_support, prefill
 from p2r.checkpoints import read_backbone_options, read_backbone_state
 from p2r.data.video import Clip
@@ -34,8 +35,6 @@ from p2r.strategies import gathered, is_sharded
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# Processor outputs that are per-token (padded to the batch length) vs. per-visual (concatenated).
-_SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 _VISUAL_NAMES = ("visual", "vision_tower", "vision_model")
 
 
@@ -265,6 +264,20 @@ class VideoBackbone(nn.Module):
         return sorted(i for i in ids if i is not None and i != unk and i >= 0)
 
     @property
+    def device(self) -> torch.device:
+        """Where the built model's parameters are: batches go there."""
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The built model's parameter dtype: pixels and additive attention masks take it."""
+        return self.model.dtype
+
+    def move(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` on the model's device, its pixel tensors in the model's dtype."""
+        return move_to(batch, self.device, self.dtype)
+
+    @property
     def pad_token_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.eos_token_ids[0]
@@ -317,9 +330,9 @@ class VideoBackbone(nn.Module):
                 ids, lab = torch.cat([ids, tgt]), torch.cat([lab, tgt])
             seqs.append(ids)
             labels.append(lab)
-        batch = collate_processor_outputs(items, seqs, self.pad_token_id)
+        batch = collate(items, seqs, self.pad_token_id)
         if targets is not None:
-            batch["labels"] = pad_right(labels, IGNORE_INDEX)
+            batch["labels"] = pad(labels, IGNORE_INDEX)
         return batch
 
     @torch.no_grad()
@@ -337,7 +350,7 @@ class VideoBackbone(nn.Module):
         Prompts are left-padded so that every completion starts right after its own prompt.
         """
         batch = self.encode(prompts, clips)
-        batch = move_to(left_align(batch), self.model.device, self.model.dtype)
+        batch = self.move(left_align(batch))
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
         with gathered(self.model):
             out = self.model.generate(
@@ -554,43 +567,3 @@ def trim_completion(ids: list[int], eos_ids: list[int], pad_id: int) -> list[int
     while ids and ids[-1] == pad_id:
         ids = ids[:-1]
     return ids
-
-
-def left_align(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Move each row's padding from the right to the left (per-token tensors only)."""
-    lengths = batch["attention_mask"].sum(1)
-    out = dict(batch)
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
-        if key in batch:
-            rows = [torch.roll(row, int(row.shape[0] - n)) for row, n in zip(batch[key], lengths)]
-            out[key] = torch.stack(rows)
-    return out
-
-
-def move_to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Move a batch to the model's device; pixel tensors take the model's dtype."""
-    return {k: v.to(device, dtype=dtype if k.startswith("pixel_values") else None) for k, v in batch.items()}
-
-
-def pad_right(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
-    """Stack 1-D tensors of different lengths into (B, L_max), padding on the right."""
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=seqs[0].dtype)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return out
-
-
-def collate_processor_outputs(items: list[dict], seqs: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    """Merge per-sample processor outputs: token tensors padded, visual tensors concatenated."""
-    batch: dict[str, torch.Tensor] = {"input_ids": pad_right(seqs, pad_id)}
-    batch["attention_mask"] = pad_right([torch.ones_like(s) for s in seqs], 0)
-    for key in ("mm_token_type_ids", "token_type_ids"):
-        if key in items[0]:
-            # Appended target tokens are text (type 0): pad the prompt's types to the sequence length.
-            per = [torch.cat([it[key][0], torch.zeros(len(s) - it[key].shape[1], dtype=it[key].dtype)]) for it, s in zip(items, seqs)]
-            batch[key] = pad_right(per, 0)
-    visual_keys = {k for it in items for k in it} - set(_SEQUENCE_KEYS)
-    for key in sorted(visual_keys):
-        parts = [torch.as_tensor(it[key]) for it in items if key in it]
-        batch[key] = torch.cat(parts, dim=0)
-    return batch
