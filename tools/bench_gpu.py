@@ -69,7 +69,7 @@ from torch import nn
 from bench_step import StepSettings, fixed_length, make_prompts, one_step, rollout_engines
 
 from p2r.algorithms.rollout import generate_groups
-from p2r.algorithms.sft import masked_lm_loss
+from p2r.algorithms.sft import masked_lm_loss, sft_batch
 from p2r.backbones import TinyQwen25VL
 from p2r.backbones.batching import move_to
 from p2r.backbones.random_init import RandomInitQwen25VL
@@ -253,7 +253,8 @@ def sft_inputs(backbone, s: dict):
         target += " " + words[n % len(words)]
         n = len(backbone.tokenizer(target, add_special_tokens=False)["input_ids"])
     target += "</observation>\n<think>Left.</think>\n<answer>A</answer>"
-    return backbone.encode([backbone.render_prompt(QUESTION, "video")], [clip], [target]), clip
+    batch, labels = sft_batch(backbone, [backbone.render_prompt(QUESTION, "video")], [clip], [target])
+    return batch, labels, clip
 
 
 def weight_sample(model: nn.Module, limit: int = 50_000_000) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -271,15 +272,15 @@ def section_sft(args) -> dict:
     device, s = device_of(args), shapes(args)
     backbone = build(args, args.train_arch, dtype="float32", gradient_checkpointing=True, num_layers=args.layers)
     backbone.train()
-    batch, clip = sft_inputs(backbone, s)
-    batch = move_to(batch, device, torch.float32)
+    batch, labels, clip = sft_inputs(backbone, s)
+    batch, labels = move_to(batch, device, torch.float32), labels.to(device)
     params = [p for p in backbone.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01)
     losses = []
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = masked_lm_loss(backbone(**batch), batch["labels"])
+            loss = masked_lm_loss(backbone(**batch), labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

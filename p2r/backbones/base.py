@@ -34,7 +34,8 @@ from p2r.strategies import gathered, is_sharded
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+# The encode() entry marking target tokens (not a model input).
+TARGET_MASK = "target_mask"
 _VISUAL_NAMES = ("visual", "vision_tower", "vision_model")
 
 
@@ -314,25 +315,24 @@ class VideoBackbone(nn.Module):
     def encode(self, prompts: list[str], clips: list[Clip], targets: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Batch model inputs for rendered prompts (+ optional target completions), right-padded.
 
-        With ``targets`` the target text and an end-of-turn token follow each prompt and
-        ``labels`` hold them; every prompt and vision position is IGNORE_INDEX, so the loss is on
-        the assistant's answer only (Video-R1 trained on the prompt too). Targets are tokenized on
-        their own, exactly as generation would produce them after the prompt.
+        With ``targets`` the target text and an end-of-turn token follow each prompt, and
+        ``target_mask`` (B, L) is True on exactly those tokens (what SFT trains on,
+        ``p2r.algorithms.sft``). Targets are tokenized on their own, exactly as generation would
+        produce them after the prompt.
         """
         items = [self.process_one(p, c) for p, c in zip(prompts, clips)]
         end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        seqs, labels = [], []
+        seqs, in_target = [], []
         for i, item in enumerate(items):
             ids = item["input_ids"][0]
-            lab = torch.full_like(ids, IGNORE_INDEX)
+            tgt = ids[:0]
             if targets is not None:
-                tgt = torch.tensor(self.tokenizer(targets[i], add_special_tokens=False)["input_ids"] + [end])
-                ids, lab = torch.cat([ids, tgt]), torch.cat([lab, tgt])
-            seqs.append(ids)
-            labels.append(lab)
+                tgt = torch.tensor(self.tokenizer(targets[i], add_special_tokens=False)["input_ids"] + [end], dtype=ids.dtype)
+            seqs.append(torch.cat([ids, tgt]))
+            in_target.append(torch.cat([torch.zeros(len(ids), dtype=torch.bool), torch.ones(len(tgt), dtype=torch.bool)]))
         batch = collate(items, seqs, self.pad_token_id)
         if targets is not None:
-            batch["labels"] = pad(labels, IGNORE_INDEX)
+            batch[TARGET_MASK] = pad(in_target, False)
         return batch
 
     @torch.no_grad()
@@ -366,7 +366,7 @@ class VideoBackbone(nn.Module):
 
     def forward(self, **inputs: Any) -> torch.Tensor:
         """Logits (B, L, V) for a batch from :meth:`encode`."""
-        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        inputs = {k: v for k, v in inputs.items() if k != TARGET_MASK}
         return self.model(**inputs, use_cache=False).logits
 
     def position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
