@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench_step import StepSettings, fixed_length, make_prompts, one_step, rollout_engines
+from bench_step import StepSettings, fixed_length, one_step, rollout_engines
 
 from p2r.algorithms.rollout import generate_groups
 from p2r.algorithms.sft import masked_lm_loss, sft_batch

@@ -240,10 +240,6 @@ class VideoBackbone(nn.Module):
                 return module
         raise AttributeError(f"{type(model).__name__} has no vision tower named one of {_VISUAL_NAMES}")
 
-    def load_lightning_weights(self, path: str) -> None:
-        """Load the ``backbone.*`` weights of a checkpoint written by a p2r run (file or FSDP2 folder)."""
-        _load_checked(self, read_backbone_state(path, "weights_from"), path)
-
     # --- the interface the modules use ---------------------------------------------------------
     @property
     def eos_token_ids(self) -> list[int]:
