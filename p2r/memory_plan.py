@@ -63,7 +63,6 @@ PROMPT_TEXT_TOKENS = 256
 # SFT target length assumed for activations: an observation + think + answer trace.
 SFT_TARGET_TOKENS = 768
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_VISUAL_NAMES = ("visual", "vision_tower", "vision_model")
 
 
 @dataclass
@@ -243,9 +242,9 @@ def _quantized_bytes(numel: int, out_features: int, kind: str) -> int:
 
 def count(model: nn.Module, s: Setup) -> Counts:
     """Exact bytes of parameters for this rank, from the shapes of ``model`` (meta is fine)."""
-    from p2r.backbones.base import block_classes
+    from p2r.backbones.building import VISUAL_NAMES, block_classes
 
-    vision = next((m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in _VISUAL_NAMES), None)
+    vision = next((m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in VISUAL_NAMES), None)
     vision_ids = {id(p) for p in vision.parameters()} if vision is not None else set()
     lm_head = model.get_output_embeddings()
     blocks = [m for m in model.modules() if isinstance(m, tuple(block_classes(model)))]
