@@ -71,6 +71,33 @@ def gathered(model: nn.Module) -> Iterator[None]:
             unit.set_reshard_after_forward(getattr(model, RESHARD_SETTING, True), recurse=False)
 
 
+def shard(strategy: Any, model: nn.Module, block_classes: set[type[nn.Module]]) -> None:
+    """Shard ``model`` as ``strategy`` does (:meth:`FSDP2Strategy.parallelize`); nothing for strategies
+    that do not shard a module themselves. Lightning's own ModelParallelStrategy is refused: it leaves
+    sharding to the module."""
+    if isinstance(strategy, ModelParallelStrategy) and not hasattr(strategy, "parallelize"):
+        raise ValueError(
+            "trainer.strategy: Lightning's ModelParallelStrategy leaves sharding to the module; p2r shards "
+            "with p2r.strategies.FSDP2Strategy (configs/strategy/fsdp2.yaml). Use that instead."
+        )
+    if strategy is not None and hasattr(strategy, "parallelize"):
+        strategy.parallelize(model, block_classes)
+
+
+def refuse_sharded_evaluation(stage: str, world_size: int, model: nn.Module | None) -> None:
+    """Raise when ``stage`` (validation, test, predict) would run a sharded model on several ranks.
+
+    Evaluation streams give each sample to exactly one rank, so ranks get unequal numbers of
+    batches; a sharded model needs every rank in every forward (all-gathers): it would hang.
+    """
+    if world_size > 1 and is_sharded(model):
+        raise RuntimeError(
+            f"{stage} with an FSDP2-sharded model on {world_size} ranks would deadlock (ranks get "
+            "unequal numbers of evaluation batches). Evaluate with strategy ddp (configs/eval.yaml) on the "
+            "checkpoint or an exported folder (tools/export_hf.py); during fit set trainer.limit_val_batches=0."
+        )
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 (``fully_shard``) data parallelism over all ranks, bf16 compute with float32 master weights."""
 

@@ -50,7 +50,7 @@ from callbacks.reward_callbacks import needs_shuffled_frames, notify_rollouts_sc
 from callbacks.rollouts import Rollouts
 from p2r.algorithms.advantages import group_advantages, group_dropped, process_advantages, token_advantages
 from p2r.algorithms.base import VideoLVLMModule
-from p2r.algorithms.nonfinite import tensors_finite
+from p2r.algorithms.nonfinite import agreed, tensors_finite
 from p2r.algorithms.policy_loss import pagrpo_loss
 from p2r.algorithms.rollout import (
     GroupRollout,
@@ -382,14 +382,14 @@ class PAGRPOModule(VideoLVLMModule):
                 beta=loss_cfg.beta, eps_low=loss_cfg.epsilon, eps_high=loss_cfg.epsilon_high, mode=loss_cfg.aggregation,
                 perception_mask=mb.perception, max_completion_length=width, kl_log_ratio_clip=loss_cfg.kl_log_ratio_clip,
             )
-            if not self.agreed(bool(torch.isfinite(loss))):
-                return self.count_step(False, "loss")
+            if not agreed(self, bool(torch.isfinite(loss))):
+                return self.nonfinite.count(self, False, "loss")
             w = micro_weight(loss_cfg.aggregation, self._pad_cols(mb.completion, width), all_mask)
             self.manual_backward(loss * w)
             for k, v in {"loss": loss, **metrics}.items():
                 stats[k] = stats.get(k, 0.0) + w * float(v.detach()) / self.num_iterations
-        finite = self.agreed(tensors_finite(p.grad for p in self.parameters() if p.requires_grad))
-        return self.count_step(finite, "gradients")
+        finite = agreed(self, tensors_finite(p.grad for p in self.parameters() if p.requires_grad))
+        return self.nonfinite.count(self, finite, "gradients")
 
     @staticmethod
     def _pad_cols(mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ Launch:
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ from p2r.backbones.base import TARGET_MASK, VideoBackbone
 from p2r.backbones.batching import move_to
 from p2r.data.datamodule import Sample
 from p2r.data.records import RecordError, target_text
+from p2r.data.shard_reader import SkipLog
 from p2r.data.video import Clip
 
 IGNORE_INDEX = -100  # label of positions the loss skips (torch's cross_entropy default)
@@ -65,6 +67,7 @@ class SFTModule(VideoLVLMModule):
         """Takes the arguments of :class:`p2r.algorithms.base.VideoLVLMModule` (backbone, lr, schedule, ...)."""
         super().__init__(*args, **kwargs)
         self.save_hyperparameters(ignore=["backbone"])
+        self.skip_log = SkipLog(logging.getLogger(__name__), "training records")
         self._step_start = 0.0
 
     def _trainable(self, batch: list[Sample]) -> tuple[list[Sample], list[str]]:
@@ -87,7 +90,7 @@ class SFTModule(VideoLVLMModule):
         inputs, labels = move_to(inputs, self.device, self.backbone.torch_dtype), labels.to(self.device)
         loss = masked_lm_loss(self.backbone(**inputs), labels)
         n = len(batch)
-        if self.skip_nonfinite_loss(loss):
+        if self.nonfinite.skip_loss(self, loss):
             return None  # no backward for this batch and no update for this step, on every rank
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/target_tokens", float((labels != IGNORE_INDEX).sum()), batch_size=n)
