@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from p2r.algorithms.pagrpo import micro_batches, micro_weight
-from p2r.algorithms.policy_loss import pagrpo_loss
+from p2r.algorithms.policy_loss import AGGREGATION_MODES, pagrpo_loss
 from p2r.algorithms.rollout import build_train_batch, completion_logprobs, generate_groups, perception_masks
 from p2r.algorithms.shared_prompt import shared_prompt_logprobs, supports_shared_prompt
 from p2r.backbones import LoraOptions, TinyQwen25VL
@@ -374,7 +374,7 @@ def main() -> None:
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning, reference = frozen copy)")
     parser.add_argument("--freeze-vision", action="store_true", help="keep the vision tower frozen")
     parser.add_argument("--micro-batch", type=int, default=8, help="rows per forward in the per-sample path (shared: this // G prompts)")
-    parser.add_argument("--loss", default="segment_mean", choices=["segment_mean", "token_mean", "sequence_mean", "constant"],
+    parser.add_argument("--loss", default="segment_mean", choices=AGGREGATION_MODES,
                         help="loss aggregation (--trl uses sequence_mean, TRL's loss_type='grpo')")
     parser.add_argument("--no-old-policy", action="store_true", help="skip the old-policy pass (PAGRPOModule at num_iterations 1)")
     parser.add_argument("--trl", action="store_true", help="also time TRL 1.16's GRPOTrainer on the same step (needs trl: the bench extra)")
