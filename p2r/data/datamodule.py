@@ -474,7 +474,7 @@ class VideoDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Called for the batch the model is about to use (not for the one Lightning prefetched).
-        if isinstance(batch, TrainBatch) and getattr(self, "_train_loader", None) is not None:
+        if isinstance(batch, EpochBatch) and getattr(self, "_train_loader", None) is not None:
             self._train_loader.trained_on(batch)
         return batch
 
@@ -526,7 +526,7 @@ class SizedShardStream(ShardStream):
         return self.length
 
 
-class TrainBatch(list):
+class EpochBatch(list):
     """A training batch (a list of :class:`Sample`) that knows its place in the epoch."""
 
     epoch: int = 0
@@ -572,7 +572,7 @@ class ResumableLoader(DataLoader):
     def _next_epoch(self) -> None:
         self.epoch, self.trained, self.raw = self.epoch + 1, 0, [0] * self._workers
 
-    def __iter__(self) -> Iterator[TrainBatch]:
+    def __iter__(self) -> Iterator[EpochBatch]:
         # Runs at the first next(), when the trainer's epoch is the one that consumes these batches.
         ahead = self.trainer_epoch() if self.trainer_epoch is not None else None
         if ahead is not None and ahead > self.epoch:
@@ -585,13 +585,13 @@ class ResumableLoader(DataLoader):
         start = stream.resume_trained = self.trained
         stream.resume_raw = list(self.raw)
         for i, batch in enumerate(super().__iter__()):
-            out = TrainBatch(batch)
+            out = EpochBatch(batch)
             out.epoch, out.index, out.position = epoch, start + i, batch[-1].position
             yield out
         if self.epoch == epoch:  # ran out without the model taking the last batch (a plain loop)
             self._next_epoch()
 
-    def trained_on(self, batch: TrainBatch) -> None:
+    def trained_on(self, batch: EpochBatch) -> None:
         """Record that the model took ``batch`` (called by the datamodule, batch by batch)."""
         if batch.epoch != self.epoch:
             return  # a batch of an epoch that has already ended
