@@ -35,7 +35,7 @@ LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SI
 
 def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return {**env, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
 
 SCRIPT = r'''
 import json, sys
@@ -46,7 +46,6 @@ import torch
 import webdataset as wds
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from callbacks.reward_callbacks import RewardCallback
 from p2r.algorithms.pagrpo import PAGRPOModule
 from p2r.algorithms.settings import LossSettings, RolloutSettings
 from p2r.algorithms.sft import SFTModule
@@ -54,6 +53,7 @@ from p2r.backbones import TinyQwen25VL
 from p2r.data.datamodule import decode_sample
 from p2r.data.video import FrameSampling
 from p2r.strategies import FSDP2Strategy
+from varied_rewards import TokenParityReward, TokenSumReward  # rewards that vary inside every group
 
 data, out, devices, job = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 STEPS, HALVES = 3, 2
@@ -72,22 +72,6 @@ class Halves(L.LightningDataModule):
             mine = [samples[HALVES * k + h] for h in range(HALVES) if h % world == rank]
             batches += [[s] for s in mine] if job == "sft" else [mine]
         return torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
-
-
-class TokenSumReward(RewardCallback):
-    """A reward that varies inside every group (so advantages and gradients are not zero)."""
-
-    name, process = "reasoning/token_sum", "reasoning"
-
-    def score(self, rollouts):
-        return [float(sum(ids) % 5) for ids in rollouts.completion_ids]
-
-
-class TokenParityReward(TokenSumReward):
-    name, process = "perception/token_parity", "perception"
-
-    def score(self, rollouts):
-        return [float(sum(ids) % 2) for ids in rollouts.completion_ids]
 
 
 class Recorder(L.Callback):

@@ -96,15 +96,6 @@ def tiny_sft(tmp_path_factory):
     return work, data
 
 
-class TokenSumReward(RewardCallback):
-    """A reward that varies inside groups even for a barely trained model, so advantages are not zero."""
-
-    name, process = "reasoning/token_sum", "reasoning"
-
-    def score(self, rollouts):
-        return [float(sum(ids) % 5) for ids in rollouts.completion_ids]
-
-
 def _metrics(csv_path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(open(csv_path)))
 
@@ -149,7 +140,7 @@ def test_tgrpo_fit_samples_half_a_group_on_shuffled_frames(tiny_sft, monkeypatch
     cli = main(["fit", "--config", f"{ROOT}/configs/tgrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
                 *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=4",
                 "--model.init_args.rollout.max_completion_length=12", f"--trainer.callbacks+={__name__}.ShuffledRecorder",
-                f"--trainer.callbacks+={__name__}.TokenSumReward"])
+                "--trainer.callbacks+=varied_rewards.TokenSumReward"])
     assert cli.model.rollout.shuffled_samples == 2 and cli.model.loss.aggregation == "sequence_mean"
     for prompts, per_prompt, shuffled in ShuffledRecorder.seen:
         assert per_prompt == 2 and len(shuffled) == 2 * prompts and all(shuffled)
@@ -203,7 +194,7 @@ def test_shared_prompt_and_per_sample_passes_give_the_same_step(tiny_sft, monkey
               *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=3",
               "--model.init_args.rollout.max_completion_length=10", "--model.init_args.micro_batch_size=3",
               "--model.init_args.num_iterations=2", "--model.init_args.lr=1e-3", f"--model.init_args.shared_prompt={shared}",
-              f"--trainer.callbacks+={__name__}.TokenSumReward"])
+              "--trainer.callbacks+=varied_rewards.TokenSumReward"])
         rows = _metrics(sorted((work / "runs/pagrpo/logs").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)[-1])
         logged[shared] = {k: float(v) for r in rows for k, v in r.items() if v and k.startswith("train/") and k != "train/lr"}
     assert logged["true"].keys() == logged["false"].keys() and "train/loss" in logged["true"]
