@@ -19,12 +19,10 @@ two engines, and as its last line ``speedup: <x>``, ours with PA-GRPO's default 
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import numpy as np
 import torch
+
+from bench_common import add_step_shape, bench_parser, median_seconds
 
 from p2r.algorithms.rollout import generate_groups
 from p2r.algorithms.settings import RolloutSettings
@@ -32,30 +30,9 @@ from p2r.backbones import TinyQwen25VL
 from p2r.data.video import Clip
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def median_seconds(methods: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Warm-up time and median time of each method, the methods alternating run by run."""
-    warmup = {name: timed(fn) for name, fn in methods.items()}
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            times[name].append(timed(fn))
-    return warmup, {name: statistics.median(t) for name, t in times.items()}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per completion")
-    parser.add_argument("--frames", type=int, default=16, help="video frames in the prompt")
-    parser.add_argument("--side", type=int, default=308, help="frame side in pixels (multiple of 28)")
-    parser.add_argument("--hidden", type=int, default=256, help="language model width")
-    parser.add_argument("--layers", type=int, default=4, help="language model layers")
+    parser = bench_parser(__doc__)
+    add_step_shape(parser, new_tokens=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
