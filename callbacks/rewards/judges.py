@@ -237,28 +237,14 @@ class OpenAIChatJudge(Judge):
             cache_size: most verdicts kept in the (question, answer, observation) cache; 0 disables it.
         """
         super().__init__(cache_size)
-        self.base_url = base_url.rstrip("/")
+        self.client = ChatCompletionsClient(base_url, api_key_env, timeout_s, max_retries, backoff_s)  # server settings
         self.model = model
-        self.api_key_env = api_key_env
         self.max_concurrency = max(1, max_concurrency)
-        self.timeout_s = timeout_s
-        self.max_retries = max(0, max_retries)
-        self.backoff_s = backoff_s
         self.max_tokens = max_tokens
         self.temperature = temperature
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
-
-    @property
-    def client(self) -> ChatCompletionsClient:
-        """The HTTP client, built from the current settings: it holds no connection and no secret,
-        so building one per request costs nothing and the settings above stay the one source of truth."""
-        return ChatCompletionsClient(self.base_url, self.api_key_env, self.timeout_s, self.max_retries, self.backoff_s)
-
-    @property
-    def url(self) -> str:
-        return self.client.url
+        return self.client.describe(self, self.model)
 
     def _judge_one(self, request: JudgeRequest) -> JudgeResult:
         start = time.monotonic()
