@@ -25,10 +25,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from p2r.data.synthetic import make_synthetic
+from p2r.strategies import is_sharded, refuse_sharded_evaluation, shard
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 # Set by a launcher: a child that inherits LOCAL_RANK believes it was launched and never starts rank 1.
 LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK")
 
@@ -231,3 +233,13 @@ def test_fsdp1_config_on_a_cpu_stops_with_a_pointer_to_fsdp2(setup, tmp_path, mo
         main(["fit", "--config", str(REPO / "configs/sft.yaml"), "--config", str(REPO / "configs/tiny.yaml"),
               "--config", str(REPO / "configs/strategy/fsdp.yaml"), f"--data.train_shards={root}/data/shards/train-*.tar",
               "--data.val_shards=null", "--trainer.max_steps=1", "--trainer.logger=false"])
+
+
+def test_shard_refuses_lightnings_model_parallel_strategy_and_leaves_other_strategies_alone():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="leaves sharding to the module.*FSDP2Strategy"):
+        shard(ModelParallelStrategy(), model, set())
+    shard(None, model, set())
+    shard(DDPStrategy(), model, set())
+    assert not is_sharded(model)
+    refuse_sharded_evaluation("test", 2, model)  # not sharded: evaluation on two ranks is fine
