@@ -50,6 +50,7 @@ def _run_overlay(run_dir: Path, base_url: str) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_api_key_reaches_the_judge_but_no_file_of_the_run(synthetic_root, tiny_sizes, chat_server, chat_payload,
                                                            tmp_path, monkeypatch, caplog, capfd):
     monkeypatch.setenv(KEY_ENV, SECRET)

@@ -151,6 +151,7 @@ def update_agreement(one: Path, two: Path) -> tuple[float, float]:
     return float(torch.nn.functional.cosine_similarity(da, db, dim=0)), float(db.norm() / da.norm())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", ["sft", "pagrpo"])
 def test_two_fsdp2_ranks_train_like_one_process(setup, job):
     root, script = setup
@@ -168,6 +169,7 @@ def test_two_fsdp2_ranks_train_like_one_process(setup, job):
     assert cosine > 0.99 and 0.97 < ratio < 1.03, (cosine, ratio)
 
 
+@pytest.mark.slow
 def test_the_fsdp2_config_trains_resumes_exports_and_feeds_the_next_stage(setup, tmp_path):
     """configs/strategy/fsdp2.yaml as its launch line says (two CPU processes, bf16 compute): a
     distributed checkpoint folder that ``--ckpt_path last`` resumes (step and data position),
@@ -222,6 +224,7 @@ def test_the_fsdp2_config_trains_resumes_exports_and_feeds_the_next_stage(setup,
         assert torch.equal(value, reloaded[key]), key
 
 
+@pytest.mark.slow
 def test_fsdp1_config_on_a_cpu_stops_with_a_pointer_to_fsdp2(setup, tmp_path, monkeypatch):
     from p2r.cli import main
 

@@ -14,6 +14,8 @@ import torch
 from p2r.cli import main
 from p2r.data.synthetic import make_synthetic
 
+pytestmark = pytest.mark.slow  # subprocesses / several ranks / CLI fits: see pyproject's markers
+
 ROOT = Path(__file__).resolve().parents[2]
 # bitsandbytes' CPU 4-bit kernels need layers with at least 64 inputs.
 SIZES = [

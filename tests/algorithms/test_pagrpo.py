@@ -100,6 +100,7 @@ def _metrics(csv_path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(open(csv_path)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["pagrpo", "grpo"])
 def test_rl_fit_from_the_tiny_sft_checkpoint(tiny_sft, config, monkeypatch):
     work, data = tiny_sft
@@ -130,6 +131,7 @@ class ShuffledRecorder(L.Callback):
         ShuffledRecorder.seen.append((rollouts.num_prompts, rollouts.shuffled_samples, rollouts.shuffled_completions))
 
 
+@pytest.mark.slow
 def test_tgrpo_fit_samples_half_a_group_on_shuffled_frames(tiny_sft, monkeypatch):
     """configs/tgrpo.yaml on the tiny overlay: G = 4 completions per prompt and G / 2 = 2 more on
     shuffled frames, Video-R1's reward set logged, the policy moves."""
@@ -153,6 +155,7 @@ def test_tgrpo_fit_samples_half_a_group_on_shuffled_frames(tiny_sft, monkeypatch
         assert name in logged, name
 
 
+@pytest.mark.slow
 def test_reference_equals_the_starting_policy(tiny_sft, monkeypatch):
     """At step 0 the policy is the reference: the KL of the first update is exactly 0."""
     work, data = tiny_sft
@@ -168,6 +171,7 @@ def test_reference_equals_the_starting_policy(tiny_sft, monkeypatch):
     assert not any(k.startswith("_reference") for k in cli.model.state_dict())
 
 
+@pytest.mark.slow
 def test_rl_without_reward_callbacks_fails_clearly(tiny_sft, monkeypatch, tmp_path):
     work, data = tiny_sft
     monkeypatch.chdir(work)
@@ -179,6 +183,7 @@ def test_rl_without_reward_callbacks_fails_clearly(tiny_sft, monkeypatch, tmp_pa
               "--model.init_args.rollout.max_completion_length=4"])
 
 
+@pytest.mark.slow
 def test_shared_prompt_and_per_sample_passes_give_the_same_step(tiny_sft, monkeypatch):
     """The same seeded step with the prompt shared per group or repeated per sample: same rollouts,
     same losses, with two updates per rollout batch so that the second update's loss depends on the

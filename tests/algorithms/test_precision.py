@@ -122,6 +122,7 @@ def run_paper_path(data: Path, out: Path, configs: list[str], extra: list[str], 
     return json.loads((out / "probe.json").read_text())
 
 
+@pytest.mark.slow
 def test_paper_sft_path_moves_every_weight_that_has_a_gradient_at_lr_1e6(data, tmp_path):
     seen = run_paper_path(data, tmp_path / "sft", ["configs/sft.yaml", "configs/tiny.yaml"], [])
     assert seen["compute"] == ["torch.bfloat16"] and seen["policy"] == ["torch.float32"]
@@ -133,6 +134,7 @@ def test_paper_sft_path_moves_every_weight_that_has_a_gradient_at_lr_1e6(data, t
     assert metrics["train/update_changed_fraction"] >= 0.9
 
 
+@pytest.mark.slow
 def test_paper_pagrpo_path_keeps_a_bf16_reference_and_starts_at_kl_0(data, tmp_path):
     seen = run_paper_path(data, tmp_path / "pagrpo", ["configs/pagrpo.yaml", "configs/tiny.yaml", "configs/tiny_rl.yaml"],
                           ["--model.init_args.rollout.group_size=2", "--model.init_args.rollout.max_completion_length=8"],
@@ -145,6 +147,7 @@ def test_paper_pagrpo_path_keeps_a_bf16_reference_and_starts_at_kl_0(data, tmp_p
     assert metrics["train/update_lost_fraction"] <= 0.01
 
 
+@pytest.mark.slow
 def test_pure_bf16_weights_warn_with_the_measured_share_of_lost_updates(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for key in LAUNCH_ENV:

@@ -104,6 +104,7 @@ def fitted(tmp_path_factory, synthetic_root, tiny_sizes):
     return cli, tmp, extra
 
 
+@pytest.mark.slow
 def test_fit_changes_parameters_and_lowers_the_loss(fitted, tiny_sizes):
     cli, tmp, _ = fitted
     assert cli.trainer.global_step == 6
@@ -127,6 +128,7 @@ def test_fit_changes_parameters_and_lowers_the_loss(fitted, tiny_sizes):
     assert log_dir.is_relative_to(tmp) and (log_dir / "config.yaml").is_file()  # not into the repo's runs/
 
 
+@pytest.mark.slow
 def test_fit_writes_a_checkpoint_that_weights_from_loads(fitted, tiny_sizes):
     cli, tmp, _ = fitted
     ckpt = tmp / "checkpoints" / "last.ckpt"
@@ -140,6 +142,7 @@ def test_fit_writes_a_checkpoint_that_weights_from_loads(fitted, tiny_sizes):
     assert all(torch.equal(v, trained[k]) for k, v in reloaded.state_dict().items())
 
 
+@pytest.mark.slow
 def test_test_on_the_checkpoint_logs_accuracy_and_format(fitted, synthetic_root):
     _, tmp, extra = fitted
     ckpt = tmp / "checkpoints" / "last.ckpt"
@@ -154,6 +157,7 @@ def test_test_on_the_checkpoint_logs_accuracy_and_format(fitted, synthetic_root)
     assert any(r.get("test/accuracy") for r in rows) and any(r.get("test/format") for r in rows)
 
 
+@pytest.mark.slow
 def test_flags_beat_the_hyperparameters_saved_in_the_checkpoint(fitted):
     """Lightning's CLI would merge the checkpoint's saved hparams over the config: not in p2r."""
     _, tmp, extra = fitted

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+pytestmark = pytest.mark.slow  # subprocesses / several ranks / CLI fits: see pyproject's markers
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "tools" / "bench_gpu.py"
 ABSENT_ON_GPU_MACHINE = ("decord", "webdataset", "jsonargparse", "av", "bitsandbytes")
