@@ -209,7 +209,9 @@ def _fsync_files(folder: Path) -> None:
 
 
 def _refuse_quantized(model: nn.Module) -> None:
-    if getattr(model, "is_quantized", False) or any("4bit" in type(m).__name__ or "8bit" in type(m).__name__ for m in model.modules()):
+    from p2r.backbones.building import is_quantized  # here: p2r.backbones imports this module
+
+    if is_quantized(model):
         raise ValueError(
             "FSDP2Strategy cannot shard a 4/8-bit quantized backbone (bitsandbytes weights are not "
             "DTensor-shardable): run QLoRA with strategy: auto or ddp on one GPU per process, or drop "

@@ -246,3 +246,15 @@ def test_shard_refuses_lightnings_model_parallel_strategy_and_leaves_other_strat
     shard(DDPStrategy(), model, set())
     assert not is_sharded(model)
     refuse_sharded_evaluation("test", 2, model)  # not sharded: evaluation on two ranks is fine
+
+
+def test_fsdp2_refuses_a_quantized_model_before_sharding_anything():
+    from p2r.strategies import FSDP2Strategy
+
+    class Linear4bit(torch.nn.Linear):  # what bitsandbytes' 4-bit layers are called
+        pass
+
+    model = torch.nn.Sequential(Linear4bit(2, 2))
+    with pytest.raises(ValueError, match="cannot shard a 4/8-bit quantized backbone"):
+        FSDP2Strategy().parallelize(model, set())
+    assert not is_sharded(model)

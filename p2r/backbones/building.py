@@ -166,6 +166,12 @@ def quantization_config(quantization: str | None, dtype: torch.dtype) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """True when ``model`` holds bitsandbytes 4/8-bit layers (transformers marks such models ``is_quantized``)."""
+    return getattr(model, "is_quantized", False) or any("4bit" in type(m).__name__ or "8bit" in type(m).__name__
+                                                           for m in model.modules())
+
+
 def add_lora(model: nn.Module, options: LoraOptions) -> nn.Module:
     """``model`` with peft LoRA adapters on the language model's ``options.target_modules``."""
     from peft import LoraConfig, get_peft_model
