@@ -107,8 +107,9 @@ class _Deadline:
 class ChatCompletionsClient:
     """POSTs request bodies to ``{base_url}/chat/completions`` with retries; holds no secret, no connection.
 
-    Holding nothing but settings makes it free to build (callers may build one per request from their
-    own attributes) and safe to pickle, copy and print.
+    Holding nothing but settings makes it free to build and safe to pickle, copy and print: the objects
+    that call a server (the perception judge, the CoT teacher, the evaluation judge) keep one as the
+    single home of their server settings.
     """
 
     def __init__(
@@ -140,6 +141,10 @@ class ChatCompletionsClient:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+
+    def describe(self, owner: object, model: str) -> str:
+        """``owner``'s repr: its class, this server, the ``model`` it asks for; never a secret."""
+        return f"{type(owner).__name__}(base_url={self.base_url!r}, model={model!r}, api_key_env={self.api_key_env!r})"
 
     @property
     def url(self) -> str:

@@ -70,10 +70,11 @@ class RewardCallback(L.Callback):
 
     def score_rollouts(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None,
                        rollouts: Rollouts) -> list[float]:
-        """Score, store into ``rollouts.rewards`` / ``reward_process``, and log when attached to a run."""
+        """Score, store into ``rollouts.rewards`` / ``reward_process``, and log through ``pl_module`` when a
+        ``trainer`` runs it (both None: score only)."""
         values, metrics = self.score_with_metrics(rollouts)
         rollouts.set_reward(self.name, values, self.process)
-        if pl_module is not None and getattr(pl_module, "_trainer", None) is not None:
+        if trainer is not None and pl_module is not None:
             metrics = {f"reward/{self.name}": _nanmean(rollouts.rewards[self.name]), **metrics}
             for key, value in metrics.items():
                 if not math.isnan(value):

@@ -38,6 +38,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from p2r.compat import last_saved_step, uses_default_checkpoint_io
+
 BACKBONE_PREFIX = "backbone."
 # The checkpoint entry where p2r's modules record the backbone's LoRA options and quantization.
 BACKBONE_OPTIONS = "p2r_backbone"
@@ -189,9 +191,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def install_atomic_checkpoint_io(trainer: L.Trainer) -> None:
     """Make ``trainer`` write single-file checkpoints with :class:`AtomicCheckpointIO`, unless a
     config chose another writer (a plugin that is not Lightning's default ``TorchCheckpointIO``)."""
-    strategy = trainer.strategy
-    if type(strategy.checkpoint_io) is TorchCheckpointIO:
-        strategy.checkpoint_io = AtomicCheckpointIO()
+    if uses_default_checkpoint_io(trainer.strategy):
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 def check_writable(folders: dict[str, str | Path]) -> None:
@@ -245,7 +246,7 @@ class FinalCheckpoint(L.Callback):
         if not isinstance(callback, ModelCheckpoint) or not callback.save_last or trainer.global_step == 0:
             return
         # ModelCheckpoint saves last.ckpt with every periodic save, so a save at the final step means it is current.
-        if getattr(callback, "_last_global_step_saved", None) == trainer.global_step and callback.last_model_path:
+        if last_saved_step(callback) == trainer.global_step and callback.last_model_path:
             return
         self._save(trainer, "end of training")
 

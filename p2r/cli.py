@@ -18,11 +18,8 @@ and logs go to must be writable. Every run writes single-file checkpoints atomic
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import Any
 
-from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -30,30 +27,19 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from p2r.algorithms.base import VideoLVLMModule
 from p2r.algorithms.settings import SettingError
 from p2r.checkpoints import check_writable, install_atomic_checkpoint_io
+from p2r.compat import CheckpointSuppliesWeightsOnly, configure_cli_process
 from p2r.data.datamodule import VideoDataModule
 
-# Noise that says nothing actionable to a p2r user; real problems still warn.
-_QUIET = (
-    r".*does not have many workers.*",
-    r".*Qwen3VL video processing does not apply the per-frame pixel cap.*",
-    r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
-    # Our streams split themselves over workers (p2r.data.datamodule), so __len__ is exact.
-    r".*Your `IterableDataset` has `__len__` defined.*",
-)
 
-
-class P2RCLI(LightningCLI):
+class P2RCLI(CheckpointSuppliesWeightsOnly, LightningCLI):
     """LightningCLI where the config files and flags alone define the run.
 
     Lightning's CLI merges the hyperparameters saved in a ``--ckpt_path`` checkpoint over the
     config, and the checkpoint's module class over the configured one: ``p2r test --config
     configs/eval.yaml --ckpt_path <an RL checkpoint>`` would then silently evaluate with the
     training run's decoding settings, and ``--model.init_args.eval_temperature=...`` would be
-    ignored. In p2r a checkpoint supplies weights and training state only.
+    ignored. In p2r a checkpoint supplies weights and training state only (``p2r.compat``).
     """
-
-    def _parse_ckpt_path(self) -> None:
-        return
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # Used for the main parser and every subcommand's: no flag is ever matched by its prefix.
@@ -111,12 +97,8 @@ class P2RCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI; ``args`` defaults to sys.argv. Returns the CLI object (trainer, model, ...)."""
-    for pattern in _QUIET:
-        warnings.filterwarnings("ignore", message=pattern)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Settings dataclasses (RolloutSettings, LossSettings, LoraOptions, FrameSampling) document each
-    # field in a docstring under it: --help shows them.
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # Warning filters, TOKENIZERS_PARALLELISM, field docstrings in --help, nested null values: p2r.compat.
+    configure_cli_process()
     return P2RCLI(
         model_class=VideoLVLMModule,
         subclass_mode_model=True,

@@ -49,7 +49,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from p2r.algorithms.rollout import LOGPROB_CHUNK_TOKENS
@@ -63,7 +62,6 @@ PROMPT_TEXT_TOKENS = 256
 # SFT target length assumed for activations: an observation + think + answer trace.
 SFT_TARGET_TOKENS = 768
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_VISUAL_NAMES = ("visual", "vision_tower", "vision_model")
 
 
 @dataclass
@@ -210,22 +208,11 @@ def meta_model_from_config(cfg: dict[str, Any]) -> nn.Module:
     """The configured backbone's model on the meta device: no weights, no download."""
     import importlib
 
-    from p2r.backbones.architectures import hub_config, meta_model
-    from p2r.backbones.hf import HFBackbone
+    from p2r.backbones.architectures import backbone_meta_model
 
     node = _init_args(cfg.get("model")).get("backbone") or {}
     module, _, name = str(node.get("class_path", "")).rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    args = _init_args(node)
-    if issubclass(cls, HFBackbone):
-        trust = bool(args.get("trust_remote_code"))
-        return meta_model(hub_config(args["model_name_or_path"], trust), trust)
-    # Other backbones build their config in-process and cheaply; the options below act at build().
-    for option in ("lora", "quantization", "weights_from"):
-        args.pop(option, None)
-    backbone = cls(**args)
-    with torch.device("meta"):
-        return backbone._make_model(backbone.torch_dtype, None)
+    return backbone_meta_model(getattr(importlib.import_module(module), name), _init_args(node))
 
 
 # --- counting ------------------------------------------------------------------------------------
@@ -243,12 +230,10 @@ def _quantized_bytes(numel: int, out_features: int, kind: str) -> int:
 
 def count(model: nn.Module, s: Setup) -> Counts:
     """Exact bytes of parameters for this rank, from the shapes of ``model`` (meta is fine)."""
-    from p2r.backbones.base import block_classes
+    from p2r.backbones.architectures import model_dims, model_parts
 
-    vision = next((m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in _VISUAL_NAMES), None)
+    vision, lm_head, blocks = model_parts(model)
     vision_ids = {id(p) for p in vision.parameters()} if vision is not None else set()
-    lm_head = model.get_output_embeddings()
-    blocks = [m for m in model.modules() if isinstance(m, tuple(block_classes(model)))]
     in_block = {id(p) for b in blocks for p in b.parameters()}
     st, cb = _BYTES[s.stored], _BYTES[s.compute]
     weight_shard = s.shard if s.shard_weights else 1
@@ -296,18 +281,7 @@ def count(model: nn.Module, s: Setup) -> Counts:
                     weight_bytes += share(n, rows, weight_shard) * st
                     trainable_bytes += share(n, rows, s.shard) * st
                     autocast_bytes += n * cb if s.autocast else 0
-    text = model.config.get_text_config()
-    vcfg = getattr(model.config, "vision_config", None)
-    heads = text.num_attention_heads
-    # Qwen2-VL's vision config calls its width embed_dim (hidden_size is the output) and has mlp_ratio.
-    width = (getattr(vcfg, "embed_dim", None) or getattr(vcfg, "hidden_size", 0)) if vcfg is not None else 0
-    inner = (getattr(vcfg, "intermediate_size", None) or int(getattr(vcfg, "mlp_ratio", 4) * width)) if vcfg is not None else 0
-    dims = dict(
-        hidden=text.hidden_size, intermediate=text.intermediate_size, layers=text.num_hidden_layers,
-        kv_heads=getattr(text, "num_key_value_heads", heads), head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        vocab=text.vocab_size, vision_hidden=width, vision_intermediate=inner,
-        vision_depth=getattr(vcfg, "depth", 0) if vcfg is not None else 0,
-    )
+    dims = model_dims(model)
     block = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0) * cb
     return Counts(total, trainable, weight_bytes, trainable_bytes, full_compute, autocast_bytes, root, block, dims)
 

@@ -34,6 +34,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from p2r.checkpoints import PARTIAL_SUFFIX, fsync_folder
+from p2r.compat import set_data_parallel_size
 
 DType = Literal["bfloat16", "float16", "float32"]
 # Attribute of a sharded model: its units' reshard_after_forward setting outside gathered().
@@ -70,6 +71,33 @@ def gathered(model: nn.Module) -> Iterator[None]:
             unit.set_reshard_after_forward(getattr(model, RESHARD_SETTING, True), recurse=False)
 
 
+def shard(strategy: Any, model: nn.Module, block_classes: set[type[nn.Module]]) -> None:
+    """Shard ``model`` as ``strategy`` does (:meth:`FSDP2Strategy.parallelize`); nothing for strategies
+    that do not shard a module themselves. Lightning's own ModelParallelStrategy is refused: it leaves
+    sharding to the module."""
+    if isinstance(strategy, ModelParallelStrategy) and not hasattr(strategy, "parallelize"):
+        raise ValueError(
+            "trainer.strategy: Lightning's ModelParallelStrategy leaves sharding to the module; p2r shards "
+            "with p2r.strategies.FSDP2Strategy (configs/strategy/fsdp2.yaml). Use that instead."
+        )
+    if strategy is not None and hasattr(strategy, "parallelize"):
+        strategy.parallelize(model, block_classes)
+
+
+def refuse_sharded_evaluation(stage: str, world_size: int, model: nn.Module | None) -> None:
+    """Raise when ``stage`` (validation, test, predict) would run a sharded model on several ranks.
+
+    Evaluation streams give each sample to exactly one rank, so ranks get unequal numbers of
+    batches; a sharded model needs every rank in every forward (all-gathers): it would hang.
+    """
+    if world_size > 1 and is_sharded(model):
+        raise RuntimeError(
+            f"{stage} with an FSDP2-sharded model on {world_size} ranks would deadlock (ranks get "
+            "unequal numbers of evaluation batches). Evaluate with strategy ddp (configs/eval.yaml) on the "
+            "checkpoint or an exported folder (tools/export_hf.py); during fit set trainer.limit_val_batches=0."
+        )
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 (``fully_shard``) data parallelism over all ranks, bf16 compute with float32 master weights."""
 
@@ -102,6 +130,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.param_dtype = param_dtype
         self.reduce_dtype = reduce_dtype
         self.reshard_after_forward = reshard_after_forward
+        self.save_distributed = save_distributed_checkpoint
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
@@ -111,7 +140,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         # One data-parallel dimension over every rank; Lightning's "auto" would make the devices
         # of a node a tensor-parallel group, which p2r's models do not implement.
-        self._data_parallel_size = self.num_nodes * self.num_processes
+        set_data_parallel_size(self, self.num_nodes * self.num_processes)
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
@@ -125,7 +154,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         the next save puts it back in place before writing, so it is never deleted while it is
         the only complete checkpoint. A failed write (a full disk) leaves the old folder as it was.
         """
-        if not self._save_distributed_checkpoint:
+        if not self.save_distributed:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
         partial = path.with_name(path.name + PARTIAL_SUFFIX)
@@ -180,7 +209,9 @@ def _fsync_files(folder: Path) -> None:
 
 
 def _refuse_quantized(model: nn.Module) -> None:
-    if getattr(model, "is_quantized", False) or any("4bit" in type(m).__name__ or "8bit" in type(m).__name__ for m in model.modules()):
+    from p2r.backbones.building import is_quantized  # here: p2r.backbones imports this module
+
+    if is_quantized(model):
         raise ValueError(
             "FSDP2Strategy cannot shard a 4/8-bit quantized backbone (bitsandbytes weights are not "
             "DTensor-shardable): run QLoRA with strategy: auto or ddp on one GPU per process, or drop "
@@ -201,11 +232,13 @@ class FSDPStrategy(LightningFSDPStrategy):
             )
         super().setup_environment()
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
+    def setup(self, trainer: Any) -> None:
+        # The module's configure_model has built the backbone by now; Lightning wraps the model in
+        # super().setup, reading the policy from self.kwargs.
         if "auto_wrap_policy" not in self.kwargs:
             from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
             backbone = getattr(self.lightning_module, "backbone", None)
             if backbone is not None and backbone.is_built:
                 self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(backbone.fsdp_block_classes())
-        return super()._setup_model(model)
+        super().setup(trainer)

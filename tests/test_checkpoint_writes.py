@@ -117,6 +117,7 @@ def assert_never_broken(report: dict) -> None:
     assert all(name.endswith(".partial") for name in report["leftovers"])  # only what a killed save was writing
 
 
+@pytest.mark.slow
 def test_killed_savers_never_break_last_when_the_folder_is_on_another_filesystem_than_tmpdir(tmp_path):
     if can_mount_tmpfs(tmp_path):
         assert_never_broken(in_tmpfs_namespace(tmp_path, "256m", KILLER, "4", SAVER))
@@ -135,6 +136,7 @@ def test_killed_savers_never_break_last_when_the_folder_is_on_another_filesystem
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path):
     report = in_tmpfs_namespace(tmp_path, "36m", FULL_DISK)
     assert report["errno"] == errno.ENOSPC

@@ -11,7 +11,7 @@ import torch
 from p2r.backbones import LoraOptions, TinyQwen25VL
 from p2r.cli import main
 from p2r.data.video import Clip
-from p2r.memory_plan import count, format_plan, meta_model_from_config, plan, plan_from_config, setup_from_config
+from p2r.memory_plan import format_plan, meta_model_from_config, plan_from_config, setup_from_config
 
 N_7B = 8_292_166_656
 SIZES = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, vision_hidden_size=16, vision_depth=2, vocab_size=512)
@@ -146,7 +146,7 @@ def test_activation_estimate_equals_its_hand_worked_formula():
     s = p.setup
     assert (s.strategy, s.stored, s.compute, s.autocast) == ("single", "float32", "bfloat16", True)
     h, i, layers, vocab = 3584, 18944, 28, 152064
-    length, scored = 1280 + 8 * 768, 8 * 768 + 1  # one packed row: prompt + G completions
+    length = 1280 + 8 * 768  # one packed row: prompt + G completions (8 * 768 + 1 positions scored)
     per_layer = 2 * (6 * h + 4 * i) + 8 * h
     lm = length * (layers * h * 2 + per_layer)
     logits = 512 * vocab * 12  # the LM head runs on 512 of the 6145 scored positions at a time

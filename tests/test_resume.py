@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # subprocesses / several ranks / CLI fits: see pyproject's markers
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 14  # 9 batches of 2 per epoch on the 18 training clips: the run crosses an epoch boundary
 

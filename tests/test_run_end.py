@@ -109,6 +109,7 @@ def test_an_unwritable_checkpoint_folder_is_refused_before_the_model_is_built(tm
     assert not builds
 
 
+@pytest.mark.slow
 def test_a_read_only_filesystem_is_refused_even_for_root(tmp_path):
     """The same check on a read-only tmpfs (root writes into any folder, not into a read-only mount)."""
     import shutil
@@ -134,6 +135,7 @@ def test_missing_shards_are_refused_before_the_model_is_built(tmp_path, syntheti
     assert not builds
 
 
+@pytest.mark.slow
 def test_last_holds_the_final_step_when_it_is_not_a_multiple_of_the_interval(tmp_path, synthetic_root):
     run = cli(overlay(tmp_path, synthetic_root, steps=5, every=3))
     assert type(run.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
@@ -145,6 +147,7 @@ def test_last_holds_the_final_step_when_it_is_not_a_multiple_of_the_interval(tmp
     assert all(torch.equal(last["state_dict"][k], v) for k, v in state.items())
 
 
+@pytest.mark.slow
 def test_last_holds_the_final_state_when_non_finite_losses_stop_the_run(tmp_path, synthetic_root, monkeypatch):
     real_loss = sft.masked_lm_loss
     calls = []

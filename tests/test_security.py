@@ -50,6 +50,7 @@ def _run_overlay(run_dir: Path, base_url: str) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_api_key_reaches_the_judge_but_no_file_of_the_run(synthetic_root, tiny_sizes, chat_server, chat_payload,
                                                            tmp_path, monkeypatch, caplog, capfd):
     monkeypatch.setenv(KEY_ENV, SECRET)
@@ -139,7 +140,7 @@ class _OneWeight(VideoBackbone):
         return nn.Linear(2, 2)
 
 
-def test_load_lightning_weights_refuses_a_pickled_object_without_running_it(tmp_path):
+def test_weights_from_refuses_a_pickled_object_without_running_it(tmp_path):
     backbone = _OneWeight()
     backbone.build()
     marker = tmp_path / "executed"
@@ -147,20 +148,20 @@ def test_load_lightning_weights_refuses_a_pickled_object_without_running_it(tmp_
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": {"x": _Payload(marker)}}, ckpt)
     with pytest.raises(pickle.UnpicklingError):
-        backbone.load_lightning_weights(str(ckpt))
+        _OneWeight(weights_from=str(ckpt)).build()
     assert not marker.exists()
     torch.load(ckpt, weights_only=False)  # the payload is live: a trusting load runs it
     assert marker.read_text() == "executed"
 
 
-def test_load_lightning_weights_accepts_a_plain_checkpoint(tmp_path):
-    source, target = _OneWeight(), _OneWeight()
+def test_weights_from_accepts_a_plain_checkpoint(tmp_path):
+    source = _OneWeight()
     source.build()
-    target.build()
     with torch.no_grad():
         source.model.weight.fill_(0.5)
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "ok.ckpt")
-    target.load_lightning_weights(str(tmp_path / "ok.ckpt"))
+    target = _OneWeight(weights_from=str(tmp_path / "ok.ckpt"))
+    target.build()
     assert torch.equal(target.model.weight, source.model.weight)
 
 

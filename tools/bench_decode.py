@@ -255,7 +255,8 @@ def bench_memory(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method and cell (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="our decoder threads (FrameSampling.decoder_threads)")
     parser.add_argument("--ablations", action="store_true", help="also time our decoder with each idea switched off")

@@ -55,7 +55,6 @@ import copy
 import json
 import math
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -66,12 +65,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench_step import StepSettings, fixed_length, make_prompts, one_step, rollout_engines
+from bench_common import bench_parser, peak_rss_mib, synchronize, timed
+from bench_step import StepSettings, fixed_length, one_step, rollout_engines
 
 from p2r.algorithms.rollout import generate_groups
-from p2r.algorithms.sft import masked_lm_loss
+from p2r.algorithms.sft import masked_lm_loss, sft_batch
 from p2r.backbones import TinyQwen25VL
-from p2r.backbones.base import move_to
+from p2r.backbones.batching import move_to
 from p2r.backbones.random_init import RandomInitQwen25VL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,29 +117,16 @@ def clip_of(frames: int, side: tuple[int, int], seed: int = 0):
     return Clip(pixels, fps=2.0, frame_indices=list(range(frames)), total_frames=frames)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(device: torch.device, fn) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def peak_bytes(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process"
+    return int(peak_rss_mib() * 2**20), "peak RSS of the process"
 
 
 def repeated(device: torch.device, fn, times: int = 10, rounds: int = 3) -> float:
     """Seconds per call of ``fn``: ``times`` calls per timing (launch and sync costs spread thin), best of ``rounds``."""
     fn()  # warm-up
-    return min(timed(device, lambda: [fn() for _ in range(times)]) for _ in range(rounds)) / times
+    return min(timed(lambda: [fn() for _ in range(times)], device) for _ in range(rounds)) / times
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -229,9 +216,9 @@ def section_decode(args) -> dict:
         rollout(engine, t)  # warm-up: compilation, CUDA graph capture, allocator
         # Best of 3 (of 3 full rollouts too on the tiny model, where noise is as large as the decode):
         # a 1-token rollout is the prompt's prefill and the first token, no decode step.
-        prefill = min(timed(device, lambda: rollout(engine, 1)) for _ in range(3))
+        prefill = min(timed(lambda: rollout(engine, 1), device) for _ in range(3))
         out = []
-        total = min(timed(device, lambda: out.append(rollout(engine, t))) for _ in range(3 if args.tiny else 1))
+        total = min(timed(lambda: out.append(rollout(engine, t)), device) for _ in range(3 if args.tiny else 1))
         lengths = {len(ids) for ids in out[0].completion_ids}
         if lengths != {t}:
             result["ok"] = False
@@ -253,7 +240,8 @@ def sft_inputs(backbone, s: dict):
         target += " " + words[n % len(words)]
         n = len(backbone.tokenizer(target, add_special_tokens=False)["input_ids"])
     target += "</observation>\n<think>Left.</think>\n<answer>A</answer>"
-    return backbone.encode([backbone.render_prompt(QUESTION, "video")], [clip], [target]), clip
+    batch, labels = sft_batch(backbone, [backbone.render_prompt(QUESTION, "video")], [clip], [target])
+    return batch, labels, clip
 
 
 def weight_sample(model: nn.Module, limit: int = 50_000_000) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -271,15 +259,15 @@ def section_sft(args) -> dict:
     device, s = device_of(args), shapes(args)
     backbone = build(args, args.train_arch, dtype="float32", gradient_checkpointing=True, num_layers=args.layers)
     backbone.train()
-    batch, clip = sft_inputs(backbone, s)
-    batch = move_to(batch, device, torch.float32)
+    batch, labels, clip = sft_inputs(backbone, s)
+    batch, labels = move_to(batch, device, torch.float32), labels.to(device)
     params = [p for p in backbone.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01)
     losses = []
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = masked_lm_loss(backbone(**batch), batch["labels"])
+            loss = masked_lm_loss(backbone(**batch), labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -288,7 +276,7 @@ def section_sft(args) -> dict:
 
     step()  # warm-up
     sample = weight_sample(backbone.model)
-    seconds = sum(timed(device, step) for _ in range(args.steps)) / args.steps
+    seconds = sum(timed(step, device) for _ in range(args.steps)) / args.steps
     tokens = int(batch["attention_mask"].sum())
     patches = int(batch["video_grid_thw"].prod(-1).sum())
     peak, kind = peak_flops(device)
@@ -370,11 +358,11 @@ def section_fsdp(args, kind: str) -> dict:
             self.sample = [(t, t.detach().clone()) for _, t in local if 0 < t.numel() < 50_000_000][:4]
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            sync(device)
+            synchronize(device)
             self._start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            sync(device)
+            synchronize(device)
             self.step_s = time.perf_counter() - self._start
 
         def on_train_end(self, trainer, pl_module):
@@ -484,7 +472,7 @@ def machine_line(args) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
     parser.add_argument("--tiny", action="store_true", help="the tiny Qwen2.5-VL and small shapes (seconds on a CPU)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")

@@ -20,11 +20,12 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench_common import add_step_shape, bench_parser, resident_mib, timed
 
 from p2r.algorithms.rollout import GroupRollout, build_train_batch, completion_logprobs, prepare_prompts
 from p2r.algorithms.shared_prompt import shared_prompt_logprobs
@@ -33,14 +34,6 @@ from p2r.data.video import Clip
 
 PATHS = ("per-sample", "shared")
 PASSES = ("reference", "policy")
-
-
-def resident_mib(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def make_rollout(backbone: TinyQwen25VL, group_size: int, new_tokens: int) -> GroupRollout:
@@ -79,17 +72,14 @@ def child(path: str, phase: str, chunk: int, args: argparse.Namespace) -> dict:
     run()  # warm-up: allocator and kernels settle, gradients exist, before the measured pass
     before = resident_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak to what is resident now
-    start = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - start
+    seconds = timed(run)
     return {"peak_mib": resident_mib("VmHWM") - before, "seconds": seconds}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
+    add_step_shape(parser, new_tokens=128, video_and_model=False)
     parser.add_argument("--vocab", type=int, default=152064, help="vocabulary size of the LM head")
-    parser.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens per completion")
     parser.add_argument("--chunk", type=int, default=512, help="tokens per LM-head chunk (p2r's default)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--child", nargs=3, metavar=("PATH", "PASS", "CHUNK"), help=argparse.SUPPRESS)

@@ -19,44 +19,20 @@ two engines, and as its last line ``speedup: <x>``, ours with PA-GRPO's default 
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import numpy as np
 import torch
+
+from bench_common import add_step_shape, bench_parser, median_seconds
 
 from p2r.algorithms.rollout import generate_groups
 from p2r.algorithms.settings import RolloutSettings
 from p2r.backbones import TinyQwen25VL
-from p2r.backbones.base import move_to
 from p2r.data.video import Clip
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def median_seconds(methods: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Warm-up time and median time of each method, the methods alternating run by run."""
-    warmup = {name: timed(fn) for name, fn in methods.items()}
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            times[name].append(timed(fn))
-    return warmup, {name: statistics.median(t) for name, t in times.items()}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per completion")
-    parser.add_argument("--frames", type=int, default=16, help="video frames in the prompt")
-    parser.add_argument("--side", type=int, default=308, help="frame side in pixels (multiple of 28)")
-    parser.add_argument("--hidden", type=int, default=256, help="language model width")
-    parser.add_argument("--layers", type=int, default=4, help="language model layers")
+    parser = bench_parser(__doc__)
+    add_step_shape(parser, new_tokens=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
@@ -74,9 +50,9 @@ def main() -> None:
     frames = rng.integers(0, 255, (args.frames, args.side, args.side, 3), dtype=np.uint8)
     clip = Clip(frames, fps=2.0, frame_indices=list(range(args.frames)), total_frames=args.frames)
     prompt = backbone.render_prompt("Describe what happens in the video, then answer: which way does it move?", "video")
-    single = move_to(backbone.encode([prompt], [clip]), backbone.model.device, backbone.model.dtype)
+    single = backbone.move(backbone.encode([prompt], [clip]))
     vision_tokens = int((single["input_ids"] == backbone.tokenizer.convert_tokens_to_ids("<|video_pad|>")).sum())
-    repeated = move_to(backbone.encode([prompt] * g, [clip] * g), backbone.model.device, backbone.model.dtype)
+    repeated = backbone.move(backbone.encode([prompt] * g, [clip] * g))
     sampling = dict(do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=n, min_new_tokens=n,
                     pad_token_id=backbone.pad_token_id)
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -53,8 +52,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bench_common import add_step_shape, bench_parser, peak_rss_mib, synchronize
+
 from p2r.algorithms.pagrpo import micro_batches, micro_weight
-from p2r.algorithms.policy_loss import pagrpo_loss
+from p2r.algorithms.policy_loss import AGGREGATION_MODES, pagrpo_loss
 from p2r.algorithms.rollout import build_train_batch, completion_logprobs, generate_groups, perception_masks
 from p2r.algorithms.shared_prompt import shared_prompt_logprobs, supports_shared_prompt
 from p2r.backbones import LoraOptions, TinyQwen25VL
@@ -100,16 +101,12 @@ class PhaseTimer:
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.times = device, {}
-        self._sync()
+        synchronize(device)
         self._last = time.perf_counter()
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def lap(self, phase: str | None) -> None:
         """Charge the time since the last lap to ``phase`` (None: to nothing)."""
-        self._sync()
+        synchronize(self.device)
         now = time.perf_counter()
         if phase is not None:
             self.times[phase] = self.times.get(phase, 0.0) + now - self._last
@@ -219,7 +216,7 @@ def peak_memory(device: torch.device, before_mib: float) -> dict:
     """Peak memory of the timed step: CUDA's allocator peak, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return {"peak_mib": torch.cuda.max_memory_allocated(device) / 2**20, "kind": "cuda max_memory_allocated"}
-    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "before_mib": before_mib, "kind": "peak RSS of the process"}
+    return {"peak_mib": peak_rss_mib(), "before_mib": before_mib, "kind": "peak RSS of the process"}
 
 
 def build_tiny(args) -> FixedLengthQwen25VL:
@@ -256,7 +253,7 @@ def run_path(args, path: str) -> dict:
     settings = settings_of(args)
     for _ in range(args.warmup):
         one_step(backbone, reference, optimizer, prompts, clips, settings, path == "shared")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, info = one_step(backbone, reference, optimizer, prompts, clips, settings, path == "shared")
@@ -295,7 +292,7 @@ def run_trl(args) -> dict:
 
         def on_step_begin(self, args_, state, control, **kwargs):
             if state.global_step == args.warmup:  # the timed step starts: reset the peaks
-                self.before_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                self.before_mib = peak_rss_mib()
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
             self._start = time.perf_counter()
@@ -357,14 +354,9 @@ def step_seconds(result: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
+    parser = bench_parser(__doc__)
+    add_step_shape(parser, new_tokens=128)
     parser.add_argument("--prompts", type=int, default=1, help="video prompts per step")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens per completion (exactly)")
-    parser.add_argument("--frames", type=int, default=16, help="video frames per prompt")
-    parser.add_argument("--side", type=int, default=308, help="frame side in pixels (multiple of 28; 308: 968 vision tokens at 16 frames)")
-    parser.add_argument("--hidden", type=int, default=256, help="language model width")
-    parser.add_argument("--layers", type=int, default=4, help="language model layers")
     parser.add_argument("--heads", type=int, default=8, help="attention heads")
     parser.add_argument("--kv-heads", type=int, default=4, help="key/value heads")
     parser.add_argument("--vision-hidden", type=int, default=128, help="vision tower width")
@@ -374,7 +366,7 @@ def main() -> None:
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning, reference = frozen copy)")
     parser.add_argument("--freeze-vision", action="store_true", help="keep the vision tower frozen")
     parser.add_argument("--micro-batch", type=int, default=8, help="rows per forward in the per-sample path (shared: this // G prompts)")
-    parser.add_argument("--loss", default="segment_mean", choices=["segment_mean", "token_mean", "sequence_mean", "constant"],
+    parser.add_argument("--loss", default="segment_mean", choices=AGGREGATION_MODES,
                         help="loss aggregation (--trl uses sequence_mean, TRL's loss_type='grpo')")
     parser.add_argument("--no-old-policy", action="store_true", help="skip the old-policy pass (PAGRPOModule at num_iterations 1)")
     parser.add_argument("--trl", action="store_true", help="also time TRL 1.16's GRPOTrainer on the same step (needs trl: the bench extra)")

@@ -45,7 +45,8 @@ def reward_trend(metrics_csv: Path) -> dict[str, tuple[float, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: configs/tiny_rl.yaml's)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per step, G completions each "
                         "(default: configs/tiny_rl.yaml's)")

@@ -25,7 +25,8 @@ CHANCE = {"multiple choice": 0.25, "numerical": 0.25}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--data", default="data/synthetic", help="synthetic data folder (made if absent)")
     parser.add_argument("--epochs", type=int, default=None, help="SFT epochs (default: configs/tiny.yaml's)")
     args = parser.parse_args()

@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\nInputs:")[0],
         epilog="How the inputs are read and how QLoRA checkpoints are merged: the module docstring of tools/export_hf.py.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--ckpt", type=Path, required=True,
                         help="a p2r Lightning checkpoint: a .ckpt file or an FSDP2 checkpoint folder (meta.pt + DCP files)")
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _backbone_parser() -> Any:
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(exit_on_error=False)
+    parser = ArgumentParser(exit_on_error=False, allow_abbrev=False)
     parser.add_subclass_arguments(VideoBackbone, "backbone", required=True)
     return parser
 

@@ -36,7 +36,7 @@ EXAMPLES_SHOWN = 5
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     source = parser.add_argument_group("input (one of)")
     given = source.add_mutually_exclusive_group(required=True)
     given.add_argument("--records", type=Path, help="Video-R1/VideoP2R record file: JSON list or JSON Lines (.gz too)")

@@ -27,7 +27,7 @@ from p2r.evaluation.lmms_eval.records import native_record
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--benchmark", required=True, choices=sorted(TASKS), help="benchmark the rows belong to")
     parser.add_argument("--rows", required=True, action="append",
                         help="a JSON list or JSON Lines file of dataset rows, as TASK=FILE for a benchmark of several "

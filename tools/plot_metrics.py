@@ -105,7 +105,7 @@ def plot(curves: dict[str, tuple[list[float], list[float]]], out: Path, title: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("logdir", type=Path, help="run directory (or metrics.csv) written by CSVLogger")
     parser.add_argument("--out", type=Path, default=Path("curves.png"), help="output image (png, pdf, svg)")
     parser.add_argument("--smooth", type=int, default=20,

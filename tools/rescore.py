@@ -37,7 +37,7 @@ from p2r.evaluation.protocol import PROTOCOLS, make_rules
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("input", type=Path, help="JSON Lines (or a JSON list): one record or dataset row + 'output' each")
     parser.add_argument("--protocol", required=True, choices=PROTOCOLS)
     parser.add_argument("--benchmark", required=True, help="p2r benchmark name or lmms-eval task name")

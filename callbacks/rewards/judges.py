@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from callbacks.chat_client import ChatCompletionsClient
@@ -236,28 +237,14 @@ class OpenAIChatJudge(Judge):
             cache_size: most verdicts kept in the (question, answer, observation) cache; 0 disables it.
         """
         super().__init__(cache_size)
-        self.base_url = base_url.rstrip("/")
+        self.client = ChatCompletionsClient(base_url, api_key_env, timeout_s, max_retries, backoff_s)  # server settings
         self.model = model
-        self.api_key_env = api_key_env
         self.max_concurrency = max(1, max_concurrency)
-        self.timeout_s = timeout_s
-        self.max_retries = max(0, max_retries)
-        self.backoff_s = backoff_s
         self.max_tokens = max_tokens
         self.temperature = temperature
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
-
-    @property
-    def client(self) -> ChatCompletionsClient:
-        """The HTTP client, built from the current settings: it holds no connection and no secret,
-        so building one per request costs nothing and the settings above stay the one source of truth."""
-        return ChatCompletionsClient(self.base_url, self.api_key_env, self.timeout_s, self.max_retries, self.backoff_s)
-
-    @property
-    def url(self) -> str:
-        return self.client.url
+        return self.client.describe(self, self.model)
 
     def _judge_one(self, request: JudgeRequest) -> JudgeResult:
         start = time.monotonic()
@@ -396,6 +383,7 @@ class HFTextJudge(Judge):
         return results
 
 
+@lru_cache(maxsize=4096)
 def _phrase_pattern(phrase: str) -> re.Pattern | None:
     words = phrase.split()
     if not words:
@@ -403,14 +391,30 @@ def _phrase_pattern(phrase: str) -> re.Pattern | None:
     return re.compile(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)", re.IGNORECASE)
 
 
+def evidence_satisfied(observation: str, evidence: list) -> bool:
+    """The rule of :class:`RuleBasedJudge`: True when ``observation`` mentions a phrase of every group
+    of ``evidence`` (a list of groups of phrases; a group given as a bare string is a group of one).
+
+    Phrases match case-insensitively on word boundaries ("red" does not match "bored"; any run of
+    whitespace matches a space). Groups are checked in order; a group without any phrase that is
+    reached raises ``ValueError``. The synthetic data generator checks its reference traces with it.
+    """
+    for group in evidence:
+        phrases = [group] if isinstance(group, str) else group
+        patterns = [p for p in (_phrase_pattern(str(x)) for x in phrases) if p is not None] if isinstance(phrases, list) else []
+        if not patterns:
+            raise ValueError(f"facts['evidence'] has an empty or malformed group: {group!r}")
+        if not any(p.search(observation) for p in patterns):
+            return False
+    return True
+
+
 class RuleBasedJudge(Judge):
     """The synthetic data's own judge: ``facts["evidence"]``, a list of groups of phrases.
 
-    Sufficient (1) iff, for every group, the observation mentions one of its phrases, matched
-    case-insensitively on word boundaries ("red" does not match "bored"; any run of whitespace
-    matches a space). A record without ``facts["evidence"]``, an empty evidence list or a group
-    without any phrase is an error result: nothing says what the observation must contain.
-    A group given as a bare string is a group of one phrase.
+    Sufficient (1) iff, for every group, the observation mentions one of its phrases
+    (:func:`evidence_satisfied`). A record without ``facts["evidence"]``, an empty evidence list or a
+    group without any phrase is an error result: nothing says what the observation must contain.
     """
 
     def __init__(self, cache_size: int = 100_000) -> None:
@@ -424,15 +428,10 @@ class RuleBasedJudge(Judge):
         evidence = request.facts.get("evidence") if isinstance(request.facts, dict) else None
         if not isinstance(evidence, list) or not evidence:
             return JudgeResult(score=None, error="record has no facts['evidence'] to judge against")
-        for group in evidence:
-            phrases = [group] if isinstance(group, str) else group
-            patterns = [p for p in (_phrase_pattern(str(x)) for x in phrases) if p is not None] \
-                if isinstance(phrases, list) else []
-            if not patterns:
-                return JudgeResult(score=None, error=f"facts['evidence'] has an empty or malformed group: {group!r}")
-            if not any(p.search(request.observation) for p in patterns):
-                return JudgeResult(score=0.0)
-        return JudgeResult(score=1.0)
+        try:
+            return JudgeResult(score=1.0 if evidence_satisfied(request.observation, evidence) else 0.0)
+        except ValueError as err:
+            return JudgeResult(score=None, error=str(err))
 
     def _judge_uncached(self, requests: list[JudgeRequest]) -> list[JudgeResult]:
         return [self._judge_one(r) for r in requests]

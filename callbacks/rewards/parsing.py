@@ -7,6 +7,8 @@ Each reading rule has exactly one home, here (``p2r`` imports them; ``callbacks`
   ``src/eval_bench.py``): the FIRST complete ``<answer>...</answer>``, tags in lower case, its
   inner text stripped; ``""`` when there is no complete block. The default reasoning reward reads
   both the completion and the ground-truth ``solution`` this way.
+- :func:`eval_bench_answer`: Video-R1's evaluation reading (``src/eval_bench.py``): that block, else
+  the whole output.
 - :func:`solution_answer`: the ground truth a record's ``solution`` holds: Video-R1's block when
   there is one, else the whole solution (a record may store a bare answer).
 - :func:`lenient_answer`: p2r's tolerant reader (the LAST block, any tag case; else the text after
@@ -61,6 +63,19 @@ def video_r1_answer(text: str) -> str:
     """
     match = _VIDEO_R1_ANSWER.search(text)
     return match.group(1).strip() if match else ""
+
+
+def eval_bench_answer(output: str) -> str:
+    """Video-R1's ``src/eval_bench.py`` reading of a model output: :func:`video_r1_answer` (the
+    training reward's reading), or the whole output when that is empty. The training reward has no
+    such fallback.
+
+    >>> eval_bench_answer("<think>so</think><answer> B </answer>"), eval_bench_answer("B")
+    ('B', 'B')
+    >>> eval_bench_answer("<answer></answer>x"), eval_bench_answer("<answer>C")
+    ('<answer></answer>x', '<answer>C')
+    """
+    return video_r1_answer(output) or output
 
 
 def solution_answer(solution: str) -> str:

@@ -1,37 +1,29 @@
-"""What every p2r LightningModule shares: the injected backbone, AdamW + schedule, and a plain
-held-out accuracy check (greedy answers scored by the reasoning-accuracy and format rewards).
-
-The full benchmark evaluation is a callback (callbacks/); this check is what ``p2r validate``
-and ``p2r test`` log when no evaluation callback is configured: ``{stage}/accuracy``,
-``{stage}/format``, ``{stage}/accuracy/<problem type>`` and, for records with structured facts
-(the synthetic set), ``{stage}/perception``: the share of generated observations from which the
-rule judge can deduce the answer (does the model look at the video?).
+"""What every p2r LightningModule shares: the injected backbone, AdamW + schedule, sharding in
+``configure_model``, skipped non-finite steps (:mod:`p2r.algorithms.nonfinite`), the count of
+skipped samples, the lost-update check of the first step, answer generation and, without an
+evaluation callback, the plain held-out check of ``p2r validate`` / ``p2r test``
+(:mod:`p2r.evaluation.answer_check`: ``{stage}/accuracy``, ``{stage}/format``, ...).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 from callbacks.evaluation import Generation
-from callbacks.rewards.accuracy import reasoning_accuracy
-from callbacks.rewards.format import perception_format, reasoning_format
-from callbacks.rewards.judges import JudgeRequest, RuleBasedJudge
-from callbacks.segments import split_segments
-from p2r.algorithms.nonfinite import NonFiniteGuard, tensors_finite
+from p2r.algorithms.nonfinite import NonFiniteSteps
 from p2r.algorithms.settings import require
 from p2r.algorithms.update_check import FirstStepUpdateCheck, warn_once
 from p2r.backbones.base import VideoBackbone
 from p2r.checkpoints import BACKBONE_OPTIONS
+from p2r.compat import attached_trainer
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import PromptTemplate, build_prompt
-from p2r.data.shard_reader import SkipLog
-from p2r.strategies import is_sharded
+from p2r.evaluation.answer_check import PROGRESS_BAR_METRICS, answer_check
 from p2r.optim import adamw_with_schedule
+from p2r.strategies import refuse_sharded_evaluation, shard
 
 
 class VideoLVLMModule(L.LightningModule):
@@ -85,19 +77,17 @@ class VideoLVLMModule(L.LightningModule):
         self.prompt_template = prompt_template
         self.skipped_samples = 0
         self._backbone_ready = False
-        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self.update_check: FirstStepUpdateCheck | None = None
-        self._bad_loss_in_step = False
-        self._stop_error: FloatingPointError | None = None  # raised at on_train_end (see count_step)
-        self.skip_log = SkipLog(logging.getLogger(__name__), "training records")
 
     def configure_model(self) -> None:
         self.backbone.build()
         if not self._backbone_ready:
             self._backbone_ready = True
             self.on_backbone_built()
+        trainer = attached_trainer(self)
         for model in self.models_to_shard():
-            self.shard(model)
+            shard(trainer.strategy if trainer is not None else None, model, self.backbone.fsdp_block_classes())
 
     def on_backbone_built(self) -> None:
         """Runs once, at the first ``configure_model``: the weights exist, nothing is sharded or restored yet."""
@@ -105,17 +95,6 @@ class VideoLVLMModule(L.LightningModule):
     def models_to_shard(self) -> list[torch.nn.Module]:
         """The models a sharded strategy splits over the ranks (PA-GRPO adds its reference copy)."""
         return [self.backbone.model]
-
-    def shard(self, model: torch.nn.Module) -> None:
-        """Apply the strategy's FSDP2 sharding (p2r.strategies.FSDP2Strategy) to ``model``, if any."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, ModelParallelStrategy) and not hasattr(strategy, "parallelize"):
-            raise ValueError(
-                "trainer.strategy: Lightning's ModelParallelStrategy leaves sharding to the module; p2r shards "
-                "with p2r.strategies.FSDP2Strategy (configs/strategy/fsdp2.yaml). Use that instead."
-            )
-        if strategy is not None and hasattr(strategy, "parallelize"):
-            strategy.parallelize(model, self.backbone.fsdp_block_classes())
 
     # Optimizer steps per training batch (PA-GRPO's num_iterations); sizes the schedule.
     optimizer_steps_per_batch = 1
@@ -141,61 +120,14 @@ class VideoLVLMModule(L.LightningModule):
                 warn_once(check)
             self.update_check = None
 
-    def agreed(self, flag: bool) -> bool:
-        """``flag`` if it holds on every rank (a collective: every rank must call it)."""
-        return self.trainer.strategy.reduce_boolean_decision(flag, all=True) if self._trainer is not None else flag
-
-    def count_step(self, finite: bool, what: str) -> bool:
-        """Record one optimizer step's outcome (already agreed across ranks): log the total of bad
-        steps and, after too many in a row, stop the run. Called once per optimizer step; returns ``finite``.
-
-        The stop is orderly: the trainer ends after this (skipped) step, so checkpoint callbacks
-        see a finished step and ``last.ckpt`` holds the final weights; the error is raised at
-        ``on_train_end``, after them, so the run still fails with the guard's message.
-        """
-        try:
-            self.nonfinite.record(finite, what, self.global_step)
-        except FloatingPointError as err:
-            self._stop_error = err
-            if self._trainer is None:
-                raise
-            self.trainer.should_stop = True
-        self.log("train/nonfinite_steps", float(self.nonfinite.total), batch_size=1)
-        return finite
-
-    def on_train_end(self) -> None:
-        if self._stop_error is not None:
-            error, self._stop_error = self._stop_error, None
-            raise error
-
     def on_before_optimizer_step(self, optimizer: Any) -> None:
-        self._drop_nonfinite_gradients(optimizer)
+        if self.automatic_optimization:  # PA-GRPO's manual update checks its own steps
+            self.nonfinite.drop_gradients(self, optimizer)
         if self.update_check is not None:
             self.update_check.before_step()
 
-    def _drop_nonfinite_gradients(self, optimizer: Any) -> None:
-        # Automatic optimization: a step that saw a non-finite loss (in any accumulated batch) or
-        # has non-finite gradients loses its gradients, so AdamW leaves every parameter alone.
-        if not self.automatic_optimization:
-            return
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if self._bad_loss_in_step:  # counted when the loss was seen
-            self._bad_loss_in_step = False
-            finite = False
-        else:
-            finite = self.count_step(self.agreed(tensors_finite(p.grad for p in params)), "gradients")
-        if not finite:
-            for p in params:
-                p.grad = None
-
-    def skip_nonfinite_loss(self, loss: torch.Tensor) -> bool:
-        """True (counted once per optimizer step, and the step skipped) when ``loss`` is not finite on some rank."""
-        if self.agreed(bool(torch.isfinite(loss))):
-            return False
-        if not self._bad_loss_in_step:
-            self._bad_loss_in_step = True
-            self.count_step(False, "loss")
-        return True
+    def on_train_end(self) -> None:
+        self.nonfinite.raise_stop()  # after the checkpoint callbacks saved the final step
 
     def prompts_of(self, batch: list[Sample], user_texts: list[str] | None = None) -> list[str]:
         """Chat-rendered prompts for a batch (the video placeholder included): the given user texts,
@@ -212,7 +144,7 @@ class VideoLVLMModule(L.LightningModule):
         ranks and saved in checkpoints, so ``data/skipped_samples`` counts every skip of the run.
         """
         step = torch.tensor(float(sum(s.skipped for s in batch) + dropped), device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if attached_trainer(self) is not None and self.trainer.world_size > 1:
             step = self.trainer.strategy.reduce(step, reduce_op="sum")
         self.skipped_samples += int(step.item())
         self.log("data/skipped_samples", float(self.skipped_samples), batch_size=max(1, len(batch)))
@@ -248,42 +180,17 @@ class VideoLVLMModule(L.LightningModule):
     def _answer_check(self, batch: list[Sample], stage: str) -> None:
         if self._evaluation_callback_present():
             return  # the evaluation callback generates and scores this batch itself
-        texts = self.generate_answers(batch)
-        n = len(batch)
-        acc = [reasoning_accuracy(t, s.record.solution, s.record.problem_type, s.record.options) for t, s in zip(texts, batch)]
-        fmt = [perception_format(t) * reasoning_format(t) for t in texts]
-        self.log(f"{stage}/accuracy", sum(acc) / n, batch_size=n, sync_dist=True, prog_bar=True)
-        self.log(f"{stage}/format", sum(fmt) / n, batch_size=n, sync_dist=True, prog_bar=True)
-        for kind in sorted({s.record.problem_type for s in batch}):
-            vals = [a for a, s in zip(acc, batch) if s.record.problem_type == kind]
-            self.log(f"{stage}/accuracy/{kind}", sum(vals) / len(vals), batch_size=len(vals), sync_dist=True)
-        judged = [
-            JudgeRequest(s.record.problem, s.record.answer, split_segments(t).observation, s.record.facts)
-            for t, s in zip(texts, batch)
-            if s.record.facts and s.record.facts.get("evidence")
-        ]
-        if judged:
-            verdicts = [r.score or 0.0 for r in RuleBasedJudge(cache_size=0).judge(judged)]
-            self.log(f"{stage}/perception", sum(verdicts) / len(verdicts), batch_size=len(verdicts), sync_dist=True)
-
-    def _refuse_sharded_evaluation(self, stage: str) -> None:
-        # Evaluation streams give each sample to exactly one rank, so ranks get unequal numbers of
-        # batches; a sharded model needs every rank in every forward (all-gathers): it would hang.
-        if self.trainer.world_size > 1 and is_sharded(self.backbone.model):
-            raise RuntimeError(
-                f"{stage} with an FSDP2-sharded model on {self.trainer.world_size} ranks would deadlock (ranks get "
-                "unequal numbers of evaluation batches). Evaluate with strategy ddp (configs/eval.yaml) on the "
-                "checkpoint or an exported folder (tools/export_hf.py); during fit set trainer.limit_val_batches=0."
-            )
+        for name, (value, n) in answer_check(self.generate_answers(batch), [s.record for s in batch]).items():
+            self.log(f"{stage}/{name}", value, batch_size=n, sync_dist=True, prog_bar=name in PROGRESS_BAR_METRICS)
 
     def on_validation_start(self) -> None:
-        self._refuse_sharded_evaluation("validation")
+        refuse_sharded_evaluation("validation", self.trainer.world_size, self.backbone.model)
 
     def on_test_start(self) -> None:
-        self._refuse_sharded_evaluation("test")
+        refuse_sharded_evaluation("test", self.trainer.world_size, self.backbone.model)
 
     def on_predict_start(self) -> None:
-        self._refuse_sharded_evaluation("predict")
+        refuse_sharded_evaluation("predict", self.trainer.world_size, self.backbone.model)
 
     def validation_step(self, batch: list[Sample], batch_idx: int) -> None:
         self._answer_check(batch, "val")

@@ -50,7 +50,7 @@ from callbacks.reward_callbacks import needs_shuffled_frames, notify_rollouts_sc
 from callbacks.rollouts import Rollouts
 from p2r.algorithms.advantages import group_advantages, group_dropped, process_advantages, token_advantages
 from p2r.algorithms.base import VideoLVLMModule
-from p2r.algorithms.nonfinite import tensors_finite
+from p2r.algorithms.nonfinite import agreed, tensors_finite
 from p2r.algorithms.policy_loss import pagrpo_loss
 from p2r.algorithms.rollout import (
     GroupRollout,
@@ -61,6 +61,7 @@ from p2r.algorithms.rollout import (
 )
 from p2r.algorithms.settings import LossSettings, RolloutSettings, require
 from p2r.algorithms.shared_prompt import shared_prompt_logprobs, supports_shared_prompt
+from p2r.compat import attached_trainer
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import build_question
 from p2r.data.video import Clip
@@ -186,7 +187,8 @@ class PAGRPOModule(VideoLVLMModule):
         # Copied now, before sharding and before Lightning restores a resumed checkpoint: the
         # reference stays the starting (SFT) policy. In the dtype the policy computes in (the
         # FSDP2 strategy's param_dtype, else the parameters'), so the KL is 0 at the first step.
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        strategy = trainer.strategy if trainer is not None else None
         dtype = getattr(strategy, "compute_dtype", None) or next(self.backbone.model.parameters()).dtype
         self.reference = Reference(self.backbone.frozen_copy(dtype))
 
@@ -380,14 +382,14 @@ class PAGRPOModule(VideoLVLMModule):
                 beta=loss_cfg.beta, eps_low=loss_cfg.epsilon, eps_high=loss_cfg.epsilon_high, mode=loss_cfg.aggregation,
                 perception_mask=mb.perception, max_completion_length=width, kl_log_ratio_clip=loss_cfg.kl_log_ratio_clip,
             )
-            if not self.agreed(bool(torch.isfinite(loss))):
-                return self.count_step(False, "loss")
+            if not agreed(self, bool(torch.isfinite(loss))):
+                return self.nonfinite.count(self, False, "loss")
             w = micro_weight(loss_cfg.aggregation, self._pad_cols(mb.completion, width), all_mask)
             self.manual_backward(loss * w)
             for k, v in {"loss": loss, **metrics}.items():
                 stats[k] = stats.get(k, 0.0) + w * float(v.detach()) / self.num_iterations
-        finite = self.agreed(tensors_finite(p.grad for p in self.parameters() if p.requires_grad))
-        return self.count_step(finite, "gradients")
+        finite = agreed(self, tensors_finite(p.grad for p in self.parameters() if p.requires_grad))
+        return self.nonfinite.count(self, finite, "gradients")
 
     @staticmethod
     def _pad_cols(mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -29,13 +29,15 @@ Where this departs from or reads into the paper:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-AggregationMode = Literal["token_mean", "sequence_mean", "constant", "segment_mean"]
-AGGREGATION_MODES = ("token_mean", "sequence_mean", "constant", "segment_mean")
+# How per-token values become the loss (see :func:`aggregate`); the one list of names, read by
+# LossSettings (config checks, --help) and tools/bench_step.py (--loss).
+AggregationMode = Literal["segment_mean", "token_mean", "sequence_mean", "constant"]
+AGGREGATION_MODES: tuple[str, ...] = get_args(AggregationMode)
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor, log_ratio_clip: float | None = None) -> Tensor:

@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from callbacks.segments import char_spans_to_token_mask, split_segments
-from p2r.backbones.base import VideoBackbone, move_to
+from p2r.backbones.base import VideoBackbone
+from p2r.backbones.batching import append_text, prompt_batch
 from p2r.backbones.decoding import DecodeEngine
 from p2r.data.video import Clip
 
@@ -50,32 +51,10 @@ class GroupRollout:
     truncated: list[bool]
 
 
-def left_pad(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
-    """Stack 1-D tensors into (B, L_max), padding on the left."""
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=seqs[0].dtype)
-    for i, s in enumerate(seqs):
-        out[i, out.shape[1] - len(s) :] = s
-    return out
-
-
-def merge_visual(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate the per-prompt visual tensors (pixels, grids, frame timings) in order."""
-    keys = sorted({k for it in items for k in it} - {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"})
-    return {k: torch.cat([torch.as_tensor(it[k]) for it in items if k in it]) for k in keys}
-
-
 def prepare_prompts(backbone: VideoBackbone, prompts: list[str], clips: list[Clip]) -> PromptBatch:
     """Process each prompt and clip once and lay the B prompts out left-padded."""
     items = [backbone.process_one(p, c) for p, c in zip(prompts, clips)]
-    tensors = {
-        "input_ids": left_pad([it["input_ids"][0] for it in items], backbone.pad_token_id),
-        "attention_mask": left_pad([torch.ones_like(it["input_ids"][0]) for it in items], 0),
-    }
-    for key in ("mm_token_type_ids", "token_type_ids"):
-        if key in items[0]:
-            tensors[key] = left_pad([it[key][0] for it in items], 0)
-    tensors.update(merge_visual(items))
-    tensors = move_to(tensors, backbone.model.device, backbone.model.dtype)
+    tensors = backbone.move(prompt_batch(items, backbone.pad_token_id))
     return PromptBatch(items, tensors, backbone.position_ids(tensors))
 
 
@@ -226,25 +205,13 @@ def build_train_batch(backbone: VideoBackbone, rollout: GroupRollout, rows: list
     items = [rollout.prompts.items[i // g] for i in rows]
     comps = [torch.tensor(rollout.completion_ids[i] or [backbone.pad_token_id]) for i in rows]
     lengths = [len(rollout.completion_ids[i]) for i in rows]
-    prompt_ids = left_pad([it["input_ids"][0] for it in items], backbone.pad_token_id)  # (N, P)
-    comp = torch.full((len(rows), max(len(c) for c in comps)), backbone.pad_token_id, dtype=prompt_ids.dtype)
-    comp_mask = torch.zeros(comp.shape, dtype=torch.bool)
+    comp = torch.full((len(rows), max(len(c) for c in comps)), backbone.pad_token_id, dtype=torch.long)  # (N, T)
+    comp_mask = torch.zeros(comp.shape, dtype=torch.bool)  # (N, T)
     for r, (c, n) in enumerate(zip(comps, lengths)):
         comp[r, : len(c)] = c
         comp_mask[r, :n] = True
-    prompt_mask = left_pad([torch.ones_like(it["input_ids"][0]) for it in items], 0)
-    tensors = {
-        "input_ids": torch.cat([prompt_ids, comp], 1),
-        "attention_mask": torch.cat([prompt_mask, comp_mask.long()], 1),
-    }
-    for key in ("mm_token_type_ids", "token_type_ids"):
-        if key in items[0]:
-            types = left_pad([it[key][0] for it in items], 0)
-            tensors[key] = torch.cat([types, torch.zeros_like(comp, dtype=types.dtype)], 1)
-    tensors.update(merge_visual(items))
-    tensors = move_to(tensors, backbone.model.device, backbone.model.dtype)
-    dev = backbone.model.device
-    return TrainBatch(tensors, backbone.position_ids(tensors), comp.to(dev), comp_mask.to(dev))
+    tensors = backbone.move(append_text(prompt_batch(items, backbone.pad_token_id), comp, comp_mask.long()))
+    return TrainBatch(tensors, backbone.position_ids(tensors), comp.to(backbone.device), comp_mask.to(backbone.device))
 
 
 # Tokens per LM-head chunk in the log-prob passes: at most this many rows of the (tokens x

@@ -12,12 +12,12 @@ allowed range (:class:`SettingError`) when the config is instantiated, so a bad 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from p2r.algorithms.policy_loss import AGGREGATION_MODES, AggregationMode
 from p2r.backbones.decoding import DecodeEngine
 
-Aggregation = Literal["segment_mean", "token_mean", "sequence_mean", "constant"]
-AGGREGATIONS = ("segment_mean", "token_mean", "sequence_mean", "constant")
+LossMode = Literal["pa_grpo", "grpo"]
 KEY_PREFIX = "model.init_args."
 
 
@@ -73,10 +73,10 @@ class RolloutSettings:
 class LossSettings:
     """How rewards become advantages and advantages the policy loss."""
 
-    mode: Literal["pa_grpo", "grpo"] = "pa_grpo"
+    mode: LossMode = "pa_grpo"
     """"pa_grpo": per-process rewards and advantages, A_P on perception tokens and A_R on reasoning tokens
     (VideoP2R); "grpo": every reward summed, one advantage on every token (plain GRPO, T-GRPO)."""
-    aggregation: Aggregation = "segment_mean"
+    aggregation: AggregationMode = "segment_mean"
     """Token-to-scalar reduction: "segment_mean" (mean per process segment, then per sample: the paper's
     reading), "sequence_mean" (per sample, then over samples: GRPO as in TRL's loss_type grpo and Video-R1),
     "token_mean" (DAPO), "constant" (Dr. GRPO)."""
@@ -96,8 +96,8 @@ class LossSettings:
     """Leave completions that hit max_completion_length out of the loss."""
 
     def __post_init__(self) -> None:
-        require("loss.mode", self.mode, self.mode in ("pa_grpo", "grpo"), "'pa_grpo' or 'grpo'")
-        require("loss.aggregation", self.aggregation, self.aggregation in AGGREGATIONS, f"one of {AGGREGATIONS}")
+        require("loss.mode", self.mode, self.mode in get_args(LossMode), "'pa_grpo' or 'grpo'")
+        require("loss.aggregation", self.aggregation, self.aggregation in AGGREGATION_MODES, f"one of {AGGREGATION_MODES}")
         require("loss.beta", self.beta, self.beta >= 0, ">= 0")
         if self.kl_log_ratio_clip is not None:
             require("loss.kl_log_ratio_clip", self.kl_log_ratio_clip, self.kl_log_ratio_clip > 0, "> 0 or null")

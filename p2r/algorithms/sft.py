@@ -18,6 +18,7 @@ Launch:
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -25,9 +26,28 @@ import torch
 import torch.nn.functional as F
 
 from p2r.algorithms.base import VideoLVLMModule
-from p2r.backbones.base import IGNORE_INDEX, move_to
+from p2r.backbones.base import TARGET_MASK, VideoBackbone
+from p2r.backbones.batching import move_to
 from p2r.data.datamodule import Sample
 from p2r.data.records import RecordError, target_text
+from p2r.data.shard_reader import SkipLog
+from p2r.data.video import Clip
+
+IGNORE_INDEX = -100  # label of positions the loss skips (torch's cross_entropy default)
+
+
+def answer_labels(input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Labels (B, L): the token ids where ``target_mask`` (B, L) is True (the assistant's answer and
+    its end-of-turn token), IGNORE_INDEX on the prompt, its vision placeholders and padding."""
+    return input_ids.masked_fill(~target_mask, IGNORE_INDEX)
+
+
+def sft_batch(backbone: VideoBackbone, prompts: list[str], clips: list[Clip], targets: list[str]) -> tuple[dict, torch.Tensor]:
+    """Model inputs for rendered prompts followed by their targets, and the labels (B, L) of the
+    answer-only loss (:func:`answer_labels`)."""
+    inputs = backbone.encode(prompts, clips, targets)
+    return inputs, answer_labels(inputs["input_ids"], inputs.pop(TARGET_MASK))
+
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose label is not IGNORE_INDEX.
@@ -47,6 +67,7 @@ class SFTModule(VideoLVLMModule):
         """Takes the arguments of :class:`p2r.algorithms.base.VideoLVLMModule` (backbone, lr, schedule, ...)."""
         super().__init__(*args, **kwargs)
         self.save_hyperparameters(ignore=["backbone"])
+        self.skip_log = SkipLog(logging.getLogger(__name__), "training records")
         self._step_start = 0.0
 
     def _trainable(self, batch: list[Sample]) -> tuple[list[Sample], list[str]]:
@@ -65,14 +86,14 @@ class SFTModule(VideoLVLMModule):
         batch = trainable
         if not batch:
             return None
-        inputs = self.backbone.encode(self.prompts_of(batch), [s.clip for s in batch], targets)
-        inputs = move_to(inputs, self.device, self.backbone.torch_dtype)
-        loss = masked_lm_loss(self.backbone(**inputs), inputs["labels"])
+        inputs, labels = sft_batch(self.backbone, self.prompts_of(batch), [s.clip for s in batch], targets)
+        inputs, labels = move_to(inputs, self.device, self.backbone.torch_dtype), labels.to(self.device)
+        loss = masked_lm_loss(self.backbone(**inputs), labels)
         n = len(batch)
-        if self.skip_nonfinite_loss(loss):
+        if self.nonfinite.skip_loss(self, loss):
             return None  # no backward for this batch and no update for this step, on every rank
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log("train/target_tokens", float((inputs["labels"] != IGNORE_INDEX).sum()), batch_size=n)
+        self.log("train/target_tokens", float((labels != IGNORE_INDEX).sum()), batch_size=n)
         self._tokens = int(inputs["attention_mask"].sum())
         return loss
 

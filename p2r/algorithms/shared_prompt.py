@@ -47,14 +47,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from p2r.algorithms.rollout import LOGPROB_CHUNK_TOKENS, GroupRollout, merge_visual, scatter_tokens, token_logprobs
-from p2r.backbones.base import VideoBackbone, move_to
+from p2r.algorithms.rollout import LOGPROB_CHUNK_TOKENS, GroupRollout, scatter_tokens, token_logprobs
+from p2r.backbones.base import VideoBackbone
+from p2r.backbones.batching import append_text, prompt_batch
 
 # Model types whose shared-prompt log-probs are checked against the per-sample path
 # (tests/algorithms/test_shared_prompt.py): the mask reaches attention as given, vision
 # features fill their placeholders in place, and logits are lm_head(hidden) with no extra term.
 VERIFIED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-_TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
 
 
 def supports_shared_prompt(backbone: VideoBackbone) -> tuple[bool, str]:
@@ -114,19 +114,20 @@ def _prompt_positions(backbone: VideoBackbone, item: dict[str, torch.Tensor]) ->
 
 
 def _pack_row(
-    prompt: torch.Tensor, positions: torch.Tensor, completions: list[list[int]], width: int, length: int, pad: int
+    prompt_length: int, positions: torch.Tensor, completions: list[list[int]], width: int, length: int, pad: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """One row: the prompt (P_r,) left-padded to ``width``, each completion but its last token, padding.
+    """One row: a prompt of ``prompt_length`` tokens left-padded to ``width``, then each completion but
+    its last token, then padding to ``length``.
 
-    Returns ids (L,), segment ids (L,) (-1 padding, 0 prompt, j + 1 completion j), positions
-    (3, L) or (L,) (completion positions continue at last prompt position + 1), and where each
-    completion's tokens start, counted from the first completion column.
+    Returns the ids after the prompt (L - width,), segment ids (L,) (-1 padding, 0 prompt, j + 1
+    completion j), positions (3, L) or (L,) (completion positions continue at last prompt position
+    + 1), and where each completion's tokens start, counted from the first completion column.
     """
     inputs = [torch.tensor(c[:-1], dtype=torch.long) for c in completions]  # the last token predicts nothing
-    lead, tail = width - len(prompt), length - width - sum(len(x) for x in inputs)
-    ids = torch.cat([torch.full((lead,), pad), prompt.long(), *inputs, torch.full((tail,), pad)])  # (L,)
+    lead, tail = width - prompt_length, length - width - sum(len(x) for x in inputs)
+    ids = torch.cat([*inputs, torch.full((tail,), pad)])  # (L - width,)
     segments = torch.cat([
-        torch.full((lead,), -1), torch.zeros(len(prompt), dtype=torch.long),
+        torch.full((lead,), -1), torch.zeros(prompt_length, dtype=torch.long),
         *[torch.full((len(x),), j + 1) for j, x in enumerate(inputs)], torch.full((tail,), -1),
     ])  # (L,)
     start = positions[..., -1:] + 1  # (3, 1) or (1,)
@@ -155,31 +156,27 @@ def build_shared_batch(backbone: VideoBackbone, rollout: GroupRollout, prompt_in
     # Logit column predicting token t (>= 1) of a completion starting at offset o: o + t, the
     # column of its token t - 1; column 0 (the last prompt token) predicts every token 0.
     logit_cols = torch.zeros(len(samples), t_max, dtype=torch.long)  # (n, T)
-    rows: dict[str, list[torch.Tensor]] = {"input_ids": [], "segments": [], "positions": []}
+    completion_columns, segments, positions = [], [], []
     for r, (item, group) in enumerate(zip(items, groups)):
-        prompt = item["input_ids"][0]  # (P_r,)
-        ids, segments, positions, offsets = _pack_row(prompt, _prompt_positions(backbone, item), group, width, length, pad)
-        rows["input_ids"].append(ids)
-        rows["segments"].append(segments)
-        rows["positions"].append(positions)
-        for key in _TOKEN_TYPE_KEYS:
-            if key in item:  # the prompt's types, text (0) elsewhere
-                types = item[key][0]  # (P_r,)
-                lead = width - len(types)
-                rows.setdefault(key, []).append(torch.cat([types.new_zeros(lead), types, types.new_zeros(length - width)]))
+        ids, row_segments, row_positions, offsets = _pack_row(
+            item["input_ids"].shape[1], _prompt_positions(backbone, item), group, width, length, pad)
+        completion_columns.append(ids)
+        segments.append(row_segments)
+        positions.append(row_positions)
         for j, (comp, offset) in enumerate(zip(group, offsets)):
             i = r * g + j
             completion_ids[i, : len(comp)] = torch.tensor(comp, dtype=torch.long)
             completion_mask[i, : len(comp)] = True
             logit_cols[i, 1 : len(comp)] = offset + torch.arange(1, len(comp))
 
-    tensors = {k: torch.stack(v) for k, v in rows.items() if k not in ("segments", "positions")}  # (R, L) each
-    tensors.update(merge_visual(items))
-    dev, dtype = backbone.model.device, backbone.model.dtype
+    prompts = prompt_batch(items, pad)  # (R, P) left-padded, token types, visual tensors
+    del prompts["attention_mask"]  # the 4-D mask below replaces it
+    tensors = append_text(prompts, torch.stack(completion_columns))  # (R, L), completion columns are text
+    dev, dtype = backbone.device, backbone.dtype
     return SharedBatch(
-        tensors=move_to(tensors, dev, dtype),
-        attention_mask=shared_attention_mask(torch.stack(rows["segments"]).to(dev), dtype),  # (R, 1, L, L)
-        position_ids=torch.stack(rows["positions"], dim=-2).to(dev),  # (3, R, L) or (R, L)
+        tensors=backbone.move(tensors),
+        attention_mask=shared_attention_mask(torch.stack(segments).to(dev), dtype),  # (R, 1, L, L)
+        position_ids=torch.stack(positions, dim=-2).to(dev),  # (3, R, L) or (R, L)
         logits_to_keep=length - width + 1,
         logit_rows=(torch.arange(len(samples)) // g)[:, None].expand(-1, t_max).to(dev),  # (n, T)
         logit_cols=logit_cols.to(dev),

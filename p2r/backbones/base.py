@@ -6,51 +6,35 @@ weights are built by :meth:`VideoBackbone.build`, which the LightningModules cal
 make the processor and the model (:class:`p2r.backbones.hf.HFBackbone` from a hub id or folder,
 :mod:`p2r.backbones.tiny` from a config with an in-process tokenizer).
 
-Options applied on top of any model: dtype, attention implementation, gradient checkpointing,
-a frozen vision tower, LoRA adapters (peft) and 4/8-bit loading (bitsandbytes), and
-``weights_from``, a Lightning checkpoint of an earlier stage (e.g. the SFT run that PA-GRPO starts
-from) whose ``backbone.*`` weights are loaded after building.
+Building (:mod:`p2r.backbones.building`): the options applied on top of any model: dtype,
+attention implementation, gradient checkpointing, a frozen vision tower, LoRA adapters (peft),
+4/8-bit loading (bitsandbytes), ``weights_from`` (a Lightning checkpoint of an earlier stage, e.g.
+the SFT run that PA-GRPO starts from) and frozen copies. The runtime interface is this class:
+prompts and batches (:mod:`p2r.backbones.batching`), generate, the forward with its log-prob head
+(:meth:`VideoBackbone.apply_head`), prefill and decode steps (:mod:`p2r.backbones.decoding`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import logging
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from p2r.backbones.batching import collate, left_align, move_to, pad
+from p2r.backbones.building import LoraOptions, block_classes, build_model, frozen_copy, stored_options, vision_tower
 from p2r.backbones.decoding import DecodeEngine, Decoding, StaticDecoder, custom_mask_support, prefill
-from p2r.checkpoints import read_backbone_options, read_backbone_state
 from p2r.data.video import Clip
 from p2r.strategies import gathered, is_sharded
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-# Processor outputs that are per-token (padded to the batch length) vs. per-visual (concatenated).
-_SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-_VISUAL_NAMES = ("visual", "vision_tower", "vision_model")
-
-
-@dataclass
-class LoraOptions:
-    """LoRA adapters on the language model (peft); the vision tower never gets adapters."""
-
-    r: int = 16
-    """Rank of the adapters."""
-    alpha: int = 32
-    """Scaling numerator (the update is scaled by alpha / r)."""
-    dropout: float = 0.05
-    """Dropout on the adapter input."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Names of the language-model linear layers that get adapters."""
+# The encode() entry marking target tokens (not a model input).
+TARGET_MASK = "target_mask"
 
 
 class VideoBackbone(nn.Module):
@@ -110,139 +94,24 @@ class VideoBackbone(nn.Module):
         return self.model is not None
 
     def build(self) -> None:
-        """Create the weights and apply the options; a second call does nothing.
-
-        ``weights_from`` (a p2r checkpoint of an earlier stage, the SFT run) becomes the plain model
-        under this run's quantization and adapters, so that "adapters disabled" is the SFT model
-        (PA-GRPO's reference with LoRA):
-          - a full checkpoint is loaded into the plain model, then quantized if this run is QLoRA;
-          - a LoRA checkpoint is rebuilt with ITS adapters (the options its run stored, see
-            :meth:`stored_options`), which are merged into the base; this run's adapters start
-            fresh on the merged model;
-          - a QLoRA checkpoint (4/8-bit base) only feeds a run with the same quantization: its
-            adapters are merged into the quantized layers (peft re-quantizes them, so the merged
-            model equals the SFT model within the quantization error).
-        """
+        """Create the weights and apply the options (:func:`p2r.backbones.building.build_model`);
+        a second call does nothing."""
         if self.is_built:
             return
-        state = read_backbone_state(self.weights_from, "weights_from") if self.weights_from else None
-        quantization = self._quantization_config()
-        if state is None:
-            model = self._make_model(self.torch_dtype, quantization)
-        elif any("lora_" in k for k in state):
-            model = self._merged_adapter_checkpoint(state, quantization)
-        else:
-            model = self._make_model(self.torch_dtype, None)
-            _load_checked(model, _model_entries(state), self.weights_from)
-            if quantization is not None:
-                model = requantize(model, quantization, self.torch_dtype)
-        if self.freeze_vision:
-            for p in self.vision_tower(model).parameters():
-                p.requires_grad_(False)
-        if self.quantization is not None:
-            from peft import prepare_model_for_kbit_training
-
-            # bitsandbytes on CPUs with AVX512-BF16 repacks a 4-bit layer's weights the first time
-            # it runs in eval mode (our rollouts) and cannot train them afterwards: keep the layout.
-            for module in model.modules():
-                if hasattr(module, "support_avx512bf16_for_cpu"):
-                    module.support_avx512bf16_for_cpu = False
-
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
-        elif self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.lora is not None:
-            model = self._add_lora(model, self.lora)
-        self.model = model
+        self.model = build_model(
+            self._make_model, self.torch_dtype, self.quantization, self.lora, self.weights_from, self.freeze_vision,
+            self.gradient_checkpointing,
+        )
 
     def stored_options(self) -> dict[str, Any]:
-        """What a checkpoint must record for a later stage to rebuild these weights: the adapters'
-        options (their scale alpha / r is not in the weights) and the quantization."""
-        return {"lora": asdict(self.lora) if self.lora is not None else None, "quantization": self.quantization}
-
-    def _merged_adapter_checkpoint(self, state: dict[str, torch.Tensor], quantization: Any) -> nn.Module:
-        """The model a LoRA/QLoRA checkpoint stands for, its adapters merged into the base."""
-        path = self.weights_from
-        stored = read_backbone_options(path, "weights_from")
-        quantized = any(k.endswith((".absmax", ".quant_map")) or ".quant_state." in k or k.endswith(".SCB") for k in state)
-        source_quantization = stored.get("quantization") if stored else ("4bit" if quantized else None)
-        if quantized and source_quantization != self.quantization:
-            raise ValueError(
-                f"weights_from: {path!r} is a {source_quantization} (QLoRA) checkpoint; it can only start a run with "
-                f"quantization: {source_quantization}, not {self.quantization!r} (its base weights exist only in "
-                f"{source_quantization}). Start from the full-precision checkpoint the QLoRA run began with instead."
-            )
-        if stored is not None and stored.get("lora") is not None:
-            adapters = LoraOptions(**stored["lora"])
-        elif self.lora is not None:
-            adapters = self.lora
-            warnings.warn(
-                f"weights_from: {path!r} holds LoRA adapters but not their options (a checkpoint from an older p2r); "
-                f"merging them with this run's LoRA options ({self.lora}). If the SFT run used another alpha or rank, "
-                "the merged model is not the SFT model.",
-                stacklevel=2,
-            )
-        else:
-            raise ValueError(
-                f"weights_from: {path!r} holds LoRA adapters but not their options (alpha, rank, target modules), "
-                "which are needed to merge them into the base; set backbone.lora to the SFT run's LoRA options."
-            )
-        model = self._make_model(self.torch_dtype, quantization if quantized else None)
-        with_adapters = self._add_lora(model, adapters)
-        if quantized:
-            _load_quantized(with_adapters, _model_entries(state), path)
-        else:
-            _load_checked(with_adapters, _model_entries(state), path)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Merge lora module to 4-bit linear.*")
-            merged = with_adapters.merge_and_unload()
-        if quantization is not None and not quantized:
-            merged = requantize(merged, quantization, self.torch_dtype)
-        return merged
-
-    def _quantization_config(self) -> Any:
-        if self.quantization is None:
-            return None
-        from transformers import BitsAndBytesConfig
-
-        # The vision tower and lm_head stay in full precision (QLoRA quantizes the language model).
-        # Plain names for transformers versions that match substrings, ".*name" for those (5.2x)
-        # that match from the start of the module path.
-        skip = [*_VISUAL_NAMES, *(f".*{n}" for n in _VISUAL_NAMES), "lm_head"]
-        if self.quantization == "4bit":
-            return BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=self.torch_dtype,
-                llm_int8_skip_modules=skip,
-            )
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-
-    def _add_lora(self, model: nn.Module, options: LoraOptions) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
-
-        cfg = LoraConfig(
-            r=options.r,
-            lora_alpha=options.alpha,
-            lora_dropout=options.dropout,
-            target_modules=list(options.target_modules),
-            exclude_modules=r".*(" + "|".join(_VISUAL_NAMES) + r").*",
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(model, cfg)
+        """What a checkpoint must record for a later stage to rebuild these weights (LoRA options,
+        quantization)."""
+        return stored_options(self.lora, self.quantization)
 
     @staticmethod
     def vision_tower(model: nn.Module) -> nn.Module:
-        """The vision encoder submodule, found by the names Hugging Face VLMs use."""
-        for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in _VISUAL_NAMES:
-                return module
-        raise AttributeError(f"{type(model).__name__} has no vision tower named one of {_VISUAL_NAMES}")
-
-    def load_lightning_weights(self, path: str) -> None:
-        """Load the ``backbone.*`` weights of a checkpoint written by a p2r run (file or FSDP2 folder)."""
-        _load_checked(self, read_backbone_state(path, "weights_from"), path)
+        """The vision encoder submodule of ``model`` (the policy, or a copy of it)."""
+        return vision_tower(model)
 
     # --- the interface the modules use ---------------------------------------------------------
     @property
@@ -263,6 +132,20 @@ class VideoBackbone(nn.Module):
         ids = {self.tokenizer.convert_tokens_to_ids(n) for n in names if n}
         unk = self.tokenizer.unk_token_id
         return sorted(i for i in ids if i is not None and i != unk and i >= 0)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the built model's parameters are: batches go there."""
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The built model's parameter dtype: pixels and additive attention masks take it."""
+        return self.model.dtype
+
+    def move(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` on the model's device, its pixel tensors in the model's dtype."""
+        return move_to(batch, self.device, self.dtype)
 
     @property
     def pad_token_id(self) -> int:
@@ -301,25 +184,24 @@ class VideoBackbone(nn.Module):
     def encode(self, prompts: list[str], clips: list[Clip], targets: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Batch model inputs for rendered prompts (+ optional target completions), right-padded.
 
-        With ``targets`` the target text and an end-of-turn token follow each prompt and
-        ``labels`` hold them; every prompt and vision position is IGNORE_INDEX, so the loss is on
-        the assistant's answer only (Video-R1 trained on the prompt too). Targets are tokenized on
-        their own, exactly as generation would produce them after the prompt.
+        With ``targets`` the target text and an end-of-turn token follow each prompt, and
+        ``target_mask`` (B, L) is True on exactly those tokens (what SFT trains on,
+        ``p2r.algorithms.sft``). Targets are tokenized on their own, exactly as generation would
+        produce them after the prompt.
         """
         items = [self.process_one(p, c) for p, c in zip(prompts, clips)]
         end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        seqs, labels = [], []
+        seqs, in_target = [], []
         for i, item in enumerate(items):
             ids = item["input_ids"][0]
-            lab = torch.full_like(ids, IGNORE_INDEX)
+            tgt = ids[:0]
             if targets is not None:
-                tgt = torch.tensor(self.tokenizer(targets[i], add_special_tokens=False)["input_ids"] + [end])
-                ids, lab = torch.cat([ids, tgt]), torch.cat([lab, tgt])
-            seqs.append(ids)
-            labels.append(lab)
-        batch = collate_processor_outputs(items, seqs, self.pad_token_id)
+                tgt = torch.tensor(self.tokenizer(targets[i], add_special_tokens=False)["input_ids"] + [end], dtype=ids.dtype)
+            seqs.append(torch.cat([ids, tgt]))
+            in_target.append(torch.cat([torch.zeros(len(ids), dtype=torch.bool), torch.ones(len(tgt), dtype=torch.bool)]))
+        batch = collate(items, seqs, self.pad_token_id)
         if targets is not None:
-            batch["labels"] = pad_right(labels, IGNORE_INDEX)
+            batch[TARGET_MASK] = pad(in_target, False)
         return batch
 
     @torch.no_grad()
@@ -337,7 +219,7 @@ class VideoBackbone(nn.Module):
         Prompts are left-padded so that every completion starts right after its own prompt.
         """
         batch = self.encode(prompts, clips)
-        batch = move_to(left_align(batch), self.model.device, self.model.dtype)
+        batch = self.move(left_align(batch))
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
         with gathered(self.model):
             out = self.model.generate(
@@ -353,7 +235,7 @@ class VideoBackbone(nn.Module):
 
     def forward(self, **inputs: Any) -> torch.Tensor:
         """Logits (B, L, V) for a batch from :meth:`encode`."""
-        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        inputs = {k: v for k, v in inputs.items() if k != TARGET_MASK}
         return self.model(**inputs, use_cache=False).logits
 
     def position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -466,84 +348,13 @@ class VideoBackbone(nn.Module):
             yield
 
     def frozen_copy(self, dtype: torch.dtype) -> nn.Module:
-        """An eval-mode copy of the model that never trains, its parameters in ``dtype`` (buffers keep
-        theirs, as a model loaded in ``dtype`` has them): PA-GRPO's reference policy.
-
-        The parameters are copied straight into ``dtype``, so a bfloat16 reference of a float32 policy
-        never holds a second float32 model in memory (7B: 15 GiB instead of 31 GiB more per process).
-        """
-        params = {id(p): nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False) for p in self.model.parameters()}
-        return copy.deepcopy(self.model, memo=params).eval()
+        """An eval-mode copy of the model that never trains, its parameters in ``dtype``: PA-GRPO's
+        reference policy (:func:`p2r.backbones.building.frozen_copy`)."""
+        return frozen_copy(self.model, dtype)
 
     def fsdp_block_classes(self) -> set[type[nn.Module]]:
         """Module classes to shard one by one: decoder layers and vision blocks."""
         return block_classes(self.model)
-
-
-def block_classes(model: nn.Module) -> set[type[nn.Module]]:
-    """The repeated block classes of ``model`` (decoder layers, vision blocks): FSDP's units."""
-    names = ("DecoderLayer", "VisionBlock", "Block", "EncoderLayer")
-    return {type(m) for m in model.modules() if type(m).__name__.endswith(names) and m is not model}
-
-
-def _model_entries(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``model.*`` entries of a backbone state, prefix removed (the keys of ``backbone.model``)."""
-    return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-
-
-def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], path: str, ignore: set[str] = frozenset()) -> None:
-    """``module.load_state_dict(state)`` after checking that every key and shape matches (keys in
-    ``ignore`` were loaded otherwise)."""
-    own = {k: v for k, v in module.state_dict().items() if k not in ignore}
-    resized = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected or resized:
-        raise ValueError(
-            f"weights_from: {path!r} does not match this backbone: {len(missing)} missing keys "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-            f"{len(resized)} of another shape (e.g. {resized[:3]}); "
-            "was it trained with the same backbone config (size, LoRA)?"
-        )
-    module.load_state_dict(state, strict=not ignore)
-
-
-def _load_quantized(module: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    """Load a QLoRA state (4-bit packed weights with their quantization state, float adapters and
-    the layers left in full precision) into a module of the same layout.
-
-    ``load_state_dict`` cannot restore bitsandbytes' packed weights: each 4-bit layer's weight is
-    rebuilt from its packed data and quantization statistics (``Params4bit.from_prequantized``, as
-    transformers does when it loads a quantized folder); every other entry loads as usual.
-    """
-    from bitsandbytes.nn import Linear4bit, Params4bit
-
-    if any(type(m).__name__.startswith("Linear8bit") for m in module.modules()):
-        raise ValueError(f"weights_from: {path!r}: adapters over an 8-bit base cannot be loaded into a later stage; "
-                         "start from the full-precision checkpoint the 8-bit run began with")
-    taken: set[str] = set()
-    for name, layer in module.named_modules():
-        if not isinstance(layer, Linear4bit):
-            continue
-        key = f"{name}.weight"
-        stats = {k[len(key) + 1 :]: v for k, v in state.items() if k.startswith(key + ".")}
-        if key not in state or not stats:
-            raise ValueError(f"weights_from: {path!r} has no 4-bit weight {key!r}: was it trained with the same "
-                             "backbone config (size, quantization)?")
-        layer.weight = Params4bit.from_prequantized(state[key], stats, requires_grad=False,
-                                                    device=layer.weight.device, module=layer)
-        taken |= {key, *(f"{key}.{k}" for k in stats)}
-    _load_checked(module, {k: v for k, v in state.items() if k not in taken}, path, ignore=taken)
-
-
-def requantize(model: nn.Module, quantization_config: Any, torch_dtype: torch.dtype) -> nn.Module:
-    """bitsandbytes quantizes while loading: round-trip ``model`` through a temporary folder
-    (the tiny presets, and full-precision weights loaded before QLoRA)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        return type(model).from_pretrained(tmp, quantization_config=quantization_config, dtype=torch_dtype)
 
 
 def trim_completion(ids: list[int], eos_ids: list[int], pad_id: int) -> list[int]:
@@ -554,43 +365,3 @@ def trim_completion(ids: list[int], eos_ids: list[int], pad_id: int) -> list[int
     while ids and ids[-1] == pad_id:
         ids = ids[:-1]
     return ids
-
-
-def left_align(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Move each row's padding from the right to the left (per-token tensors only)."""
-    lengths = batch["attention_mask"].sum(1)
-    out = dict(batch)
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
-        if key in batch:
-            rows = [torch.roll(row, int(row.shape[0] - n)) for row, n in zip(batch[key], lengths)]
-            out[key] = torch.stack(rows)
-    return out
-
-
-def move_to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Move a batch to the model's device; pixel tensors take the model's dtype."""
-    return {k: v.to(device, dtype=dtype if k.startswith("pixel_values") else None) for k, v in batch.items()}
-
-
-def pad_right(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
-    """Stack 1-D tensors of different lengths into (B, L_max), padding on the right."""
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=seqs[0].dtype)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return out
-
-
-def collate_processor_outputs(items: list[dict], seqs: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    """Merge per-sample processor outputs: token tensors padded, visual tensors concatenated."""
-    batch: dict[str, torch.Tensor] = {"input_ids": pad_right(seqs, pad_id)}
-    batch["attention_mask"] = pad_right([torch.ones_like(s) for s in seqs], 0)
-    for key in ("mm_token_type_ids", "token_type_ids"):
-        if key in items[0]:
-            # Appended target tokens are text (type 0): pad the prompt's types to the sequence length.
-            per = [torch.cat([it[key][0], torch.zeros(len(s) - it[key].shape[1], dtype=it[key].dtype)]) for it, s in zip(items, seqs)]
-            batch[key] = pad_right(per, 0)
-    visual_keys = {k for it in items for k in it} - set(_SEQUENCE_KEYS)
-    for key in sorted(visual_keys):
-        parts = [torch.as_tensor(it[key]) for it in items if key in it]
-        batch[key] = torch.cat(parts, dim=0)
-    return batch

@@ -37,14 +37,19 @@ float rounding.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
-from collections.abc import Iterator
 from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
+
+from p2r.compat import (
+    attention_implementation,
+    attention_implementation_as,
+    mark_static_address,
+    register_attention_function,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,7 @@ def custom_mask_support(model: nn.Module, attn_implementation: str) -> tuple[boo
     flex_attention a BlockMask; sliding-window layers would lose their window under such a mask.
     """
     config = model.config
-    impl = getattr(config, "_attn_implementation", None) or attn_implementation
+    impl = attention_implementation(config) or attn_implementation
     if impl not in MASKED_ATTENTION:
         return False, (
             f"attn_implementation={impl!r} cannot take a custom 4-D attention mask (flash_attention_2 takes "
@@ -219,20 +224,6 @@ def packed_gqa_attention(
     return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None  # (N, 1, H, D)
 
 
-@contextlib.contextmanager
-def _attention_implementation(config: Any, name: str | None) -> Iterator[None]:
-    """The text model's attention dispatches to ``name`` inside the context (None: unchanged)."""
-    if name is None:
-        yield
-        return
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-
-
 class _StaticBuffers:
     """Everything one compiled decode step reads or writes, allocated once for (rows, length)."""
 
@@ -249,7 +240,7 @@ class _StaticBuffers:
         self.cache = StaticKVCache(keys, values, torch.zeros(1, dtype=torch.long, device=device))
         # Fixed addresses: CUDA graphs read and update these in place instead of copying them.
         for t in (*keys, *values, self.allowed, self.positions, self.tokens, self.cache.write_at):
-            torch._dynamo.mark_static_address(t)
+            mark_static_address(t)
 
     def fits(self, like: list[tuple[torch.Tensor, torch.Tensor]], rows: int, length: int) -> bool:
         k0 = like[0][0]
@@ -321,11 +312,9 @@ class StaticDecoder:
         self.model, self.rows, self.axes = model, rows, axes
         self.cache_kwarg = cache_argument(model)
         self.text_config = model.config.get_text_config()
-        self.attention = PACKED_GQA_ATTENTION if self.text_config._attn_implementation == "sdpa" else None
+        self.attention = PACKED_GQA_ATTENTION if attention_implementation(self.text_config) == "sdpa" else None
         if self.attention is not None:
-            from transformers import AttentionInterface
-
-            AttentionInterface.register(PACKED_GQA_ATTENTION, packed_gqa_attention)
+            register_attention_function(PACKED_GQA_ATTENTION, packed_gqa_attention)
         return self
 
     def _forward(self) -> torch.Tensor:
@@ -360,7 +349,7 @@ class StaticDecoder:
         b = self.buffers
         b.tokens[: self.rows].copy_(tokens)
         logits = None
-        with _attention_implementation(self.text_config, self.attention):
+        with attention_implementation_as(self.text_config, self.attention):
             if self.failure is None:
                 try:
                     if b.allowed.device.type == "cuda":

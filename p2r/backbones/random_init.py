@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from p2r.backbones.architectures import architecture_config, architecture_values
-from p2r.backbones.base import VideoBackbone, requantize
+from p2r.backbones.base import VideoBackbone
+from p2r.backbones.building import requantize, seeded_model
 from p2r.backbones.tiny import _qwen_processor, qwen_special_ids
 from p2r.backbones.tokenizer import train_tokenizer
+from p2r.compat import model_from_config, set_attention_implementation
 
 Architecture = Literal["qwen2_5_vl_3b", "qwen2_5_vl_7b"]
 
@@ -79,12 +81,9 @@ class RandomInitQwen25VL(VideoBackbone):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         config = self.config()
-        config._attn_implementation = self.attn_implementation
-        device = torch.device(self.init_device)
-        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), device:
-            torch.manual_seed(self.seed)
-            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch_dtype)
+        set_attention_implementation(config, self.attn_implementation)
+        model = seeded_model(lambda: model_from_config(Qwen2_5_VLForConditionalGeneration, config, torch_dtype), self.seed,
+                             self.init_device)
         if quantization_config is not None:
             model = requantize(model, quantization_config, torch_dtype)
         return model

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from p2r.backbones.base import VideoBackbone, requantize
+from p2r.backbones.base import VideoBackbone
+from p2r.backbones.building import requantize, seeded_model
 from p2r.backbones.tokenizer import train_tokenizer
+from p2r.compat import set_attention_implementation
 
 
 class _TinyBackbone(VideoBackbone):
@@ -102,10 +104,8 @@ class _TinyBackbone(VideoBackbone):
 
     def _make_model(self, torch_dtype: torch.dtype, quantization_config: Any) -> nn.Module:
         config = self._config()
-        config._attn_implementation = self.attn_implementation
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            model = self._model_class()(config).to(torch_dtype)
+        set_attention_implementation(config, self.attn_implementation)
+        model = seeded_model(lambda: self._model_class()(config).to(torch_dtype), self.seed)
         if quantization_config is not None:
             model = requantize(model, quantization_config, torch_dtype)
         return model

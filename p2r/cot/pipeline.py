@@ -27,7 +27,6 @@ by the next run. An undecodable video is finished (dropped at step 1): rerunning
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import threading
@@ -38,8 +37,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import braceexpand
-import webdataset as wds
 from tqdm import tqdm
 
 from callbacks.reward_callbacks import judge_answer_text
@@ -51,9 +48,19 @@ from callbacks.segments import split_segments
 from p2r.cot.prompt import teacher_prompt
 from p2r.cot.stats import RETRIED_REASONS, Row, Summary, summarize
 from p2r.cot.teachers import Teacher, TeacherReply, TeacherRequest
-from p2r.data.datamodule import IMAGE_EXTS, VIDEO_EXTS, count_samples
 from p2r.data.prompts import build_question
-from p2r.data.records import RecordError, VideoRecord, parse_record
+from p2r.data.records import RecordError, RecordLimits, VideoRecord, parse_record
+from p2r.data.shard_reader import (
+    DEFAULT_MAX_MEDIA_BYTES,
+    IMAGE_EXTENSIONS,
+    MEDIA_EXTENSIONS,
+    RECORD_EXT,
+    VIDEO_EXTENSIONS,
+    Unusable,
+    count_samples,
+    expand_shards,
+    shard_items,
+)
 from p2r.data.shards import load_raw_records, media_extension, validate_records, write_shards
 from p2r.data.video import Clip, FrameSampling, MediaError, decode_image, decode_video
 
@@ -93,43 +100,40 @@ class RecordFileSource:
         return iter(self.items)
 
 
-def expand_shards(pattern: str) -> list[str]:
-    """Local shard paths from a glob or brace pattern (several joined by ``::``); raises when none match."""
-    urls: list[str] = []
-    for part in pattern.split("::"):
-        for url in braceexpand.braceexpand(part):
-            matches = sorted(glob.glob(url))
-            if not matches:
-                raise FileNotFoundError(f"no shard matches {url!r}")
-            urls.extend(matches)
-    return urls
-
-
 class ShardSource:
     """WebDataset shards (``KEY.json`` + ``KEY.<media ext>``), streamed; media stays inside the sample.
 
-    Bad samples (unreadable record, no media, repeated id) seen while iterating land in ``rejected``.
+    Read as training reads them (:func:`p2r.data.shard_reader.shard_items`: links, duplicate and
+    oversized members, damaged and non-tar shards are named, never followed or fatal). Bad samples
+    (those, an unreadable record, no media, a repeated id) seen while iterating land in ``rejected``.
     """
 
-    def __init__(self, pattern: str) -> None:
-        self.urls = expand_shards(pattern)
+    def __init__(self, pattern: str, max_record_bytes: int = RecordLimits().max_record_bytes,
+                 max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES) -> None:
+        self.urls = expand_shards(pattern, "--shards")
         self.size = count_samples(self.urls)
+        self.max_record_bytes = max_record_bytes
+        self.max_media_bytes = max_media_bytes
         self.rejected: list[tuple[str, str]] = []
 
     def __iter__(self) -> Iterator[InputItem]:
         self.rejected = []
         seen: set[str] = set()
-        for raw in wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": u} for u in self.urls):
-            where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
-            if "json" not in raw:
+        items = (item for url in self.urls for item in shard_items(url, self.max_record_bytes, self.max_media_bytes))
+        for raw in items:
+            if isinstance(raw, Unusable):
+                self.rejected.append((raw.where, f"{raw.kind} ({raw.detail})" if raw.detail else raw.kind))
+                continue
+            where = f"{raw['__url__']}:{raw['__key__']}"
+            if RECORD_EXT not in raw:
                 self.rejected.append((where, "no .json record in the sample"))
                 continue
             try:
-                record = parse_record(json.loads(raw["json"]), where=where, default_id=raw.get("__key__"))
+                record = parse_record(json.loads(raw[RECORD_EXT]), where=where, default_id=raw["__key__"])
             except (RecordError, ValueError, RecursionError) as err:  # bad JSON, a 5000-digit number, deep nesting
                 self.rejected.append((where, str(err).removeprefix(f"{where}: ")))
                 continue
-            ext = next((k for k in VIDEO_EXTS + IMAGE_EXTS if k in raw), None)
+            ext = next((k for k in MEDIA_EXTENSIONS if k in raw), None)
             if ext is None:
                 self.rejected.append((where, "no media in the sample"))
             elif record.id in seen:
@@ -143,9 +147,9 @@ class ShardSource:
 def decode_media(item: InputItem, frames: FrameSampling) -> Clip:
     """The record's frames: a video sampled and resized by ``frames``, or an image as one frame."""
     name = f"{item.record.id} ({item.record.path})"
-    if item.record.data_type == "video" and item.ext in VIDEO_EXTS:
+    if item.record.data_type == "video" and item.ext in VIDEO_EXTENSIONS:
         return decode_video(item.load(), frames, name=name)
-    if item.ext in IMAGE_EXTS:
+    if item.ext in IMAGE_EXTENSIONS:
         return decode_image(item.load(), frames, name=name)
     raise MediaError(f"{name}: a {item.record.data_type} record with .{item.ext} media")
 

@@ -242,35 +242,21 @@ class OpenAIChatTeacher(Teacher):
             top_p: nucleus sampling mass.
             jpeg_quality: JPEG quality of the frames sent.
         """
-        self.base_url = base_url.rstrip("/")
+        self.client = ChatCompletionsClient(base_url, api_key_env, timeout_s, max_retries, backoff_s)  # server settings
         self.model = model
-        self.api_key_env = api_key_env
         self.concurrency = max(1, concurrency)
         # Several requests per worker, so a slow reply does not leave the others idle for long.
         self.chunk_size = 4 * self.concurrency
-        self.timeout_s = timeout_s
-        self.max_retries = max(0, max_retries)
-        self.backoff_s = backoff_s
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_p = top_p
         self.jpeg_quality = jpeg_quality
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+        return self.client.describe(self, self.model)
 
     def describe(self) -> str:
-        return f"{self.model} at {self.url} (concurrency {self.concurrency}, temperature {self.temperature})"
-
-    @property
-    def client(self) -> ChatCompletionsClient:
-        """The HTTP client, built from the current settings: it holds no connection and no secret,
-        so building one per request costs nothing and the settings above stay the one source of truth."""
-        return ChatCompletionsClient(self.base_url, self.api_key_env, self.timeout_s, self.max_retries, self.backoff_s)
-
-    @property
-    def url(self) -> str:
-        return self.client.url
+        return f"{self.model} at {self.client.url} (concurrency {self.concurrency}, temperature {self.temperature})"
 
     def _answer_one(self, request: TeacherRequest) -> TeacherReply:
         start = time.monotonic()

@@ -28,7 +28,6 @@ import itertools
 import json
 import logging
 import math
-import tarfile
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,15 +38,22 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from p2r.data.records import RecordError, RecordLimits, VideoRecord, parse_record
-from p2r.data.shard_reader import RECORD_EXT, SkipLog, Unusable, shard_items
+from p2r.data.shard_reader import (
+    DEFAULT_MAX_MEDIA_BYTES,
+    IMAGE_EXTENSIONS,
+    MEDIA_EXTENSIONS,
+    RECORD_EXT,
+    VIDEO_EXTENSIONS,
+    SkipLog,
+    Unusable,
+    count_samples,
+    expand_shards,
+    shard_items,
+)
 from p2r.data.video import Clip, FrameSampling, MediaError, decode_image, decode_video
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTS = ("mp4", "avi", "webm", "mkv", "mov")
-IMAGE_EXTS = ("jpg", "jpeg", "png")
-# Media bigger than this is skipped unread: an hour of 720p video is well under it.
-DEFAULT_MAX_MEDIA_BYTES = 4 * 1024**3
 
 
 @dataclass
@@ -77,37 +83,13 @@ def decode_sample(raw: dict[str, Any], frames: FrameSampling, limits: RecordLimi
     except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, a 5000-digit number, deep nesting
         raise RecordError(f"{where}: record is not usable JSON ({type(err).__name__}: {str(err)[:200]})") from err
     record = parse_record(meta, where=where, default_id=raw.get("__key__"), limits=limits)
-    video_key = next((k for k in VIDEO_EXTS if k in raw), None)
-    image_key = next((k for k in IMAGE_EXTS if k in raw), None)
+    video_key = next((k for k in VIDEO_EXTENSIONS if k in raw), None)
+    image_key = next((k for k in IMAGE_EXTENSIONS if k in raw), None)
     if record.data_type == "video" and video_key:
         return Sample(record, decode_video(raw[video_key], frames, name=where))
     if image_key:
         return Sample(record, decode_image(raw[image_key], frames, name=where))
     raise MediaError(f"{where}: no {record.data_type} bytes in the sample (keys: {sorted(k for k in raw if not k.startswith('__'))})")
-
-
-def count_samples(urls: list[str]) -> int | None:
-    """Samples (keys with a ``.json`` record) in local tar shards, from the tar headers only (None
-    if a shard is not a local file).
-
-    A shard that is not a tar counts 0; a truncated or damaged one counts the samples before the
-    damage; both with a warning naming the shard.
-    """
-    total = 0
-    for url in urls:
-        if not Path(url).is_file():
-            return None
-        keys: set[str] = set()
-        try:
-            with tarfile.open(url) as tar:
-                for member in tar:
-                    name = member.name.rpartition("/")[2]
-                    if member.isfile() and "." in name and name.split(".", 1)[1].lower() == RECORD_EXT:
-                        keys.add(member.name[: len(member.name) - len(name)] + name.split(".", 1)[0])
-        except Exception as err:  # not a tar, truncated, damaged headers
-            log.warning("shard %s is damaged (%s): counting the %d samples before the damage", url, err, len(keys))
-        total += len(keys)
-    return total
 
 
 def _check_at_least(minimum: int, **settings: int) -> None:
@@ -276,6 +258,11 @@ class ShardStream(IterableDataset):
             yield batch
 
 
+def _expand(pattern: str | None, what: str) -> list[str]:
+    """The shard URLs of the data setting ``what`` (:func:`p2r.data.shard_reader.expand_shards`)."""
+    return expand_shards(pattern, f"data.{what}")
+
+
 def _is_records_file(location: str) -> bool:
     return location.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz"))
 
@@ -302,7 +289,7 @@ def _record_file_samples(path: str, media_root: str, benchmark: str, max_media_b
                 raw = {**raw, "id": key}
                 media = Path(media_root) / str(raw.get("path", ""))
                 ext = media.suffix.lower().lstrip(".")
-                if media.is_file() and ext in VIDEO_EXTS + IMAGE_EXTS:
+                if media.is_file() and ext in MEDIA_EXTENSIONS:
                     size = media.stat().st_size
                     if size > max_media_bytes:
                         yield Unusable(where, "media over its size cap", f"{media}: {size:,} bytes, max_media_bytes={max_media_bytes:,}")
@@ -430,14 +417,14 @@ class VideoDataModule(L.LightningDataModule):
             self._train_plan = self._plan_training()
             trainer = getattr(self, "trainer", None)
             if self.val_shards and (trainer is None or trainer.limit_val_batches):  # 0: fit never validates
-                self._expand(self.val_shards, "val_shards")
+                _expand(self.val_shards, "val_shards")
         elif stage == "validate":
-            self._expand(self.val_shards, "val_shards")
+            _expand(self.val_shards, "val_shards")
         else:
             self._eval_sets()
 
     def _plan_training(self) -> tuple[list[str], int]:
-        urls = self._expand(self.train_shards, "train_shards")
+        urls = _expand(self.train_shards, "train_shards")
         total = self.epoch_samples or count_samples(urls)
         if total is None:
             raise ValueError("data.epoch_samples must be set when training shards are not local files")
@@ -447,29 +434,6 @@ class VideoDataModule(L.LightningDataModule):
                 "(no KEY.json member in a readable tar); see tools/make_shards.py"
             )
         return urls, total
-
-    @staticmethod
-    def _expand(pattern: str | None, what: str) -> list[str]:
-        if not pattern:
-            raise ValueError(f"data.{what} is not set: point it at WebDataset shards (see tools/make_shards.py)")
-        import glob
-
-        import braceexpand
-
-        urls = []
-        for part in pattern.split("::"):
-            for url in braceexpand.braceexpand(part):
-                # A local glob (data/train-*.tar) expands to its sorted matches; a local path must
-                # exist (webdataset would skip a missing shard silently); URLs pass through.
-                local = "://" not in url and not url.startswith("pipe:")
-                if any(c in url for c in "*?["):
-                    matches = sorted(glob.glob(url))
-                else:
-                    matches = [url] if not local or Path(url).is_file() else []
-                if not matches:
-                    raise FileNotFoundError(f"data.{what}: no file matches {url!r}")
-                urls.extend(matches)
-        return urls
 
     def _trainer_epoch(self) -> int | None:
         trainer = getattr(self, "trainer", None)
@@ -510,7 +474,7 @@ class VideoDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Called for the batch the model is about to use (not for the one Lightning prefetched).
-        if isinstance(batch, TrainBatch) and getattr(self, "_train_loader", None) is not None:
+        if isinstance(batch, EpochBatch) and getattr(self, "_train_loader", None) is not None:
             self._train_loader.trained_on(batch)
         return batch
 
@@ -522,12 +486,12 @@ class VideoDataModule(L.LightningDataModule):
                 f"e.g. --data.test_sets='{{\"mine\": \"{self.test_shards}\"}}')"
             )
         if not self.test_sets:
-            return {"test": self._expand(self.test_shards, "test_shards")}
+            return {"test": _expand(self.test_shards, "test_shards")}
         sets = {}
         for name, loc in self.test_sets.items():
             if _is_records_file(loc) and "://" not in loc and not Path(loc).is_file():
                 raise FileNotFoundError(f"data.test_sets.{name}: no records file at {loc!r}")
-            sets[name] = [loc] if _is_records_file(loc) else self._expand(loc, f"test_sets.{name}")
+            sets[name] = [loc] if _is_records_file(loc) else _expand(loc, f"test_sets.{name}")
         return sets
 
     def _eval_loader(self, sets: dict[str, list[str]]) -> DataLoader:
@@ -544,7 +508,7 @@ class VideoDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_shards:
             return []  # no validation set configured: fit runs without a validation loop
-        return self._eval_loader({"val": self._expand(self.val_shards, "val_shards")})
+        return self._eval_loader({"val": _expand(self.val_shards, "val_shards")})
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self._eval_sets())
@@ -562,7 +526,7 @@ class SizedShardStream(ShardStream):
         return self.length
 
 
-class TrainBatch(list):
+class EpochBatch(list):
     """A training batch (a list of :class:`Sample`) that knows its place in the epoch."""
 
     epoch: int = 0
@@ -608,7 +572,7 @@ class ResumableLoader(DataLoader):
     def _next_epoch(self) -> None:
         self.epoch, self.trained, self.raw = self.epoch + 1, 0, [0] * self._workers
 
-    def __iter__(self) -> Iterator[TrainBatch]:
+    def __iter__(self) -> Iterator[EpochBatch]:
         # Runs at the first next(), when the trainer's epoch is the one that consumes these batches.
         ahead = self.trainer_epoch() if self.trainer_epoch is not None else None
         if ahead is not None and ahead > self.epoch:
@@ -621,13 +585,13 @@ class ResumableLoader(DataLoader):
         start = stream.resume_trained = self.trained
         stream.resume_raw = list(self.raw)
         for i, batch in enumerate(super().__iter__()):
-            out = TrainBatch(batch)
+            out = EpochBatch(batch)
             out.epoch, out.index, out.position = epoch, start + i, batch[-1].position
             yield out
         if self.epoch == epoch:  # ran out without the model taking the last batch (a plain loop)
             self._next_epoch()
 
-    def trained_on(self, batch: TrainBatch) -> None:
+    def trained_on(self, batch: EpochBatch) -> None:
         """Record that the model took ``batch`` (called by the datamodule, batch by batch)."""
         if batch.epoch != self.epoch:
             return  # a batch of an epoch that has already ended

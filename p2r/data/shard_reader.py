@@ -16,23 +16,32 @@ Only members the loader uses (``.json`` and the media extensions) are read; othe
 without reading. Every shard therefore yields at least one item, which is what lets a training
 stream over resampled shards count every failure towards its stop instead of looping silently.
 :class:`SkipLog` keeps the warnings about skipped items readable when there are millions of them.
+
+This module is also the one home of what defines a shard set for every reader (training, evaluation,
+the CoT pipeline) and writer (:mod:`p2r.data.shards`): the member extensions, the default size cap on
+media, :func:`expand_shards` (patterns to shard URLs) and :func:`count_samples`.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-
-from p2r.data.shards import MEDIA_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
 RECORD_EXT = "json"
+VIDEO_EXTENSIONS = ("mp4", "avi", "webm", "mkv", "mov")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+# Media bigger than this is skipped unread: an hour of 720p video is well under it.
+DEFAULT_MAX_MEDIA_BYTES = 4 * 1024**3
 _MAX_NAME = 512  # longer member names are cut in messages
 
 
@@ -142,6 +151,55 @@ def shard_items(url: str, max_record_bytes: int, max_media_bytes: int) -> Iterat
             stream.close()
         except Exception as err:  # a pipe: command that failed, say
             log.debug("closing shard %s: %s", url, err)
+
+
+def expand_shards(pattern: str | None, option: str) -> list[str]:
+    """The shard URLs of ``pattern``: brace patterns and local globs (several joined by ``::``).
+
+    A local glob (``data/train-*.tar``) expands to its sorted matches; a local path must exist
+    (webdataset would skip a missing shard silently); URLs (``https://``, ``pipe:``) pass through.
+    ``option`` names the setting in errors (``data.train_shards``, ``--shards``).
+    """
+    if not pattern:
+        raise ValueError(f"{option} is not set: point it at WebDataset shards (see tools/make_shards.py)")
+    import braceexpand  # here: modules that only need Sample run without webdataset and its dependencies
+
+    urls = []
+    for part in pattern.split("::"):
+        for url in braceexpand.braceexpand(part):
+            local = "://" not in url and not url.startswith("pipe:")
+            if any(c in url for c in "*?["):
+                matches = sorted(glob.glob(url))
+            else:
+                matches = [url] if not local or Path(url).is_file() else []
+            if not matches:
+                raise FileNotFoundError(f"{option}: no file matches {url!r}")
+            urls.extend(matches)
+    return urls
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Samples (keys with a ``.json`` record) in local tar shards, from the tar headers only (None
+    if a shard is not a local file).
+
+    A shard that is not a tar counts 0; a truncated or damaged one counts the samples before the
+    damage; both with a warning naming the shard.
+    """
+    total = 0
+    for url in urls:
+        if not Path(url).is_file():
+            return None
+        keys: set[str] = set()
+        try:
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    parts = _split_name(member.name)
+                    if member.isfile() and parts is not None and parts[1] == RECORD_EXT:
+                        keys.add(parts[0])
+        except Exception as err:  # not a tar, truncated, damaged headers
+            log.warning("shard %s is damaged (%s): counting the %d samples before the damage", url, err, len(keys))
+        total += len(keys)
+    return total
 
 
 class SkipLog:

@@ -29,12 +29,9 @@ from typing import Any
 from tqdm import tqdm
 
 from p2r.data.records import RecordError, VideoRecord, parse_record
+from p2r.data.shard_reader import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
 from p2r.data.video import FrameSampling, MediaError, decode_image, decode_video, media_cause
 
-# The same lists as p2r.data.datamodule's (importing it here would load Lightning into the tool).
-VIDEO_EXTENSIONS = ("mp4", "avi", "webm", "mkv", "mov")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
-MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
 SHARD_DIGITS = 6
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 # Fixed member metadata, so the same samples always give byte-identical shards.

@@ -19,7 +19,6 @@ import io
 import json
 import math
 import random
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from callbacks.rewards.judges import evidence_satisfied
 from p2r.data.prompts import OPTION_LETTERS
 from p2r.data.records import VideoRecord
 from p2r.data.shards import write_shards
@@ -162,22 +162,6 @@ class Draft:
 class SyntheticSplit:
     records: list[VideoRecord]
     shards: list[Path]
-
-
-@lru_cache(maxsize=4096)
-def _phrase_regex(phrase: str) -> re.Pattern:
-    return re.compile(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in phrase.split()) + r"(?!\w)", re.IGNORECASE)
-
-
-def evidence_satisfied(observation: str, evidence: list[list[str]]) -> bool:
-    """True when ``observation`` mentions a phrase of every evidence group.
-
-    The same rule as ``callbacks.rewards.judges.RuleBasedJudge``, the judge that scores these
-    records in training: case-insensitive whole words ("red" does not match "bored"), any run of
-    whitespace for a space. Kept here so generation checks each reference trace without
-    importing the callbacks package; a test holds the two to the same verdicts.
-    """
-    return all(any(_phrase_regex(phrase).search(observation) for phrase in group) for group in evidence)
 
 
 def balanced(rng: random.Random, values: list[Any] | tuple[Any, ...], n: int) -> list[Any]:

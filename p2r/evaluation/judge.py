@@ -30,16 +30,15 @@ class EvalJudge:
             timeout_s: Seconds per attempt.
             max_retries: Extra attempts after a timeout, connection error or HTTP 408/429/5xx.
         """
-        self.base_url = base_url
+        self.client = ChatCompletionsClient(base_url, api_key_env, timeout_s, max_retries)  # server settings
         self.model = model
-        self.api_key_env = api_key_env
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
+
+    def __repr__(self) -> str:
+        return self.client.describe(self, self.model)
 
     def __call__(self, messages: list[dict[str, str]], settings: dict[str, Any]) -> str | None:
         """The reply text to ``messages`` under ``settings`` (temperature, max_tokens, ...); None on failure."""
-        client = ChatCompletionsClient(self.base_url, self.api_key_env, self.timeout_s, self.max_retries)
-        reply = client.complete({"model": self.model, "messages": messages, **settings})
+        reply = self.client.complete({"model": self.model, "messages": messages, **settings})
         if reply.text is None:
-            log.warning("evaluation judge at %s failed: %s (the question counts as not judged)", client.url, reply.error)
+            log.warning("evaluation judge at %s failed: %s (the question counts as not judged)", self.client.url, reply.error)
         return reply.text

@@ -10,7 +10,7 @@ Records are Video-R1's evaluation files (``eval_<name>.json``: ``problem``, ``op
   with it (the paper does not print its evaluation prompt); ``video_r1`` and ``none`` also exist.
 - Decoding: temperature 0.1, top_p 0.001 (greedy in effect), 1,024 new tokens. Video-R1's README
   says temperature 0.01; the script uses 0.1.
-- Reading (:func:`eval_bench_answer`): the first ``<answer>\\s*(.*?)\\s*</answer>``
+- Reading (:func:`callbacks.rewards.parsing.eval_bench_answer`): the first ``<answer>\\s*(.*?)\\s*</answer>``
   (case-sensitive); when that is empty or absent, the whole output. The truth is the same match in
   ``solution``, with no fallback (a bare ``solution`` reads as "").
 - Score: multiple choice, the stripped answer equals the stripped truth (exactly: "B" is right,
@@ -36,7 +36,7 @@ import torch
 
 from callbacks.evaluation import Generation, Scored
 from callbacks.rewards.accuracy import decimal_rule_accuracy, exact_match_accuracy, video_r1_number
-from callbacks.rewards.parsing import video_r1_answer
+from callbacks.rewards.parsing import eval_bench_answer, video_r1_answer
 from p2r.data.prompts import PromptTemplate, build_prompt
 from p2r.data.records import VideoRecord
 from p2r.evaluation.categories import record_category
@@ -44,19 +44,6 @@ from p2r.evaluation.scoring import mean_relative_accuracy
 
 GENERATION = Generation(max_new_tokens=1024, temperature=0.1, top_p=0.001)
 MULTIPLE_CHOICE_ONLY = ("mmvu", "vcrbench")  # the paper reports these on their multiple-choice questions
-
-
-def eval_bench_answer(output: str) -> str:
-    """eval_bench.py's reading of an output: Video-R1's answer block
-    (:func:`~callbacks.rewards.parsing.video_r1_answer`, the training reward's reading), or the
-    whole output when that is empty. The training reward has no such fallback.
-
-    >>> eval_bench_answer("<think>so</think><answer> B </answer>"), eval_bench_answer("B")
-    ('B', 'B')
-    >>> eval_bench_answer("<answer></answer>x"), eval_bench_answer("<answer>C")
-    ('<answer></answer>x', '<answer>C')
-    """
-    return video_r1_answer(output) or output
 
 
 def score_answer(answer: str, truth: str, problem_type: str) -> float:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks.reward_callbacks import RewardCallback
 from p2r.cli import main
 from p2r.data.synthetic import make_synthetic
+
+pytestmark = pytest.mark.slow  # subprocesses / several ranks / CLI fits: see pyproject's markers
 
 ROOT = Path(__file__).resolve().parents[2]
 # bitsandbytes' CPU 4-bit kernels need layers with at least 64 inputs.
@@ -27,19 +28,7 @@ SIZES = [
     "--trainer.log_every_n_steps=1",
 ]
 PLAIN = [s for s in SIZES if ".lora." not in s]
-
-
-class TokenSumReward(RewardCallback):
-    """A reward that varies inside groups even for a barely trained model, so advantages are not zero."""
-
-    name, process = "reasoning/token_sum", "reasoning"
-
-    def score(self, rollouts):
-        return [float(sum(ids) % 5) for ids in rollouts.completion_ids]
-
-
-# This file is importable under its own name (pytest puts its folder on sys.path).
-VARIED_REWARD = f"--trainer.callbacks+={__name__}.TokenSumReward"
+VARIED_REWARD = "--trainer.callbacks+=varied_rewards.TokenSumReward"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import webdataset as wds
 
 import p2r.algorithms.pagrpo as pagrpo_module
 import p2r.algorithms.sft as sft_module
-from callbacks.reward_callbacks import RewardCallback
 from p2r.algorithms.nonfinite import NonFiniteGuard, tensors_finite
 from p2r.algorithms.pagrpo import PAGRPOModule
 from p2r.algorithms.settings import LossSettings, RolloutSettings
@@ -19,6 +18,7 @@ from p2r.algorithms.sft import SFTModule
 from p2r.backbones import TinyQwen25VL
 from p2r.data.datamodule import decode_sample
 from p2r.data.video import FrameSampling
+from varied_rewards import TokenSumReward
 
 FRAMES = FrameSampling(fps=4.0, min_frames=4, max_frames=4, min_pixels=784, max_pixels=784)
 
@@ -58,13 +58,6 @@ def fit(module, batches, steps: int) -> tuple[Snapshots, L.Trainer]:
     trainer.fit(module, train_dataloaders=loader)
     snaps.before.append([p.detach().clone() for p in module.parameters() if p.requires_grad])
     return snaps, trainer
-
-
-class TokenSumReward(RewardCallback):
-    name, process = "reasoning/token_sum", "reasoning"
-
-    def score(self, rollouts):
-        return [float(sum(ids) % 5) for ids in rollouts.completion_ids]
 
 
 def module_rewards(module) -> list:

@@ -96,19 +96,11 @@ def tiny_sft(tmp_path_factory):
     return work, data
 
 
-class TokenSumReward(RewardCallback):
-    """A reward that varies inside groups even for a barely trained model, so advantages are not zero."""
-
-    name, process = "reasoning/token_sum", "reasoning"
-
-    def score(self, rollouts):
-        return [float(sum(ids) % 5) for ids in rollouts.completion_ids]
-
-
 def _metrics(csv_path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(open(csv_path)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["pagrpo", "grpo"])
 def test_rl_fit_from_the_tiny_sft_checkpoint(tiny_sft, config, monkeypatch):
     work, data = tiny_sft
@@ -139,6 +131,7 @@ class ShuffledRecorder(L.Callback):
         ShuffledRecorder.seen.append((rollouts.num_prompts, rollouts.shuffled_samples, rollouts.shuffled_completions))
 
 
+@pytest.mark.slow
 def test_tgrpo_fit_samples_half_a_group_on_shuffled_frames(tiny_sft, monkeypatch):
     """configs/tgrpo.yaml on the tiny overlay: G = 4 completions per prompt and G / 2 = 2 more on
     shuffled frames, Video-R1's reward set logged, the policy moves."""
@@ -149,7 +142,7 @@ def test_tgrpo_fit_samples_half_a_group_on_shuffled_frames(tiny_sft, monkeypatch
     cli = main(["fit", "--config", f"{ROOT}/configs/tgrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
                 *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=4",
                 "--model.init_args.rollout.max_completion_length=12", f"--trainer.callbacks+={__name__}.ShuffledRecorder",
-                f"--trainer.callbacks+={__name__}.TokenSumReward"])
+                "--trainer.callbacks+=varied_rewards.TokenSumReward"])
     assert cli.model.rollout.shuffled_samples == 2 and cli.model.loss.aggregation == "sequence_mean"
     for prompts, per_prompt, shuffled in ShuffledRecorder.seen:
         assert per_prompt == 2 and len(shuffled) == 2 * prompts and all(shuffled)
@@ -162,6 +155,7 @@ def test_tgrpo_fit_samples_half_a_group_on_shuffled_frames(tiny_sft, monkeypatch
         assert name in logged, name
 
 
+@pytest.mark.slow
 def test_reference_equals_the_starting_policy(tiny_sft, monkeypatch):
     """At step 0 the policy is the reference: the KL of the first update is exactly 0."""
     work, data = tiny_sft
@@ -177,6 +171,7 @@ def test_reference_equals_the_starting_policy(tiny_sft, monkeypatch):
     assert not any(k.startswith("_reference") for k in cli.model.state_dict())
 
 
+@pytest.mark.slow
 def test_rl_without_reward_callbacks_fails_clearly(tiny_sft, monkeypatch, tmp_path):
     work, data = tiny_sft
     monkeypatch.chdir(work)
@@ -188,6 +183,7 @@ def test_rl_without_reward_callbacks_fails_clearly(tiny_sft, monkeypatch, tmp_pa
               "--model.init_args.rollout.max_completion_length=4"])
 
 
+@pytest.mark.slow
 def test_shared_prompt_and_per_sample_passes_give_the_same_step(tiny_sft, monkeypatch):
     """The same seeded step with the prompt shared per group or repeated per sample: same rollouts,
     same losses, with two updates per rollout batch so that the second update's loss depends on the
@@ -203,7 +199,7 @@ def test_shared_prompt_and_per_sample_passes_give_the_same_step(tiny_sft, monkey
               *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=3",
               "--model.init_args.rollout.max_completion_length=10", "--model.init_args.micro_batch_size=3",
               "--model.init_args.num_iterations=2", "--model.init_args.lr=1e-3", f"--model.init_args.shared_prompt={shared}",
-              f"--trainer.callbacks+={__name__}.TokenSumReward"])
+              "--trainer.callbacks+=varied_rewards.TokenSumReward"])
         rows = _metrics(sorted((work / "runs/pagrpo/logs").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)[-1])
         logged[shared] = {k: float(v) for r in rows for k, v in r.items() if v and k.startswith("train/") and k != "train/lr"}
     assert logged["true"].keys() == logged["false"].keys() and "train/loss" in logged["true"]

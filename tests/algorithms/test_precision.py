@@ -43,17 +43,6 @@ PROBE = r'''
 import json
 import lightning as L
 
-from callbacks.reward_callbacks import RewardCallback
-
-
-class TokenSumReward(RewardCallback):
-    """A reward that varies inside every group, so that the first update has gradients."""
-
-    name, process = "reasoning/token_sum", "reasoning"
-
-    def score(self, rollouts):
-        return [float(sum(ids) % 5) for ids in rollouts.completion_ids]
-
 
 def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
@@ -117,14 +106,14 @@ def run_paper_path(data: Path, out: Path, configs: list[str], extra: list[str], 
     trainer = job(Path(configs[0]).stem)["trainer"]
     rewards = [cb for cb in trainer["callbacks"] if cb["class_path"].startswith("callbacks.reward_callbacks.")]
     if rewards:
-        rewards.append({"class_path": "probe.TokenSumReward"})
+        rewards.append({"class_path": "varied_rewards.TokenSumReward"})  # the first update has gradients
     overlay = {"trainer": {"strategy": trainer["strategy"], "devices": 1, "enable_checkpointing": False, "logger": False,
                            "callbacks": [*rewards, {"class_path": "probe.Probe", "init_args": {"out": str(out / "probe.json")}}]},
                **({"model": model} if model else {})}
     (out / "paper_precision.yaml").write_text(yaml.safe_dump(overlay))
     args = [a for c in configs for a in ("--config", str(REPO / c))] + ["--config", str(out / "paper_precision.yaml")]
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(out)]), OMP_NUM_THREADS="1")
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), str(out)]), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "p2r", "fit", *args, *SMALL, f"--data.train_shards={data}/data/shards/train-*.tar",
                            f"--trainer.default_root_dir={out}", *extra], cwd=out, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -133,6 +122,7 @@ def run_paper_path(data: Path, out: Path, configs: list[str], extra: list[str], 
     return json.loads((out / "probe.json").read_text())
 
 
+@pytest.mark.slow
 def test_paper_sft_path_moves_every_weight_that_has_a_gradient_at_lr_1e6(data, tmp_path):
     seen = run_paper_path(data, tmp_path / "sft", ["configs/sft.yaml", "configs/tiny.yaml"], [])
     assert seen["compute"] == ["torch.bfloat16"] and seen["policy"] == ["torch.float32"]
@@ -144,6 +134,7 @@ def test_paper_sft_path_moves_every_weight_that_has_a_gradient_at_lr_1e6(data, t
     assert metrics["train/update_changed_fraction"] >= 0.9
 
 
+@pytest.mark.slow
 def test_paper_pagrpo_path_keeps_a_bf16_reference_and_starts_at_kl_0(data, tmp_path):
     seen = run_paper_path(data, tmp_path / "pagrpo", ["configs/pagrpo.yaml", "configs/tiny.yaml", "configs/tiny_rl.yaml"],
                           ["--model.init_args.rollout.group_size=2", "--model.init_args.rollout.max_completion_length=8"],
@@ -156,6 +147,7 @@ def test_paper_pagrpo_path_keeps_a_bf16_reference_and_starts_at_kl_0(data, tmp_p
     assert metrics["train/update_lost_fraction"] <= 0.01
 
 
+@pytest.mark.slow
 def test_pure_bf16_weights_warn_with_the_measured_share_of_lost_updates(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for key in LAUNCH_ENV:

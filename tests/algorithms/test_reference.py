@@ -22,7 +22,7 @@ from p2r.algorithms.pagrpo import PAGRPOModule
 from p2r.algorithms.rollout import GroupRollout, build_train_batch, completion_logprobs
 from p2r.algorithms.settings import LossSettings, RolloutSettings
 from p2r.backbones import LoraOptions, TinyQwen25VL
-from p2r.backbones.base import requantize
+from p2r.backbones.building import quantization_config, requantize
 from p2r.checkpoints import BACKBONE_OPTIONS
 from test_shared_prompt import _rollout  # tests/algorithms is on sys.path (pytest rootdir import)
 
@@ -114,7 +114,7 @@ def test_qlora_reference_is_the_quantized_sft_model(tmp_path, sft, capsys):
     expected = logprobs(sft_backbone, rollout)
     got = reference_logprobs(rl_module(ckpt, "qlora"), rollout)
     float_sft = sft_backbone.model.merge_and_unload() if sft == "lora" else sft_backbone.model
-    nf4 = TinyQwen25VL(**SIZES, quantization="4bit")._quantization_config()  # QLoRA's config for this backbone
+    nf4 = quantization_config("4bit", torch.float32)  # QLoRA's config for this (float32) backbone
     quantized = requantize(float_sft, nf4, torch.float32).eval()
     for layer in quantized.modules():  # as the backbone builds it: no bf16 repacking of 4-bit weights on CPU
         if hasattr(layer, "support_avx512bf16_for_cpu"):

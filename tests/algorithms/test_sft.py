@@ -1,4 +1,4 @@
-"""Process-aware SFT: the masked loss on worked numbers, and the real CLI fitting and testing the tiny model."""
+"""Process-aware SFT: answer-only labels, the masked loss on worked numbers, and the real CLI fitting and testing the tiny model."""
 
 from __future__ import annotations
 
@@ -9,18 +9,24 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
-from p2r.algorithms.sft import masked_lm_loss
+from p2r.algorithms.sft import IGNORE_INDEX, masked_lm_loss, sft_batch
 from p2r.backbones import TinyQwen25VL
-from p2r.backbones.base import IGNORE_INDEX
 from p2r.cli import main
+from p2r.data.video import Clip
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = ["--config", str(REPO / "configs" / "sft.yaml"), "--config", str(REPO / "configs" / "tiny.yaml")]
 LN2, LN3 = math.log(2.0), math.log(3.0)
 BIG = [100.0, -100.0, 5.0]  # logits at positions whose prediction is not scored
+_rng = np.random.default_rng(0)
+# A 4-frame 56x56 video (8 vision tokens on the tiny Qwen2.5-VL) and a 56x84 image (6 tokens).
+VIDEO = Clip(_rng.integers(0, 255, (4, 56, 56, 3), dtype=np.uint8), fps=4.0, frame_indices=[2, 6, 10, 14], total_frames=16)
+IMAGE = Clip(_rng.integers(0, 255, (1, 56, 84, 3), dtype=np.uint8), fps=1.0, frame_indices=[0], total_frames=1, is_image=True)
+TARGETS = ["<observation>A red circle moves left.</observation>\n<think>Left.</think>\n<answer>A</answer>", "<answer>3</answer>"]
 
 
 def test_masked_lm_loss_hand_worked_1x4():
@@ -98,6 +104,7 @@ def fitted(tmp_path_factory, synthetic_root, tiny_sizes):
     return cli, tmp, extra
 
 
+@pytest.mark.slow
 def test_fit_changes_parameters_and_lowers_the_loss(fitted, tiny_sizes):
     cli, tmp, _ = fitted
     assert cli.trainer.global_step == 6
@@ -121,6 +128,7 @@ def test_fit_changes_parameters_and_lowers_the_loss(fitted, tiny_sizes):
     assert log_dir.is_relative_to(tmp) and (log_dir / "config.yaml").is_file()  # not into the repo's runs/
 
 
+@pytest.mark.slow
 def test_fit_writes_a_checkpoint_that_weights_from_loads(fitted, tiny_sizes):
     cli, tmp, _ = fitted
     ckpt = tmp / "checkpoints" / "last.ckpt"
@@ -134,6 +142,7 @@ def test_fit_writes_a_checkpoint_that_weights_from_loads(fitted, tiny_sizes):
     assert all(torch.equal(v, trained[k]) for k, v in reloaded.state_dict().items())
 
 
+@pytest.mark.slow
 def test_test_on_the_checkpoint_logs_accuracy_and_format(fitted, synthetic_root):
     _, tmp, extra = fitted
     ckpt = tmp / "checkpoints" / "last.ckpt"
@@ -148,6 +157,7 @@ def test_test_on_the_checkpoint_logs_accuracy_and_format(fitted, synthetic_root)
     assert any(r.get("test/accuracy") for r in rows) and any(r.get("test/format") for r in rows)
 
 
+@pytest.mark.slow
 def test_flags_beat_the_hyperparameters_saved_in_the_checkpoint(fitted):
     """Lightning's CLI would merge the checkpoint's saved hparams over the config: not in p2r."""
     _, tmp, extra = fitted
@@ -158,3 +168,30 @@ def test_flags_beat_the_hyperparameters_saved_in_the_checkpoint(fitted):
         cli = main(["test", *CONFIGS, "--config", str(extra), f"--ckpt_path={ckpt}", "--trainer.logger=false",
                     "--model.init_args.eval_max_new_tokens=3", "--model.init_args.prompt_template=none"])
     assert cli.model.eval_max_new_tokens == 3 and cli.model.prompt_template == "none"
+
+
+def test_answer_labels_mask_everything_but_the_answer_exactly(tiny25):
+    tok = tiny25.tokenizer
+    rendered = [tiny25.render_prompt("Which way does it move?", "video"), tiny25.render_prompt("How many?", "image")]
+    batch, labels = sft_batch(tiny25, rendered, [VIDEO, IMAGE], TARGETS)
+    assert "target_mask" not in batch  # consumed: the batch holds model inputs only
+    end, pad = tok.convert_tokens_to_ids("<|im_end|>"), tiny25.pad_token_id
+    assert pad == tok.convert_tokens_to_ids("<|endoftext|>")
+    length = batch["input_ids"].shape[1]
+    row_ends = []
+    for i, (prompt, n_vision) in enumerate(zip(rendered, (8, 6))):
+        # The prompt as the tokenizer sees it, with its one placeholder expanded to n_vision tokens.
+        p = len(tok(prompt, add_special_tokens=False)["input_ids"]) - 1 + n_vision
+        target = tok(TARGETS[i], add_special_tokens=False)["input_ids"] + [end]
+        t = len(target)
+        ids, row_labels, mask = batch["input_ids"][i], labels[i], batch["attention_mask"][i]
+        assert ids[:p].tolist() == tiny25.process_one(prompt, [VIDEO, IMAGE][i])["input_ids"][0].tolist()
+        assert row_labels[:p].tolist() == [IGNORE_INDEX] * p  # prompt and vision tokens
+        assert ids[p : p + t].tolist() == target and row_labels[p : p + t].tolist() == target
+        assert row_labels[p + t :].tolist() == [IGNORE_INDEX] * (length - p - t)  # padding
+        assert ids[p + t :].tolist() == [pad] * (length - p - t)
+        assert mask.tolist() == [1] * (p + t) + [0] * (length - p - t)
+        assert tok.decode(row_labels[row_labels != IGNORE_INDEX]) == TARGETS[i] + "<|im_end|>"
+        row_ends.append(p + t)
+    assert length == max(row_ends) and row_ends[0] != row_ends[1]  # one row really is padded
+    assert "target_mask" not in tiny25.encode(rendered, [VIDEO, IMAGE])

@@ -46,6 +46,7 @@ def test_hub_ids_map_to_stored_files_and_unknown_ids_say_how_to_get_a_config(tmp
     assert hub_config(str(folder)).text_config.num_hidden_layers == 36
 
 
+@pytest.mark.slow
 def test_random_init_backbone_has_real_widths_and_runs_a_video_forward():
     backbone = RandomInitQwen25VL("qwen2_5_vl_3b", num_layers=1, vision_depth=1, dtype="bfloat16")
     backbone.build()

@@ -73,6 +73,7 @@ def fresh_dynamo():
 
 @pytest.mark.parametrize("cls, lora", [(TinyQwen25VL, True), (TinyQwen2VL, False), (TinyQwen3VL, False)],
                          ids=["qwen2_5_vl-lora-checkpointing", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.slow
 def test_compiled_rollouts_equal_generate_greedy_and_eager_sampled(cls, lora):
     backbone = _built(cls, lora)
     texts, clips = _two_prompts(backbone)
@@ -91,6 +92,7 @@ def test_compiled_rollouts_equal_generate_greedy_and_eager_sampled(cls, lora):
     assert len({tuple(ids) for ids in sampled.completion_ids}) > 1
 
 
+@pytest.mark.slow
 def test_compiled_rollouts_across_prompt_lengths_recompile_once_per_growth():
     backbone = _built(TinyQwen2VL)
     short_texts, short_clips = _two_prompts(backbone)
@@ -116,6 +118,7 @@ def _prefill(backbone, texts, clips, group_size, new_tokens, engine):
     return backbone.prefill(batch.tensors, batch.position_ids, group_size, new_tokens, engine)
 
 
+@pytest.mark.slow
 def test_static_cache_grows_only_and_spare_rows_do_not_disturb(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the same step, uncompiled
     backbone = TinyQwen25VL(**SIZES)

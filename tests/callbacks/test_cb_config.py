@@ -38,7 +38,7 @@ def test_build_from_yaml(monkeypatch):
     assert isinstance(built[0], ReasoningLengthReward) and (built[0].lmin, built[0].lmax) == (100, 200)
     assert isinstance(built[1], PerceptionJudgeReward) and isinstance(built[1].judge, RuleBasedJudge)
     assert built[1].failure_policy == "drop_group"
-    assert isinstance(built[2].judge, OpenAIChatJudge) and built[2].judge.max_retries == 1
+    assert isinstance(built[2].judge, OpenAIChatJudge) and built[2].judge.client.max_retries == 1
     dumped = p.dump(cfg)
     assert "api_key_env: P2R_JUDGE_API_KEY" in dumped and "sk-secret-from-env" not in dumped
 

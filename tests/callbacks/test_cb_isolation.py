@@ -51,6 +51,7 @@ def test_no_file_under_callbacks_imports_p2r():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
+@pytest.mark.slow
 def test_importing_every_callbacks_module_loads_no_p2r():
     names = module_names()
     assert "callbacks.reward_callbacks" in names and "callbacks.rewards.judges" in names

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from callbacks.rewards.parsing import (
+    eval_bench_answer,
     extract_tag,
     lenient_answer,
     parse_number,
@@ -137,3 +138,16 @@ def test_parsers_never_raise(text):
     assert parse_option_letter(text) is None or len(parse_option_letter(text)) == 1
     number = parse_number(text)
     assert number is None or math.isfinite(number)
+
+
+# Video-R1's src/eval_bench.py reading
+@pytest.mark.parametrize(("output", "read"), [
+    ("<think>so</think><answer> B </answer>", "B"),
+    ("<answer>B</answer> no, <answer>A</answer>", "B"),            # the first block
+    ("B", "B"),                                                     # no block: the whole output
+    ("<answer></answer>B", "<answer></answer>B"),                   # an empty block also falls back
+    ("<think>it is B</think><answer>B", "<think>it is B</think><answer>B"),  # unclosed: the whole output
+    ("<Answer>B</Answer>", "<Answer>B</Answer>"),                   # case-sensitive tags
+])
+def test_eval_reader(output, read):
+    assert eval_bench_answer(output) == read

@@ -357,6 +357,31 @@ def test_shards_in_shards_out(synthetic, tmp_path):
         assert json.loads(sample["json"])["output"] == rec["output"]
 
 
+def test_shard_source_reads_hostile_shards_as_training_does(synthetic, tmp_path):
+    """One reader for every shard consumer: a damaged shard keeps the samples before the damage, a
+    link member is never followed, a shard that is not a tar is named; all land in ``rejected``."""
+    import tarfile
+
+    root, records = synthetic
+    first = sorted((root / "shards").glob("train-*.tar"))[0]
+    data = first.read_bytes()
+    (tmp_path / "a-cut.tar").write_bytes(data[: len(data) * 2 // 3])  # truncated part-way
+    with tarfile.open(tmp_path / "b-link.tar", "w") as tar:
+        link = tarfile.TarInfo("evil.json")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    (tmp_path / "c-not-a-tar.tar").write_bytes(b"not a tar at all" * 64)
+    source = ShardSource(str(tmp_path / "*.tar"))
+    kept = [item.record.id for item in source]
+    assert kept and kept == [r["id"] for r in records[: len(kept)]]  # the samples before the damage, in order
+    reasons = sorted(reason for _, reason in source.rejected)
+    expected = ["not a tar file", "shard damaged part-way", "symbolic link member (links are not followed)"]
+    assert len(reasons) == 3 and all(r.startswith(k) for r, k in zip(reasons, expected)), reasons
+    assert {where.split(":")[0] for where, _ in source.rejected} == {str(tmp_path / n) for n in ("a-cut.tar", "b-link.tar", "c-not-a-tar.tar")}
+    with pytest.raises(FileNotFoundError, match=r"--shards: no file matches"):
+        ShardSource(str(tmp_path / "missing-*.tar"))
+
+
 # ---- the pure parts ------------------------------------------------------------------------------
 
 NUMERICAL = VideoRecord(id="n", problem="How many cups?", problem_type="numerical", data_type="video",

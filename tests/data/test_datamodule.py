@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 import p2r.data.datamodule as datamodule
-from p2r.data.datamodule import VideoDataModule, count_samples
+from p2r.data.datamodule import VideoDataModule
+from p2r.data.shard_reader import count_samples, expand_shards
 from p2r.data.video import FrameSampling
 
 FRAMES = FrameSampling(fps=4.0, min_frames=4, max_frames=4, min_pixels=784, max_pixels=3136)
@@ -197,17 +198,17 @@ def test_records_file_with_missing_media_skips_and_counts(synthetic_root, tmp_pa
 def test_patterns_expand_to_sorted_local_files(synthetic_root):
     shards = synthetic_root / "shards"
     expected = [str(shards / f"train-00000{i}.tar") for i in range(4)]
-    assert VideoDataModule._expand(str(shards / "train-*.tar"), "train_shards") == expected
-    assert VideoDataModule._expand(str(shards / "train-{000000..000003}.tar"), "train_shards") == expected
+    assert expand_shards(str(shards / "train-*.tar"), "data.train_shards") == expected
+    assert expand_shards(str(shards / "train-{000000..000003}.tar"), "data.train_shards") == expected
     joined = f"{shards}/val-*.tar::{shards}/train-00000{{2,0}}.tar"
-    assert VideoDataModule._expand(joined, "val_shards") == [
+    assert expand_shards(joined, "data.val_shards") == [
         str(shards / "val-000000.tar"), str(shards / "val-000001.tar"), expected[2], expected[0],
     ]
     assert count_samples(expected) == 18
 
 
 def test_urls_pass_through_unexpanded_by_glob():
-    urls = VideoDataModule._expand("https://example.org/d/train-{000000..000001}.tar::pipe:cat x.tar", "train_shards")
+    urls = expand_shards("https://example.org/d/train-{000000..000001}.tar::pipe:cat x.tar", "data.train_shards")
     assert urls == ["https://example.org/d/train-000000.tar", "https://example.org/d/train-000001.tar", "pipe:cat x.tar"]
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 import p2r.data.datamodule as datamodule
-from p2r.data.datamodule import VideoDataModule, count_samples, decode_sample
+from p2r.data.datamodule import VideoDataModule, decode_sample
 from p2r.data.records import RecordError, RecordLimits, parse_record
-from p2r.data.shard_reader import SkipLog, Unusable, shard_items
+from p2r.data.shard_reader import SkipLog, Unusable, count_samples, shard_items
 from p2r.data.video import FrameSampling
 
 FRAMES = FrameSampling(fps=4.0, min_frames=4, max_frames=4, min_pixels=784, max_pixels=784)

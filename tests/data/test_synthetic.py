@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from callbacks.rewards.judges import evidence_satisfied
 from p2r.data.records import parse_record, target_text
 from p2r.data.synthetic import (
     BACKGROUNDS,
@@ -20,7 +21,6 @@ from p2r.data.synthetic import (
     QUADRANTS,
     TASKS,
     VideoSpec,
-    evidence_satisfied,
     generate_split,
     make_synthetic,
 )

@@ -54,6 +54,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tiny_model_on_the_synthetic_benchmark_writes_predictions_and_results_and_resumes(synthetic, tmp_path, generated, capsys):
     records = {r["id"]: r for r in json.loads((synthetic / "test.json").read_text())}
     cli = run_test(synthetic, tmp_path)
@@ -111,6 +112,7 @@ def test_tiny_model_on_the_synthetic_benchmark_writes_predictions_and_results_an
         run_test(synthetic, tmp_path)
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_during_fit_logs_eval_metrics(synthetic, tmp_path, generated):
     overlay = tmp_path / "periodic.yaml"
     overlay.write_text(f"""
@@ -151,6 +153,7 @@ data:
     assert not (tmp_path / "predictions.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_validate_is_scored_by_the_callback_instead_of_the_modules_own_check(synthetic, tmp_path, generated):
     overlay = tmp_path / "validate.yaml"
     overlay.write_text(f"""

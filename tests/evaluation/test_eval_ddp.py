@@ -14,7 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from p2r.data.synthetic import make_synthetic
+
+pytestmark = pytest.mark.slow  # subprocesses / several ranks / CLI fits: see pyproject's markers
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,5 +1,6 @@
 """The ``video_r1`` protocol on hand-worked cases from Video-R1's ``src/eval_bench.py``: its prompt,
-decoding, reading (answer block, else the whole output), exact scoring and float32 figures."""
+decoding, exact scoring and float32 figures (its reading, answer block else the whole output, is
+tested with the other readers in tests/callbacks/test_cb_parsing.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from callbacks.evaluation import Generation
 from p2r.data.records import VideoRecord
-from p2r.evaluation.video_r1 import VideoR1Rules, eval_bench_answer
+from p2r.evaluation.video_r1 import VideoR1Rules
 
 MC = VideoRecord("1", "What is the boy doing?", "multiple choice", "video", "v.mp4", "<answer>B</answer>",
                  ["A. running", "B. jumping"])
@@ -29,18 +30,6 @@ def test_prompt_is_eval_bench_and_decoding_its_settings():
     assert rules.prompt(REG).endswith("Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.")
     assert "<observation>" in VideoR1Rules("mvbench", template="videop2r").prompt(MC)
     assert rules.generation(MC) == Generation(1024, 0.1, 0.001)
-
-
-@pytest.mark.parametrize(("output", "read"), [
-    ("<think>so</think><answer> B </answer>", "B"),
-    ("<answer>B</answer> no, <answer>A</answer>", "B"),            # the first block
-    ("B", "B"),                                                     # no block: the whole output
-    ("<answer></answer>B", "<answer></answer>B"),                   # an empty block also falls back
-    ("<think>it is B</think><answer>B", "<think>it is B</think><answer>B"),  # unclosed: the whole output
-    ("<Answer>B</Answer>", "<Answer>B</Answer>"),                   # case-sensitive tags
-])
-def test_eval_reader(output, read):
-    assert eval_bench_answer(output) == read
 
 
 @pytest.mark.parametrize(("record", "output", "score"), [

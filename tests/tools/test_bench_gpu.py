@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+pytestmark = pytest.mark.slow  # subprocesses / several ranks / CLI fits: see pyproject's markers
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "tools" / "bench_gpu.py"
 ABSENT_ON_GPU_MACHINE = ("decord", "webdataset", "jsonargparse", "av", "bitsandbytes")
 ON_GPU_MACHINE = ("torch", "torchvision", "transformers", "lightning", "peft", "torchmetrics")
-OWN = ("p2r", "callbacks", "bench_step", "bench_gpu", "__main__")
+OWN = ("p2r", "callbacks", "bench_common", "bench_step", "bench_gpu", "__main__")
 
 # Installed as sitecustomize in every process of the run: the packages above cannot be found
 # (neither their modules nor their metadata), and every import made by the repository's own code

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses / several ranks / CLI fits: see pyproject's markers
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--new-tokens", "6", "--frames", "4", "--side", "56", "--hidden", "64", "--layers", "1", "--heads", "4", "--kv-heads", "2",
          "--vision-hidden", "32", "--vision-depth", "1", "--warmup", "0"]

@@ -19,6 +19,8 @@ from p2r.backbones import LoraOptions, TinyQwen25VL, VideoBackbone
 from p2r.cli import main as p2r_main
 from p2r.data.video import Clip
 
+pytestmark = pytest.mark.slow  # subprocesses / several ranks / CLI fits: see pyproject's markers
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = ["--config", str(REPO / "configs" / "sft.yaml"), "--config", str(REPO / "configs" / "tiny.yaml")]
 _spec = importlib.util.spec_from_file_location("export_hf_tool", REPO / "tools" / "export_hf.py")

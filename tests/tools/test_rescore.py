@@ -100,6 +100,7 @@ MV_ROWS = [{"video": f"clip{i}.mp4", "question": "What is the boy doing?", "cand
             "answer": "running"} for i in range(2)]
 
 
+@pytest.mark.slow
 def test_p2r_test_under_lmms_eval_then_rescored_under_every_protocol(tmp_path, ramp_mp4, capsys):
     assert native_records.main(["--benchmark", "vsibench", "--rows", str(write_jsonl(tmp_path / "vsi_rows.jsonl", VSI_ROWS)),
                                 "--out", str(tmp_path / "vsibench.jsonl")]) == 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -74,3 +74,53 @@ def meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
 
     with torch.device("meta"):
         return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def backbone_meta_model(cls: type, init_args: dict[str, Any]) -> nn.Module:
+    """The plain model (no LoRA, quantization or ``weights_from``: they act at build time) that the
+    backbone class ``cls`` with ``init_args`` builds, on the meta device: no weights, no download."""
+    from p2r.backbones.hf import HFBackbone
+
+    if issubclass(cls, HFBackbone):
+        trust = bool(init_args.get("trust_remote_code"))
+        return meta_model(hub_config(init_args["model_name_or_path"], trust), trust)
+    # Other backbones build their config in-process and cheaply.
+    args = {k: v for k, v in init_args.items() if k not in ("lora", "quantization", "weights_from")}
+    backbone = cls(**args)
+    with torch.device("meta"):
+        return backbone._make_model(backbone.torch_dtype, None)
+
+
+def model_dims(model: nn.Module) -> dict[str, int]:
+    """The widths of a built (or meta) model that activation and cache estimates need: language
+    model hidden / intermediate size, layers, key/value heads, head dim, vocabulary, and the vision
+    tower's width, MLP width and depth (0 without one)."""
+    text = model.config.get_text_config()
+    vcfg = getattr(model.config, "vision_config", None)
+    heads = text.num_attention_heads
+    # Qwen2-VL's vision config calls its width embed_dim (hidden_size is the output) and has mlp_ratio.
+    width = (getattr(vcfg, "embed_dim", None) or getattr(vcfg, "hidden_size", 0)) if vcfg is not None else 0
+    inner = (getattr(vcfg, "intermediate_size", None) or int(getattr(vcfg, "mlp_ratio", 4) * width)) if vcfg is not None else 0
+    return dict(
+        hidden=text.hidden_size, intermediate=text.intermediate_size, layers=text.num_hidden_layers,
+        kv_heads=getattr(text, "num_key_value_heads", heads), head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        vocab=text.vocab_size, vision_hidden=width, vision_intermediate=inner,
+        vision_depth=getattr(vcfg, "depth", 0) if vcfg is not None else 0,
+    )
+
+
+class ModelParts(NamedTuple):
+    """The parts of a Hugging Face VLM that a memory plan counts apart."""
+
+    vision: nn.Module | None  # the vision tower (None: the model has none)
+    lm_head: nn.Module  # the output embedding
+    blocks: list[nn.Module]  # the repeated blocks (decoder layers, vision blocks): FSDP's units
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """The vision tower, LM head and repeated blocks of ``model`` (built or on the meta device)."""
+    from p2r.backbones.building import VISUAL_NAMES, block_classes
+
+    vision = next((m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in VISUAL_NAMES), None)
+    blocks = [m for m in model.modules() if isinstance(m, tuple(block_classes(model)))]
+    return ModelParts(vision, model.get_output_embeddings(), blocks)

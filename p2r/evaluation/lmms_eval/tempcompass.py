@@ -39,7 +39,6 @@ POST_PROMPTS = {"multi-choice": "\nPlease directly give the best option:", "yes_
                 "caption_matching": "\nPlease directly give the best option:", "captioning": ""}
 MAX_NEW_TOKENS = 128  # lmms-eval's Qwen2.5-VL chat model (what --model qwen2_5_vl runs) when a task sets none
 CACHE_DIR = "tempcompass"
-DIMENSIONS = ("speed", "direction", "action", "order", "attribute_change")
 
 JUDGE_SYSTEM = "You are an AI assistant for question answering."
 JUDGE_SETTINGS = {"max_tokens": 128, "temperature": 1.0, "top_p": 1, "presence_penalty": 1}

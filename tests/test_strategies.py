@@ -25,17 +25,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from p2r.data.synthetic import make_synthetic
+from p2r.strategies import is_sharded, refuse_sharded_evaluation, shard
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 # Set by a launcher: a child that inherits LOCAL_RANK believes it was launched and never starts rank 1.
 LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK")
 
 
 def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return {**env, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
 
 SCRIPT = r'''
 import json, sys
@@ -46,7 +48,6 @@ import torch
 import webdataset as wds
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from callbacks.reward_callbacks import RewardCallback
 from p2r.algorithms.pagrpo import PAGRPOModule
 from p2r.algorithms.settings import LossSettings, RolloutSettings
 from p2r.algorithms.sft import SFTModule
@@ -54,6 +55,7 @@ from p2r.backbones import TinyQwen25VL
 from p2r.data.datamodule import decode_sample
 from p2r.data.video import FrameSampling
 from p2r.strategies import FSDP2Strategy
+from varied_rewards import TokenParityReward, TokenSumReward  # rewards that vary inside every group
 
 data, out, devices, job = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 STEPS, HALVES = 3, 2
@@ -72,22 +74,6 @@ class Halves(L.LightningDataModule):
             mine = [samples[HALVES * k + h] for h in range(HALVES) if h % world == rank]
             batches += [[s] for s in mine] if job == "sft" else [mine]
         return torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
-
-
-class TokenSumReward(RewardCallback):
-    """A reward that varies inside every group (so advantages and gradients are not zero)."""
-
-    name, process = "reasoning/token_sum", "reasoning"
-
-    def score(self, rollouts):
-        return [float(sum(ids) % 5) for ids in rollouts.completion_ids]
-
-
-class TokenParityReward(TokenSumReward):
-    name, process = "perception/token_parity", "perception"
-
-    def score(self, rollouts):
-        return [float(sum(ids) % 2) for ids in rollouts.completion_ids]
 
 
 class Recorder(L.Callback):
@@ -165,6 +151,7 @@ def update_agreement(one: Path, two: Path) -> tuple[float, float]:
     return float(torch.nn.functional.cosine_similarity(da, db, dim=0)), float(db.norm() / da.norm())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", ["sft", "pagrpo"])
 def test_two_fsdp2_ranks_train_like_one_process(setup, job):
     root, script = setup
@@ -182,6 +169,7 @@ def test_two_fsdp2_ranks_train_like_one_process(setup, job):
     assert cosine > 0.99 and 0.97 < ratio < 1.03, (cosine, ratio)
 
 
+@pytest.mark.slow
 def test_the_fsdp2_config_trains_resumes_exports_and_feeds_the_next_stage(setup, tmp_path):
     """configs/strategy/fsdp2.yaml as its launch line says (two CPU processes, bf16 compute): a
     distributed checkpoint folder that ``--ckpt_path last`` resumes (step and data position),
@@ -236,6 +224,7 @@ def test_the_fsdp2_config_trains_resumes_exports_and_feeds_the_next_stage(setup,
         assert torch.equal(value, reloaded[key]), key
 
 
+@pytest.mark.slow
 def test_fsdp1_config_on_a_cpu_stops_with_a_pointer_to_fsdp2(setup, tmp_path, monkeypatch):
     from p2r.cli import main
 
@@ -247,3 +236,25 @@ def test_fsdp1_config_on_a_cpu_stops_with_a_pointer_to_fsdp2(setup, tmp_path, mo
         main(["fit", "--config", str(REPO / "configs/sft.yaml"), "--config", str(REPO / "configs/tiny.yaml"),
               "--config", str(REPO / "configs/strategy/fsdp.yaml"), f"--data.train_shards={root}/data/shards/train-*.tar",
               "--data.val_shards=null", "--trainer.max_steps=1", "--trainer.logger=false"])
+
+
+def test_shard_refuses_lightnings_model_parallel_strategy_and_leaves_other_strategies_alone():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="leaves sharding to the module.*FSDP2Strategy"):
+        shard(ModelParallelStrategy(), model, set())
+    shard(None, model, set())
+    shard(DDPStrategy(), model, set())
+    assert not is_sharded(model)
+    refuse_sharded_evaluation("test", 2, model)  # not sharded: evaluation on two ranks is fine
+
+
+def test_fsdp2_refuses_a_quantized_model_before_sharding_anything():
+    from p2r.strategies import FSDP2Strategy
+
+    class Linear4bit(torch.nn.Linear):  # what bitsandbytes' 4-bit layers are called
+        pass
+
+    model = torch.nn.Sequential(Linear4bit(2, 2))
+    with pytest.raises(ValueError, match="cannot shard a 4/8-bit quantized backbone"):
+        FSDP2Strategy().parallelize(model, set())
+    assert not is_sharded(model)
