@@ -13,7 +13,8 @@ documented option in ``--help``.
 Flags are matched exactly (argparse would otherwise take ``--trainer.max_step`` for
 ``--trainer.max_steps`` without a word). Before ``fit`` builds anything, the folders checkpoints
 and logs go to must be writable. Every run writes single-file checkpoints atomically
-(:class:`p2r.checkpoints.AtomicCheckpointIO`).
+(:class:`p2r.checkpoints.AtomicCheckpointIO`). When stderr is not a terminal (SLURM, ``nohup``)
+and no progress bar is configured, progress is printed as plain lines (:mod:`p2r.progress`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from p2r.algorithms.settings import SettingError
 from p2r.checkpoints import check_writable, install_atomic_checkpoint_io
 from p2r.compat import CheckpointSuppliesWeightsOnly, configure_cli_process
 from p2r.data.datamodule import VideoDataModule
+from p2r.progress import LineProgressBar, wants_line_progress
 
 
 class P2RCLI(CheckpointSuppliesWeightsOnly, LightningCLI):
@@ -46,6 +48,11 @@ class P2RCLI(CheckpointSuppliesWeightsOnly, LightningCLI):
         return super().init_parser(**{**kwargs, "allow_abbrev": False})
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config_init.get(self.subcommand) if self.subcommand else self.config_init
+        trainer_config = config.get("trainer") or {}
+        if "callbacks" not in kwargs and wants_line_progress(trainer_config):
+            callbacks = trainer_config.get("callbacks") or []
+            kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), LineProgressBar()]
         trainer = super().instantiate_trainer(**kwargs)
         install_atomic_checkpoint_io(trainer)
         return trainer
@@ -95,8 +102,9 @@ class P2RCLI(CheckpointSuppliesWeightsOnly, LightningCLI):
         raise SystemExit(0)
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
-    """Run the CLI; ``args`` defaults to sys.argv. Returns the CLI object (trainer, model, ...)."""
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Run the CLI; ``args`` defaults to sys.argv. Returns the CLI object (trainer, model, ...).
+    With ``run=False`` the arguments name no subcommand: it builds the trainer, model and data and stops."""
     # Warning filters, TOKENIZERS_PARALLELISM, field docstrings in --help, nested null values: p2r.compat.
     configure_cli_process()
     return P2RCLI(
@@ -106,4 +114,5 @@ def main(args: list[str] | None = None) -> LightningCLI:
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        run=run,
     )

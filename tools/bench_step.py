@@ -57,6 +57,7 @@ from bench_common import add_step_shape, bench_parser, peak_rss_mib, synchronize
 from p2r.algorithms.pagrpo import micro_batches, micro_weight
 from p2r.algorithms.policy_loss import AGGREGATION_MODES, pagrpo_loss
 from p2r.algorithms.rollout import build_train_batch, completion_logprobs, generate_groups, perception_masks
+from p2r.algorithms.settings import RolloutSettings
 from p2r.algorithms.shared_prompt import shared_prompt_logprobs, supports_shared_prompt
 from p2r.backbones import LoraOptions, TinyQwen25VL
 from p2r.backbones.decoding import DecodeEngine
@@ -231,7 +232,8 @@ def build_tiny(args) -> FixedLengthQwen25VL:
 
 
 def settings_of(args) -> StepSettings:
-    return StepSettings(args.group_size, args.new_tokens, args.micro_batch, args.seed, args.loss, not args.no_old_policy)
+    return StepSettings(args.group_size, args.new_tokens, args.micro_batch, args.seed, args.loss, not args.no_old_policy,
+                        engine=args.engine)
 
 
 def run_path(args, path: str) -> dict:
@@ -371,14 +373,18 @@ def main() -> None:
     parser.add_argument("--no-old-policy", action="store_true", help="skip the old-policy pass (PAGRPOModule at num_iterations 1)")
     parser.add_argument("--trl", action="store_true", help="also time TRL 1.16's GRPOTrainer on the same step (needs trl: the bench extra)")
     parser.add_argument("--rounds", type=int, default=None, help="runs per path in alternating order (default 1; 2 with --trl)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 on CUDA or with --trl, 0 on CPU)")
+    parser.add_argument("--engine", default=RolloutSettings.engine, choices=rollout_engines(),
+                        help="rollout decode engine (default: p2r's, model.init_args.rollout.engine)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default: 1 on CUDA, with --trl or with the compiled engine, whose "
+                             "first rollout compiles; else 0)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine, threads waiting for a busy core slow small ops 10-60x)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, frames, sampling and advantages")
     parser.add_argument("--path", choices=(*PATHS, "trl"), help=argparse.SUPPRESS)  # internal: run one path, print JSON
     args = parser.parse_args()
-    if args.warmup is None:  # TRL's first step carries one-off set-up: time a later one on both sides
-        args.warmup = 1 if torch.cuda.is_available() or args.trl else 0
+    if args.warmup is None:  # one-off set-up (TRL's first step, compiling a decode step): time a later step
+        args.warmup = 1 if torch.cuda.is_available() or args.trl or args.engine == "compiled" else 0
     if args.trl:
         args.loss, args.no_old_policy = "sequence_mean", True
     if args.path:
@@ -398,7 +404,7 @@ def main() -> None:
           f"{'LoRA r=' + str(args.lora) if args.lora else 'full fine-tuning'}")
     print(f"step: {args.prompts} prompt(s) of {first['prompt_tokens']} tokens ({first['vision_tokens']} vision) x G = "
           f"{args.group_size}, {args.new_tokens} new tokens each, micro-batch {args.micro_batch} rows, loss {args.loss}, "
-          f"warm-up steps {args.warmup}, rounds {rounds}")
+          f"{args.engine} decoding, warm-up steps {args.warmup}, rounds {rounds}")
     print(f"{'phase':<26}{'per-sample':>12}{'shared':>12}{'ratio':>9}")
     for phase in PHASES:
         a, b = (sum(x["times"].get(phase, 0.0) for x in runs[p]) / rounds for p in PATHS)

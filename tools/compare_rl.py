@@ -52,6 +52,7 @@ def main() -> None:
                         "(default: configs/tiny_rl.yaml's)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: configs/tiny_rl.yaml's)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # its lines reach a log file as they are printed
     if not Path(SFT_CKPT).is_file():
         sys.exit(f"no tiny SFT checkpoint at {SFT_CKPT}: run `python tools/demo.py` first")
     overrides = [f"--trainer.max_steps={args.steps}"] if args.steps else []

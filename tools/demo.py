@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/synthetic", help="synthetic data folder (made if absent)")
     parser.add_argument("--epochs", type=int, default=None, help="SFT epochs (default: configs/tiny.yaml's)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # its lines reach a log file as they are printed
 
     if not glob.glob(f"{args.data}/shards/train-*.tar"):
         print(f"making the synthetic data set in {args.data} ...")

@@ -55,6 +55,7 @@ from callbacks.evaluation.report import (
     results_document,
     summarize,
     table_values,
+    write_json,
 )
 
 PREDICTIONS = "predictions.jsonl"
@@ -202,7 +203,7 @@ class BenchmarkEvaluation(L.Callback):
             )
         trainer.strategy.barrier()  # every rank has read run.json before rank 0 may write it
         if trainer.is_global_zero:
-            (out / RUN).write_text(json.dumps(identity, indent=1) + "\n")
+            write_json(out / RUN, identity)
         done = read_predictions([out / PREDICTIONS, *sorted(out.glob("predictions.rank*.jsonl"))])
         for row in done.values():
             adapter = self.benchmarks.get(row["benchmark"])
@@ -329,7 +330,7 @@ class BenchmarkEvaluation(L.Callback):
         }
         self.results = results_document(summary, figures, values, model_name(pl_module), config)
         if trainer.is_global_zero:
-            (out / RESULTS).write_text(json.dumps(self.results, indent=1, ensure_ascii=False) + "\n")
+            write_json(out / RESULTS, self.results)
             print("\n" + markdown_table(model_name(pl_module), values, self.table_columns) + "\n")
 
     @staticmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,6 +30,21 @@ log = logging.getLogger(__name__)
 PAPER_COLUMNS = ("VSI", "VideoMMMU", "MMVU", "VCR", "MVBench", "TempCompass", "VideoMME")
 # The metric family of a sample that its adapter left out of the benchmark (counted, not scored).
 EXCLUDED = ""
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as indented JSON so that ``path`` is always the old or the new whole file.
+
+    A run killed while writing would otherwise leave a truncated ``run.json`` that stops every
+    resume with a JSON error. (p2r.checkpoints.atomic_write does the same for checkpoints;
+    ``callbacks/`` never imports ``p2r``, hence this small twin.)
+    """
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def family_mean(by_family: dict[str, list[float]]) -> float:

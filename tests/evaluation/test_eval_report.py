@@ -17,6 +17,7 @@ from callbacks.evaluation.report import (
     results_document,
     summarize,
     table_values,
+    write_json,
 )
 
 ROWS = [
@@ -113,3 +114,21 @@ def test_read_predictions_keeps_the_first_line_per_id_and_skips_a_torn_line(tmp_
     assert sorted(done) == [("mmvu", "1"), ("mvbench", "1"), ("mvbench", "2")]
     assert done[("mvbench", "1")]["score"] == 1.0
     assert "predictions.rank1.jsonl:2" in caplog.text
+
+
+def test_write_json_leaves_the_old_file_whole_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "run.json"
+    write_json(path, {"model": "a", "note": "é"})
+    assert json.loads(path.read_text(encoding="utf-8")) == {"model": "a", "note": "é"}
+
+    def killed(*args):
+        raise KeyboardInterrupt  # what a signal during the rename looks like to Python
+
+    monkeypatch.setattr("callbacks.evaluation.report.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(path, {"model": "b"})
+    assert json.loads(path.read_text(encoding="utf-8")) == {"model": "a", "note": "é"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]  # no partial file left behind
+    with pytest.raises(TypeError):  # not JSON: nothing is written at all
+        write_json(tmp_path / "results.json", {"x": object()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
