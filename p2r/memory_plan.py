@@ -34,9 +34,9 @@ Rules (read from p2r's code; change them here when the code changes):
     ceil share); FSDP1 FULL_SHARD shards each unit's flat parameter; SHARD_GRAD_OP shards
     gradients and optimizer state only; NO_SHARD / DDP shard nothing; HYBRID_SHARD within a node.
   - PA-GRPO's reference (beta > 0, no LoRA) is a copy of the policy in the dtype it computes in
-    (FSDP2's ``param_dtype``, else the stored dtype): sharded with the policy under FSDP2
-    (``models_to_shard``), whole on every GPU otherwise
-    (under FSDPStrategy it is not part of the wrapped module). LoRA/QLoRA: adapters off, no copy.
+    (FSDP2's ``param_dtype``, FSDP1's mixed-precision dtype, else the stored dtype): sharded with
+    the policy under FSDP2 (``models_to_shard``), whole on every GPU otherwise (under
+    FSDPStrategy it is not part of the wrapped module). LoRA/QLoRA: adapters off, no copy.
   - AdamW keeps two states per trainable parameter in that parameter's dtype.
   - log-probs of the PA-GRPO passes run the LM head on LOGPROB_CHUNK_TOKENS positions at a time
     (p2r.algorithms.rollout.token_logprobs), so one chunk of (tokens x vocabulary) logits exists at
@@ -330,9 +330,10 @@ def plan(setup: Setup, counts: Counts) -> Plan:
     if s.job == "pagrpo":
         copy = s.beta > 0 and not s.lora_r
         # PAGRPOModule copies the policy into the dtype it computes in: FSDP2's param_dtype (sharded
-        # like the policy), else the parameters' own dtype (whole on every GPU).
+        # like the policy), FSDP1's mixed-precision param_dtype (whole on every GPU), else the
+        # parameters' own dtype (whole on every GPU).
         ref = (c.weight_bytes * _BYTES[s.compute] // _BYTES[s.stored] if s.strategy == "fsdp2"
-               else c.total_params * _BYTES[s.stored]) if copy else 0
+               else c.total_params * _BYTES[s.compute if s.strategy == "fsdp1" else s.stored]) if copy else 0
         persistent.append(("PA-GRPO reference" + ("" if copy else " (none: LoRA adapters off or beta 0)"), ref, "exact"))
     if s.strategy == "ddp":  # allocated once by DDP's reducer, next to .grad (gradient_as_bucket_view off)
         persistent.append(("DDP gradient buckets", c.trainable_bytes, "exact"))

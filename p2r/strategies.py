@@ -232,6 +232,17 @@ class FSDPStrategy(LightningFSDPStrategy):
             )
         super().setup_environment()
 
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype FSDP's mixed precision computes in (``bf16-mixed``: bfloat16), or None without it.
+
+        PA-GRPO copies its reference into this dtype: the copy is not part of the wrapped module,
+        so it stays whole on every GPU, and in float32 it would take twice the memory for the same
+        numbers (the training step runs under bf16 autocast).
+        """
+        config = self.mixed_precision_config
+        return getattr(config, "param_dtype", None) if config is not None else None
+
     def setup(self, trainer: Any) -> None:
         # The module's configure_model has built the backbone by now; Lightning wraps the model in
         # super().setup, reading the policy from self.kwargs.

@@ -158,6 +158,14 @@ def test_activation_estimate_equals_its_hand_worked_formula():
     assert rows(p)["autocast weight copies"] == 2 * (N_7B - 152064 * 3584 - 57 * 3584 - 65 * 1280)
 
 
+def test_7b_pagrpo_under_fsdp1_keeps_a_whole_bf16_reference_on_every_gpu():
+    cfg = config("pagrpo", strategy={"class_path": "p2r.strategies.FSDPStrategy"}, precision="bf16-mixed", devices=7,
+                 backbone={"class_path": "p2r.backbones.HFBackbone",
+                           "init_args": {"model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct", "dtype": "float32"}},
+                 loss={"beta": 0.04})
+    assert rows(plan_from_config(cfg))["PA-GRPO reference"] == 2 * N_7B  # FSDPStrategy.compute_dtype: bfloat16, not sharded
+
+
 def test_setup_reads_strategy_precision_and_devices_from_the_config():
     s = setup_from_config(config(strategy={"class_path": "p2r.strategies.FSDPStrategy", "init_args": {"sharding_strategy": "SHARD_GRAD_OP"}},
                                  precision="bf16-mixed", devices=4))

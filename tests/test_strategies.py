@@ -258,3 +258,29 @@ def test_fsdp2_refuses_a_quantized_model_before_sharding_anything():
     with pytest.raises(ValueError, match="cannot shard a 4/8-bit quantized backbone"):
         FSDP2Strategy().parallelize(model, set())
     assert not is_sharded(model)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16), ("32-true", torch.float32)])
+def test_fsdp1_reference_is_copied_in_the_mixed_precision_dtype(precision, dtype, monkeypatch):
+    """Under FSDPStrategy the reference is not part of the wrapped module (whole on every GPU): it is
+    copied in the dtype FSDP computes in, half the memory of a float32 copy under bf16-mixed."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    from p2r.algorithms.pagrpo import PAGRPOModule
+    from p2r.algorithms.settings import RolloutSettings
+    from p2r.backbones import TinyQwen25VL
+    from p2r.strategies import FSDPStrategy
+
+    strategy = FSDPStrategy()
+    strategy.precision_plugin = FSDPPrecision(precision)  # what the Trainer attaches; no CUDA needed to read it
+    assert strategy.compute_dtype == dtype
+    trainer = SimpleNamespace(strategy=strategy)
+    for where in ("p2r.algorithms.pagrpo.attached_trainer", "p2r.algorithms.base.attached_trainer"):
+        monkeypatch.setattr(where, lambda module: trainer)
+    module = PAGRPOModule(TinyQwen25VL(hidden_size=32, num_layers=1, vision_hidden_size=16, vision_depth=1, vocab_size=512),
+                          rollout=RolloutSettings(group_size=2))
+    module.configure_model()
+    assert {p.dtype for p in module.backbone.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in module.reference.model.parameters()} == {dtype}
