@@ -35,6 +35,13 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def format_value(value: Any) -> str:
+    """A metric as a log reads it: 4 significant digits, large numbers whole (``10840``, not ``1.084e+04``)."""
+    if isinstance(value, float) and math.isfinite(value) and abs(value) >= 1000:
+        return f"{value:.0f}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def progress_line(stage: str, done: int, total: float, elapsed_s: float, unit: str,
                   metrics: dict[str, Any], epoch: int | None = None, first: int = 0) -> str:
     """One progress line: where the stage is, its rate, time elapsed and left, and the metrics.
@@ -50,8 +57,9 @@ def progress_line(stage: str, done: int, total: float, elapsed_s: float, unit: s
     rate = (done - first) / elapsed_s if elapsed_s > 0 else float("nan")
     left = (total - done) / rate if known and rate > 0 else float("nan")
     timing = f"{format_duration(elapsed_s)} elapsed" + (f", {format_duration(left)} left" if known else "")
-    parts = [f"{where} {count}", f"{rate:.2f} {unit}s/s" if math.isfinite(rate) else f"- {unit}s/s", timing]
-    shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k != "v_num"]
+    units = "batches" if unit == "batch" else f"{unit}s"
+    parts = [f"{where} {count}", f"{rate:.2f} {units}/s" if math.isfinite(rate) else f"- {units}/s", timing]
+    shown = [f"{k} {format_value(v)}" for k, v in metrics.items() if k != "v_num"]
     return " | ".join(parts + ([" ".join(shown)] if shown else []))
 
 

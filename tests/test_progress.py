@@ -38,14 +38,16 @@ def test_format_duration_on_worked_values():
 
 def test_progress_line_on_worked_values():
     # 500 of 2250 steps in 100 s: 5 steps/s, 1750 left = 350 s.
-    line = progress_line("train", 500, 2250, 100.0, "step", {"train/loss": 0.15871, "v_num": 0}, epoch=0)
-    assert line == "train epoch 0 step 500/2250 (22%) | 5.00 steps/s | 1m40s elapsed, 5m50s left | train/loss 0.1587"
+    line = progress_line("train", 500, 2250, 100.0, "step", {"train/loss": 0.15871, "train/tokens_per_s": 10843.6, "v_num": 0},
+                         epoch=0)
+    assert line == ("train epoch 0 step 500/2250 (22%) | 5.00 steps/s | 1m40s elapsed, 5m50s left | "
+                    "train/loss 0.1587 train/tokens_per_s 10844")
     # Resumed at step 400: 100 steps in 50 s is 2 steps/s, not 10; 1750 left = 875 s.
     assert progress_line("train", 500, 2250, 50.0, "step", {}, 1, first=400) == \
         "train epoch 1 step 500/2250 (22%) | 2.00 steps/s | 50s elapsed, 14m35s left"
     # A stream of unknown length: no share, no time left.
-    assert progress_line("test", 30, math.inf, 10.0, "batch", {}) == "test batch 30 | 3.00 batchs/s | 10s elapsed"
-    assert progress_line("test", 0, 10, 0.0, "batch", {}) == "test batch 0/10 (0%) | - batchs/s | 0s elapsed, ? left"
+    assert progress_line("test", 30, math.inf, 10.0, "batch", {}) == "test batch 30 | 3.00 batches/s | 10s elapsed"
+    assert progress_line("test", 0, 10, 0.0, "batch", {}) == "test batch 0/10 (0%) | - batches/s | 0s elapsed, ? left"
 
 
 def test_line_progress_only_for_a_log_file_with_no_bar_of_its_own():
