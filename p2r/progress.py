@@ -46,9 +46,9 @@ def progress_line(stage: str, done: int, total: float, elapsed_s: float, unit: s
                   metrics: dict[str, Any], epoch: int | None = None, first: int = 0) -> str:
     """One progress line: where the stage is, its rate, time elapsed and left, and the metrics.
 
-    ``done`` counts from 0 at the start of the stage's run; ``first`` is where this process began
-    (a resumed fit starts at its checkpoint's step), so the rate ``(done - first) / elapsed_s``
-    counts this process's work only. ``total`` may be ``inf`` (a stream of unknown length): then
+    ``done`` of ``total`` are done; ``first`` is the count this process began at (a resumed fit
+    starts at its checkpoint's step), so the rate ``(done - first) / elapsed_s`` counts this
+    process's work only. ``total`` may be ``inf`` (a stream of unknown length): then
     no share and no time left. The rate is over the whole stage, steadier in a log than a window.
     """
     where = f"{stage} epoch {epoch}" if epoch is not None else stage
