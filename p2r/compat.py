@@ -19,9 +19,9 @@ Lightning
     replaced before the run starts: :func:`uses_default_checkpoint_io` (``p2r.checkpoints``).
 transformers
   - ``config._attn_implementation``: the attention kernel a model built from ``config`` dispatches
-    to, read at every forward; :func:`attention_implementation`, :func:`set_attention_implementation`
-    and :func:`attention_implementation_as` (the compiled decode step switches its text model to a
-    registered function, :func:`register_attention_function`, for the step only).
+    to, read at every forward; :func:`attention_implementation`, :func:`set_attention_implementation`;
+    :func:`register_attention_kernel` adds one (``p2r.backbones.attention``), with its masks built as
+    for a built-in one (``AttentionMaskInterface``).
   - ``PreTrainedModel._from_config(config, dtype=...)``: builds a model with its weights created in
     ``dtype`` (a 7B model never exists in float32 first); :func:`model_from_config`.
 torch
@@ -48,7 +48,7 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -113,26 +113,14 @@ def set_attention_implementation(config: Any, name: str) -> None:
     config._attn_implementation = name
 
 
-@contextlib.contextmanager
-def attention_implementation_as(config: Any, name: str | None) -> Iterator[None]:
-    """A built model whose (text) config is ``config`` dispatches to ``name`` inside the context
-    (None: unchanged); the previous kernel is restored on exit."""
-    if name is None:
-        yield
-        return
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-
-
-def register_attention_function(name: str, function: Callable) -> None:
-    """Make ``name`` an attention kernel a config may dispatch to (transformers' AttentionInterface)."""
+def register_attention_kernel(name: str, function: Callable, mask_like: str) -> None:
+    """Make ``name`` an attention kernel a config may dispatch to (transformers' AttentionInterface),
+    whose masks transformers builds as for its kernel ``mask_like`` (AttentionMaskInterface)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_like])
 
 
 def model_from_config(model_class: type[nn.Module], config: Any, dtype: torch.dtype) -> nn.Module:

@@ -14,9 +14,10 @@ nodes, PA-GRPO shape, frame budget) and prints, per GPU, the bytes of:
       whole step (embeddings and norms are not cast);
   rollout KV cache, activations, FSDP working set, optimizer temporaries   estimates: they depend
       on prompt and answer lengths; the assumptions are printed with the numbers. The compiled
-      decode engine's static KV cache (prompt + max_completion_length, rounded up to a multiple of
-      256 columns) stays allocated between rollouts, so it is persistent; the eager engine's
-      dynamic cache exists during the rollout only.
+      decode engine's static KV cache (each prompt once, rounded up to a multiple of 256 columns,
+      plus max_completion_length columns per sequence) stays allocated between rollouts, so it is
+      persistent; the eager engine's dynamic cache (prompt + completion per sequence) exists during
+      the rollout only.
 
 Phases do not overlap: the rollout (gathered weights, KV cache) ends before the training passes
 (gradients, activations) begin, and both end before the optimizer step (its temporaries), so the
@@ -294,14 +295,29 @@ def _layer_bytes_per_token(width: int, inner: int, b: int) -> int:
     return b * (6 * width + 4 * inner) + 8 * width
 
 
-def activation_bytes(s: Setup, d: dict[str, int], rows: int, length: int, scored: int, patches: int, vision_trains: bool) -> int:
+def packed_attention_bytes(s: Setup, d: dict[str, int], rows: int, prompt: int, group: int, completion: int) -> int:
+    """What the shared-prompt passes' attention (p2r.backbones.attention.packed_group_attention)
+    adds to a micro-batch of ``rows`` packed rows (estimate): its masks, the prompt's W x W one
+    only where several prompts share a forward (left padding), and per layer the completions'
+    keys and values with their prompt's in front, (rows x G, kv_heads, W + T, head_dim), and their
+    copy repeated to every query head (sdpa with a mask); kept for the backward by every layer,
+    or with gradient checkpointing by the one being recomputed."""
+    b, span = _BYTES[s.compute], prompt + completion
+    masks = (rows * prompt * prompt if rows > 1 else 0) + (rows * group if rows > 1 else 1) * completion * span
+    keys_values = rows * group * span * (d["kv_heads"] + d["heads"]) * d["head_dim"] * 2
+    return b * (masks + keys_values * (1 if s.checkpointing else d["layers"]))
+
+
+def activation_bytes(s: Setup, d: dict[str, int], rows: int, length: int, scored: int, patches: int, vision_trains: bool,
+                     attention: int = 0) -> int:
     """Peak activations of one micro-batch's forward + backward (estimate).
 
     rows x length tokens through the language model, ``scored`` logit columns per row (float32
     log-softmax and its gradient next to the compute-dtype logits: 12 bytes per logit in bf16),
-    ``patches`` vision patches per forward. With gradient checkpointing each block keeps only its
-    input and one block's activations exist at a time during the backward. PA-GRPO's passes turn
-    at most LOGPROB_CHUNK_TOKENS positions into logits at a time; SFT all of its ``scored`` ones.
+    ``patches`` vision patches per forward, plus ``attention`` bytes (:func:`packed_attention_bytes`).
+    With gradient checkpointing each block keeps only its input and one block's activations exist
+    at a time during the backward. PA-GRPO's passes turn at most LOGPROB_CHUNK_TOKENS positions
+    into logits at a time; SFT all of its ``scored`` ones.
     """
     b = _BYTES[s.compute]
     tokens = rows * length
@@ -316,8 +332,7 @@ def activation_bytes(s: Setup, d: dict[str, int], rows: int, length: int, scored
     if vision_trains and d["vision_depth"]:
         per_block = _layer_bytes_per_token(d["vision_hidden"], d["vision_intermediate"], b)
         vision = patches * (d["vision_depth"] * d["vision_hidden"] * b + per_block if s.checkpointing else d["vision_depth"] * per_block)
-    mask = rows * length * length * b if (s.job == "pagrpo" and s.shared_prompt) else 0
-    return lm + logits + vision + mask
+    return lm + logits + vision + attention
 
 
 def plan(setup: Setup, counts: Counts) -> Plan:
@@ -354,12 +369,15 @@ def plan(setup: Setup, counts: Counts) -> Plan:
             rows, length, scored = s.micro_batch_size, prompt + t, t + 1
             notes.append(f"training passes: {rows} rows of {length} tokens (prompt + {t}) per micro-batch")
         prompts_in_pass = rows if s.shared_prompt else math.ceil(rows / g)
-        training.append(("activations", activation_bytes(s, d, rows, length, scored, patches * prompts_in_pass, vision_trains), "estimate"))
+        attention = packed_attention_bytes(s, d, rows, prompt, g, t) if s.shared_prompt else 0
+        training.append(("activations", activation_bytes(s, d, rows, length, scored, patches * prompts_in_pass, vision_trains,
+                                                         attention), "estimate"))
         seqs = s.prompts_per_rank * g
         per_token = d["layers"] * 2 * d["kv_heads"] * d["head_dim"] * cb  # keys and values of every layer
-        if s.rollout_engine == "compiled":  # preallocated, rounded up, kept between rollouts
-            columns = -(-(prompt + t) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
-            persistent.append(("rollout KV cache (compiled engine: static, kept)", seqs * columns * per_token, "estimate"))
+        if s.rollout_engine == "compiled":  # preallocated, kept between rollouts: each prompt once, then G completions
+            columns = -(-prompt // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+            kept = (s.prompts_per_rank * columns + seqs * t) * per_token
+            persistent.append(("rollout KV cache (compiled engine: static, kept)", kept, "estimate"))
             rollout = [("prefill KV cache (copied into the static one)", s.prompts_per_rank * prompt * per_token, "estimate")]
         else:
             columns = prompt + t
@@ -372,7 +390,11 @@ def plan(setup: Setup, counts: Counts) -> Plan:
             rollout.append(("autocast weight copies", c.autocast_bytes, "exact"))
         prefill = s.prompts_per_rank * prompt * (2 * d["intermediate"] + 4 * d["hidden"]) * cb + patches * 4 * d["vision_hidden"] * cb
         rollout.append(("prefill activations (no grad)", prefill, "estimate"))
-        notes.append(f"rollout ({s.rollout_engine} engine): {seqs} sequences x {columns} columns of KV cache (prompt {prompt} + {t})")
+        if s.rollout_engine == "compiled":
+            notes.append(f"rollout (compiled engine): KV cache of {s.prompts_per_rank} prompt(s) x {columns} columns (prompt "
+                         f"{prompt}, shared by its G sequences) + {seqs} sequences x {t} completion columns")
+        else:
+            notes.append(f"rollout (eager engine): {seqs} sequences x {columns} columns of KV cache (prompt {prompt} + {t})")
     else:
         length = prompt + SFT_TARGET_TOKENS
         rows = s.prompts_per_rank

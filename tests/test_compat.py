@@ -93,35 +93,32 @@ def _tiny_config():
                        num_key_value_heads=1, max_position_embeddings=64)
 
 
-def test_a_model_dispatches_attention_through_its_config_at_every_forward():
+def test_a_registered_kernel_gets_the_built_in_masks_and_the_forwards_keyword_arguments():
+    """What p2r.backbones.attention rests on: a model dispatches attention through its config at
+    every forward, a kernel registered with a built-in one's masks gets the masks that one gets,
+    and extra keyword arguments of the model's forward reach the kernel."""
     from transformers import Qwen2ForCausalLM
 
     config = _tiny_config()
-    compat.set_attention_implementation(config, "eager")
+    compat.set_attention_implementation(config, "sdpa")
     model = Qwen2ForCausalLM(config).eval()
-    assert compat.attention_implementation(model.config) == "eager"
     calls = []
 
-    def counting(module, query, key, value, attention_mask, **kwargs):
-        calls.append(query.shape)
+    def recording(module, query, key, value, attention_mask, marker=None, **kwargs):
+        calls.append((marker, None if attention_mask is None else attention_mask.shape))
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-    compat.register_attention_function("p2r_test_counting", counting)
-    ids = torch.tensor([[1, 2, 3]])
+    compat.register_attention_kernel("p2r_test_recording", recording, "sdpa")
+    ids, padded = torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 1]])
     with torch.no_grad():
-        expected = model(ids).logits
-        with compat.attention_implementation_as(model.config, "p2r_test_counting"):
-            assert compat.attention_implementation(model.config) == "p2r_test_counting"
-            switched = model(ids).logits
-        assert len(calls) == 1  # one layer, one forward: the switch reached the layer
-        assert compat.attention_implementation(model.config) == "eager"
-        model(ids)
-    assert len(calls) == 1  # restored: the registered function is not called any more
+        expected = model(ids, attention_mask=padded).logits
+        compat.set_attention_implementation(model.config, "p2r_test_recording")
+        assert compat.attention_implementation(model.config) == "p2r_test_recording"
+        switched = model(ids, attention_mask=padded, marker="here").logits
+    assert calls == [("here", (1, 1, 3, 3))]  # one layer: the padding mask built as for sdpa, the marker passed on
     torch.testing.assert_close(switched, expected, atol=1e-5, rtol=1e-5)
-    with compat.attention_implementation_as(model.config, None):
-        assert compat.attention_implementation(model.config) == "eager"
 
 
 def test_model_from_config_creates_the_weights_in_the_dtype():

@@ -110,9 +110,10 @@ def test_7b_pagrpo_under_fsdp2_on_7_gpus_equals_hand_worked_bytes():
     assert r["optimizer state (AdamW, 2 per trainable)"] == 2 * r["weights"] == 2 * r["gradients"]
     # Every unit gathered in bf16 for the rollout: the whole model, padded to a multiple of 7 rows.
     assert 2 * N_7B <= r["gathered rollout weights (all units, compute dtype)"] <= 2 * N_7B + tensors * 7 * 18944 * 2
-    # The compiled engine's static cache, kept between rollouts: 8 sequences x (8 x 128 vision + 256
-    # text + 768) columns (already a multiple of 256) x 28 layers x (k, v) x 4 heads x 128 x 2 bytes.
-    assert r["rollout KV cache (compiled engine: static, kept)"] == 8 * 2048 * 28 * 2 * 4 * 128 * 2 == 939_524_096
+    # The compiled engine's static cache, kept between rollouts: the prompt once (8 x 128 vision + 256
+    # text = 1280 columns, already a multiple of 256) and 8 sequences x 768 completion columns, each
+    # column 28 layers x (k, v) x 4 heads x 128 x 2 bytes.
+    assert r["rollout KV cache (compiled engine: static, kept)"] == (1280 + 8 * 768) * 28 * 2 * 4 * 128 * 2 == 425_721_856
     assert "fits in 80 GiB" in format_plan(p, 80)
 
 
@@ -121,8 +122,11 @@ def test_kv_cache_follows_the_rollout_engine():
     per_token = 28 * 2 * 4 * 128 * 2  # bf16 keys and values of every layer
     eager = plan_from_config(config("pagrpo", precision="bf16-true", backbone=backbone, rollout={"engine": "eager", "max_completion_length": 700}))
     assert rows(eager)["rollout KV cache (eager engine)"] == 8 * (1280 + 700) * per_token
-    compiled = plan_from_config(config("pagrpo", precision="bf16-true", backbone=backbone, rollout={"engine": "compiled", "max_completion_length": 700}))
-    assert rows(compiled)["rollout KV cache (compiled engine: static, kept)"] == 8 * 2048 * per_token  # 1980 rounded up to 256s
+    two_prompts = config("pagrpo", precision="bf16-true", backbone=backbone, rollout={"engine": "compiled", "max_completion_length": 700})
+    two_prompts["data"]["batch_size"] = 2
+    compiled = plan_from_config(two_prompts)
+    # each of 2 prompts once (1280 columns, a multiple of 256), then 16 sequences x 700 completion columns
+    assert rows(compiled)["rollout KV cache (compiled engine: static, kept)"] == (2 * 1280 + 16 * 700) * per_token
 
 
 def test_7b_pagrpo_under_ddp_bf16_true_equals_hand_worked_bytes_and_does_not_fit_80gb():
@@ -135,7 +139,7 @@ def test_7b_pagrpo_under_ddp_bf16_true_equals_hand_worked_bytes_and_does_not_fit
     assert r["weights"] == r["PA-GRPO reference"] == r["DDP gradient buckets"] == r["gradients"] == 2 * N_7B
     assert r["optimizer state (AdamW, 2 per trainable)"] == 4 * N_7B
     # 2 + 4 + 2 + 2 bytes per parameter, and the compiled engine's static KV cache, before any activation
-    assert p.persistent_total == 10 * N_7B + 939_524_096
+    assert p.persistent_total == 10 * N_7B + 425_721_856
     assert "does NOT fit in 80 GiB" in format_plan(p, 80)
 
 
@@ -151,8 +155,10 @@ def test_activation_estimate_equals_its_hand_worked_formula():
     lm = length * (layers * h * 2 + per_layer)
     logits = 512 * vocab * 12  # the LM head runs on 512 of the 6145 scored positions at a time
     vision = 4096 * (32 * 1280 * 2 + 2 * (6 * 1280 + 4 * 3420) + 8 * 1280)
-    mask = length * length * 2
-    assert rows(p)["activations"] == lm + logits + vision + mask
+    # packed attention: the completions' (T, W + T) mask, and one layer's (gradient checkpointing)
+    # completion keys and values with the prompt's in front, 4 kv heads + the 28-head repeat
+    attention = 2 * (768 * (1280 + 768) + 8 * (1280 + 768) * (4 + 28) * 128 * 2)
+    assert rows(p)["activations"] == lm + logits + vision + attention
     # autocast caches a bf16 copy of every trainable Linear/Conv weight and bias for the step:
     # all parameters but the input embedding and the RMSNorm weights (28 x 2 + 1 of 3584, 32 x 2 + 1 of 1280).
     assert rows(p)["autocast weight copies"] == 2 * (N_7B - 152064 * 3584 - 57 * 3584 - 65 * 1280)

@@ -7,8 +7,9 @@ times. Here one row holds one prompt and all of its completions:
 
     [pad..pad | prompt p (left-padded, video placeholder once) | c_1[:-1] | c_2[:-1] | ... | c_G[:-1] | pad..]
 
-with a 4-D attention mask: prompt tokens attend causally to the prompt; a completion token
-attends to the whole prompt and causally to its own completion, never to another completion.
+and attention that sees: prompt tokens attend causally to the prompt; a completion token
+attends to the whole prompt and causally to its own completion, never to another completion
+(:func:`p2r.backbones.attention.packed_group_attention`, laid out by :func:`packed_groups`).
 Each completion's positions continue from the end of the prompt exactly as in a per-sample
 forward (mrope: the prompt's positions from the model's ``get_rope_index`` on the prompt alone,
 then last prompt position + 1 + t on all three axes). So every completion sees exactly what it
@@ -24,19 +25,22 @@ Details:
     completion columns, which all rows share because prompts are left-padded to one width; and
     of those only the completion tokens' positions, a chunk at a time (never the whole
     (tokens x vocabulary) logits, :func:`p2r.algorithms.rollout.token_logprobs`).
-  - transformers 5.x (checked on 5.24, ``masking_utils._preprocess_mask_arguments``) passes a
-    4-D ``attention_mask`` (B, 1, Lq, Lk) through untouched: no causal or padding mask is added,
-    so this one must encode both. sdpa hands it to ``scaled_dot_product_attention`` (bool or
-    additive float both work there), eager *adds* it to the scores (a bool mask would add 1, not
-    block), so the mask is additive float in the model's dtype: 0 to attend, the dtype's minimum
-    to block. flash_attention_2 takes no such mask and flex_attention wants a BlockMask:
-    :func:`supports_shared_prompt` refuses them (the backbone's ``custom_mask_support``), and
+  - Attention runs as two calls of the model's own kernel (sdpa or eager): the prompts' queries
+    over the prompt (causal; with an explicit mask where prompts are left-padded), and each
+    completion's queries over [its prompt's keys, its own keys], G completions as a batch. A dense
+    (L, L) mask over the whole row would compute every completion against every other one.
+    The kernel is reached through the ``packed_groups`` argument of the model's forward, which
+    transformers hands to every attention call (p2r.backbones.attention); the model still gets a
+    4-D ``attention_mask`` (zeros), which transformers (5.24, ``masking_utils``) hands on as given
+    instead of building an (L, L) mask nobody reads. flash_attention_2 and flex_attention are
+    refused (:func:`supports_shared_prompt`, the backbone's ``custom_mask_support``), and
     sliding-window layers (the window would be dropped silently).
   - With LoRA dropout in train mode the shared prompt gets one dropout mask for its G
     completions, where the per-sample path draws G; the expectation is the same.
-  - Cost: attention runs over (P + sum of completions)^2 per group with a dense mask instead of
-    G (P + T)^2 with a causal one; the linear layers see P + sum of completions tokens instead
-    of G (P + T).
+  - Cost: attention computes P^2 / 2 + G T (P + T) scores per group where the per-sample path
+    computes G (P + T)^2 / 2; the linear layers see P + sum of completions tokens instead of
+    G (P + T). The price is memory: each completion's keys and values are laid out with a copy of
+    the prompt's in front, (G, kv_heads, P + T, head_dim) per layer (p2r.memory_plan counts it).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import torch
 from torch import nn
 
 from p2r.algorithms.rollout import LOGPROB_CHUNK_TOKENS, GroupRollout, scatter_tokens, token_logprobs
+from p2r.backbones.attention import PackedGroups, use_group_attention
 from p2r.backbones.base import VideoBackbone
 from p2r.backbones.batching import append_text, prompt_batch
 
@@ -76,20 +81,41 @@ def supports_shared_prompt(backbone: VideoBackbone) -> tuple[bool, str]:
     return True, why
 
 
-def shared_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (R, 1, L, L) from segment ids (R, L): -1 padding, 0 prompt, j + 1 completion j.
+def packed_groups(
+    prompt_lengths: list[int], starts: list[list[int]], lengths: list[list[int]], width: int, length: int,
+    dtype: torch.dtype, device: torch.device,
+) -> PackedGroups:
+    """The attention layout of R packed rows (:class:`p2r.backbones.attention.PackedGroups`).
 
-    Query q sees key k iff k <= q and k is a prompt token or in q's own segment. Padding
-    queries see earlier padding (at least themselves), so no row is empty and nothing is NaN;
-    no real token ever sees padding.
+    Row r: a prompt of ``prompt_lengths[r]`` tokens left-padded to ``width`` columns; its
+    completion j has ``lengths[r][j]`` input tokens from column ``width + starts[r][j]``; ``length``
+    columns in all. Masks are additive in ``dtype`` (0 to attend, the dtype's minimum to block):
+    a padding query sees only itself, so no score row is empty and nothing is NaN; no real token
+    ever sees padding.
     """
-    length = segments.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()  # (L, L)
-    same = segments[:, :, None] == segments[:, None, :]  # (R, L, L)
-    prompt_key = (segments == 0)[:, None, :]  # (R, 1, L)
-    allowed = causal & (same | prompt_key)  # (R, L, L)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)  # (R, L, L)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (R, 1, L, L)
+    rows, group = len(prompt_lengths), len(starts[0])
+    slots = max(1, max(n for row in lengths for n in row))  # T
+    blocked = torch.finfo(dtype).min
+    columns = torch.full((rows, group, slots), width - 1, dtype=torch.long)  # unused slots: the last prompt token
+    sources = torch.full((rows, length), width + group * slots, dtype=torch.long)  # padding columns: the zero output
+    sources[:, :width] = torch.arange(width)
+    for r in range(rows):
+        for j, (start, n) in enumerate(zip(starts[r], lengths[r])):
+            columns[r, j, :n] = width + start + torch.arange(n)
+            sources[r, width + start : width + start + n] = width + j * slots + torch.arange(n)
+    real = torch.arange(width)[None, :] >= width - torch.tensor(prompt_lengths)[:, None]  # (R, W) real prompt tokens
+    prompt_mask = None
+    if not bool(real.all()):
+        causal = torch.ones(width, width, dtype=torch.bool).tril()  # (W, W)
+        allowed = causal & (real[:, None, :] | torch.eye(width, dtype=torch.bool))  # (R, W, W)
+        prompt_mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, blocked)[:, None].to(device)  # (R, 1, W, W)
+    own = torch.ones(slots, slots, dtype=torch.bool).tril()  # (T, T)
+    allowed = torch.cat([real[:, None, :].expand(-1, slots, -1), own.expand(rows, -1, -1)], -1)  # (R, T, W + T)
+    if rows > 1:
+        allowed = allowed.repeat_interleave(group, 0)  # (R * G, T, W + T)
+    completion_mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, blocked)[:, None]  # (R*G or 1, 1, T, W+T)
+    return PackedGroups(width, group, slots, columns.view(rows, -1).to(device), sources.to(device), prompt_mask,
+                        completion_mask.to(device))
 
 
 @dataclass
@@ -97,7 +123,8 @@ class SharedBatch:
     """One row per prompt: the prompt left-padded to P columns, then its completions packed."""
 
     tensors: dict[str, torch.Tensor]  # input_ids (R, L), token types, visual tensors
-    attention_mask: torch.Tensor  # (R, 1, L, L) additive
+    packed: PackedGroups  # where prompts and completions lie: what attention masks with
+    attention_mask: torch.Tensor  # (R, 1, 1, L) zeros: 4-D, so transformers hands it on instead of building (L, L) masks
     position_ids: torch.Tensor  # (3, R, L) mrope or (R, L)
     logits_to_keep: int  # K = L - P + 1: the last prompt column and every completion column
     logit_rows: torch.Tensor  # (n, T) row holding the logit that predicts completion token t
@@ -115,26 +142,22 @@ def _prompt_positions(backbone: VideoBackbone, item: dict[str, torch.Tensor]) ->
 
 def _pack_row(
     prompt_length: int, positions: torch.Tensor, completions: list[list[int]], width: int, length: int, pad: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """One row: a prompt of ``prompt_length`` tokens left-padded to ``width``, then each completion but
     its last token, then padding to ``length``.
 
-    Returns the ids after the prompt (L - width,), segment ids (L,) (-1 padding, 0 prompt, j + 1
-    completion j), positions (3, L) or (L,) (completion positions continue at last prompt position
-    + 1), and where each completion's tokens start, counted from the first completion column.
+    Returns the ids after the prompt (L - width,), positions (3, L) or (L,) (completion positions
+    continue at last prompt position + 1), and where each completion's tokens start, counted from
+    the first completion column.
     """
     inputs = [torch.tensor(c[:-1], dtype=torch.long) for c in completions]  # the last token predicts nothing
     lead, tail = width - prompt_length, length - width - sum(len(x) for x in inputs)
     ids = torch.cat([*inputs, torch.full((tail,), pad)])  # (L - width,)
-    segments = torch.cat([
-        torch.full((lead,), -1), torch.zeros(prompt_length, dtype=torch.long),
-        *[torch.full((len(x),), j + 1) for j, x in enumerate(inputs)], torch.full((tail,), -1),
-    ])  # (L,)
     start = positions[..., -1:] + 1  # (3, 1) or (1,)
     zeros = [torch.zeros(positions.shape[:-1] + (n,), dtype=positions.dtype) for n in (lead, tail)]
     pos = torch.cat([zeros[0], positions, *[start + torch.arange(len(x)) for x in inputs], zeros[1]], -1)  # (3, L) or (L,)
     offsets = torch.tensor([0] + [len(x) for x in inputs]).cumsum(0)[:-1].tolist()
-    return ids, segments, pos, offsets
+    return ids, pos, offsets
 
 
 def build_shared_batch(backbone: VideoBackbone, rollout: GroupRollout, prompt_indices: list[int]) -> SharedBatch:
@@ -156,13 +179,13 @@ def build_shared_batch(backbone: VideoBackbone, rollout: GroupRollout, prompt_in
     # Logit column predicting token t (>= 1) of a completion starting at offset o: o + t, the
     # column of its token t - 1; column 0 (the last prompt token) predicts every token 0.
     logit_cols = torch.zeros(len(samples), t_max, dtype=torch.long)  # (n, T)
-    completion_columns, segments, positions = [], [], []
+    completion_columns, positions, starts = [], [], []
     for r, (item, group) in enumerate(zip(items, groups)):
-        ids, row_segments, row_positions, offsets = _pack_row(
+        ids, row_positions, offsets = _pack_row(
             item["input_ids"].shape[1], _prompt_positions(backbone, item), group, width, length, pad)
         completion_columns.append(ids)
-        segments.append(row_segments)
         positions.append(row_positions)
+        starts.append(offsets)
         for j, (comp, offset) in enumerate(zip(group, offsets)):
             i = r * g + j
             completion_ids[i, : len(comp)] = torch.tensor(comp, dtype=torch.long)
@@ -173,9 +196,12 @@ def build_shared_batch(backbone: VideoBackbone, rollout: GroupRollout, prompt_in
     del prompts["attention_mask"]  # the 4-D mask below replaces it
     tensors = append_text(prompts, torch.stack(completion_columns))  # (R, L), completion columns are text
     dev, dtype = backbone.device, backbone.dtype
+    prompt_lengths = [it["input_ids"].shape[1] for it in items]
+    inputs = [[max(0, len(c) - 1) for c in group] for group in groups]  # a completion's last token is no input
     return SharedBatch(
         tensors=backbone.move(tensors),
-        attention_mask=shared_attention_mask(torch.stack(segments).to(dev), dtype),  # (R, 1, L, L)
+        packed=packed_groups(prompt_lengths, starts, inputs, width, length, dtype, dev),
+        attention_mask=torch.zeros(len(items), 1, 1, length, dtype=dtype, device=dev),
         position_ids=torch.stack(positions, dim=-2).to(dev),  # (3, R, L) or (R, L)
         logits_to_keep=length - width + 1,
         logit_rows=(torch.arange(len(samples)) // g)[:, None].expand(-1, t_max).to(dev),  # (n, T)
@@ -211,8 +237,9 @@ def shared_prompt_logprobs(
     def logprobs(hidden: torch.Tensor, head: Callable) -> torch.Tensor:  # hidden (R, K, H), column 0: last prompt position
         return token_logprobs(hidden[rows, cols], head, ids, temperature, chunk_tokens)  # (M,)
 
+    use_group_attention(model if model is not None else backbone.model)  # packed_groups reaches attention
     picked = backbone.apply_head(
         logprobs, batch.logits_to_keep, model, **batch.tensors, attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
+        position_ids=batch.position_ids, packed_groups=batch.packed,
     )
     return scatter_tokens(picked, mask), mask  # (n, T), (n, T)

@@ -1,28 +1,32 @@
 """Prefill and decode steps of a Hugging Face VLM: its KV cache, attention mask and positions.
 
-A rollout prefills B prompts once (left-padded, one forward with the vision tower), repeats the
-KV cache G times and then feeds one sampled token per row and step. Two engines do the steps:
+A rollout prefills B prompts once (left-padded, one forward with the vision tower) and then feeds
+one sampled token per row (B x G rows, row i continuing prompt i // G) and step. Two engines do
+the steps:
 
-``eager``: Hugging Face's dynamic cache; every step grows the 2-D attention mask by one column and
-    the cache by concatenation. Works with every attention kernel (flash_attention_2 included),
+``eager``: Hugging Face's dynamic cache, the prompt's part repeated G times; every step grows the
+    2-D attention mask by one column and the cache by concatenation. Works with every attention kernel (flash_attention_2 included),
     quantized layers and any architecture whose forward takes explicit positions.
 
-``compiled``: a static KV cache preallocated for prompt + max_new_tokens, and a decode step whose
-    shapes never change, compiled once with ``torch.compile`` (on CUDA ``mode="reduce-overhead"``:
-    the step replays as one CUDA graph). Every per-rollout quantity lives in a preallocated tensor
+``compiled``: a static KV cache preallocated for the rollout, and a decode step whose shapes
+    never change, compiled once with ``torch.compile`` (on CUDA ``mode="reduce-overhead"``: the
+    step replays as one CUDA graph). The cache holds each prompt's keys and values once, read by
+    the G rows of its group (:class:`p2r.backbones.attention.SharedPrefix`, cascade attention),
+    and each row's generated ones apart. Every per-rollout quantity lives in a preallocated tensor
     that the step reads or updates in place: the next write column, each row's next position, the
-    keys each row may attend to (a boolean (N, L) buffer, turned into an additive 4-D mask inside
-    the step). So nothing is specialised on a prompt length, and a CUDA graph sees the same input
-    addresses on every replay. The buffers stay allocated on the backbone between rollouts (that is
-    what keeps the addresses, and the compiled graph, valid) and only grow: the cache length is
-    rounded up to a multiple of ``CACHE_LENGTH_MULTIPLE`` and a smaller batch reuses the larger
-    buffers (its spare rows decode padding that nobody reads), so a run with prompts of different
-    lengths recompiles once per growth, not once per prompt. Memory held between rollouts: layers x
-    2 x rows x kv_heads x cache length x head_dim elements (Qwen2.5-VL-7B, 8 rows, 2,816 columns in
-    bf16: 1.3 GB).
+    token fed next, the prompts' padding mask. So nothing is specialised on a prompt length, and a
+    CUDA graph sees the same input addresses on every replay. The buffers stay allocated on the
+    backbone between rollouts (that is what keeps the addresses, and the compiled graph, valid)
+    and only grow: prompt columns are rounded up to a multiple of ``CACHE_LENGTH_MULTIPLE``, and a
+    smaller batch or group reuses the larger buffers (its spare rows decode padding that nobody
+    reads), so a run with prompts of different lengths recompiles once per growth, not once per
+    prompt. Memory held between rollouts: layers x 2 x kv_heads x head_dim x (prompts x prompt
+    columns + rows x max_new_tokens) elements (Qwen2.5-VL-7B, 1 prompt of 2,048 columns, 8 rows of
+    768 tokens, bf16: 0.47 GB, where a copy of the prompt per row would take 1.3 GB).
 
-The compiled engine needs the model to take a custom 4-D additive mask as given
-(:func:`custom_mask_support`: sdpa or eager attention, no sliding-window layers). Where it cannot,
+The compiled engine needs the model to take a custom 4-D additive mask as given and its text
+attention to run p2r's kernel (:func:`custom_mask_support`: sdpa or eager attention, no
+sliding-window layers; :func:`p2r.backbones.attention.use_group_attention`). Where it cannot,
 the eager engine runs and the reason is logged once. Where compiling fails (an operation dynamo
 cannot trace, a backend error), the step runs uncompiled on the same static cache for the rest
 of that rollout and later rollouts use the eager engine; the reason is logged once. An FSDP2-
@@ -39,17 +43,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 from torch import nn
 
-from p2r.compat import (
-    attention_implementation,
-    attention_implementation_as,
-    mark_static_address,
-    register_attention_function,
-)
+from p2r.backbones.attention import GROUP_KERNELS, SharedPrefix, base_kernel, use_group_attention
+from p2r.compat import attention_implementation, mark_static_address
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ DecodeEngine = Literal["eager", "compiled"]
 # Static cache lengths are rounded up to a multiple of this: prompts of nearby lengths share one
 # compiled step; the padding costs at most this many masked key columns per step.
 CACHE_LENGTH_MULTIPLE = 256
-MASKED_ATTENTION = ("sdpa", "eager")
+MASKED_ATTENTION = tuple(GROUP_KERNELS.values())  # the kernels a custom mask (and a p2r kernel) can run over
 
 
 class Decoding(Protocol):
@@ -79,7 +79,7 @@ def custom_mask_support(model: nn.Module, attn_implementation: str) -> tuple[boo
     flex_attention a BlockMask; sliding-window layers would lose their window under such a mask.
     """
     config = model.config
-    impl = attention_implementation(config) or attn_implementation
+    impl = base_kernel(attention_implementation(config.get_text_config())) or attn_implementation
     if impl not in MASKED_ATTENTION:
         return False, (
             f"attn_implementation={impl!r} cannot take a custom 4-D attention mask (flash_attention_2 takes "
@@ -134,14 +134,16 @@ def prefill(
     """
     out = model(**tensors, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # (N, V)
-    start = next_positions(position_ids).repeat_interleave(group_size)  # (N,)
+    start = next_positions(position_ids)  # (B,)
     axes = position_ids.shape[0] if position_ids.ndim == 3 else 0
-    prompt_mask = tensors["attention_mask"].repeat_interleave(group_size, 0)  # (N, P)
+    prompt_mask = tensors["attention_mask"]  # (B, P)
     cache = _cache_of(out)
     if static is not None:
         return logits, static.start(model, cache, prompt_mask.bool(), start, axes, group_size, max_new_tokens)
     cache.batch_repeat_interleave(group_size)
-    return logits, EagerDecoding(model, cache, prompt_mask, start, axes)
+    return logits, EagerDecoding(
+        model, cache, prompt_mask.repeat_interleave(group_size, 0), start.repeat_interleave(group_size), axes,
+    )
 
 
 class EagerDecoding:
@@ -172,11 +174,12 @@ class EagerDecoding:
 
 
 class StaticKVCache:
-    """Keys and values of every layer in preallocated (rows, kv_heads, L, head_dim) tensors.
+    """Keys and values of the generated tokens of every layer in preallocated (rows, kv_heads, L, head_dim) tensors.
 
     The model calls ``update`` once per layer and step; the new column is written at ``write_at``
-    in place and the whole buffer is returned (the mask hides what is not written yet). It only
-    has what the decoder layers use (``update``): with a 4-D mask and explicit positions the
+    in place and the whole buffer is returned (the mask hides what is not written yet). The
+    prompts' keys and values are not here but in the :class:`SharedPrefix`, once per prompt. It
+    only has what the decoder layers use (``update``): with a 4-D mask and explicit positions the
     model asks a cache for nothing else.
     """
 
@@ -191,62 +194,53 @@ class StaticKVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
-PACKED_GQA_ATTENTION = "p2r_packed_gqa_decode"
+class _Shape(NamedTuple):
+    """What the static buffers hold: prompt slots x group slots rows, prompt and completion columns."""
 
+    prompts: int
+    group: int
+    prefix: int  # prompt columns: the longest prompt, rounded up to CACHE_LENGTH_MULTIPLE
+    suffix: int  # completion columns: max_new_tokens
 
-def packed_gqa_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """sdpa for one query token per row with the query heads of each key/value head packed together.
-
-    query (N, H, 1, D) -> (N, H_kv, H / H_kv, D) (query head h uses key/value head h // (H / H_kv),
-    as transformers' ``repeat_kv`` pairs them), keys/values (N, H_kv, L, D), mask (N, 1, 1, L)
-    shared by all heads: the keys and values are read once per step. transformers' own sdpa path does this only when
-    not compiling; under torch.compile with a mask it materialises the keys and values H / H_kv
-    times (7x for Qwen2.5-VL-7B), which would make a decode step read several times the cache.
-    Other query lengths go to transformers' sdpa function unchanged.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    rows, heads, length, dim = query.shape
-    kv_heads = key.shape[1]
-    if length != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    packed = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # (N, H_kv, H / H_kv, D)
-    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None  # (N, 1, H, D)
+    def covers(self, other: _Shape) -> bool:
+        return all(a >= b for a, b in zip(self, other))
 
 
 class _StaticBuffers:
-    """Everything one compiled decode step reads or writes, allocated once for (rows, length)."""
+    """Everything one compiled decode step reads or writes, allocated once for a :class:`_Shape`."""
 
-    def __init__(self, like: list[tuple[torch.Tensor, torch.Tensor]], rows: int, length: int, pad_token_id: int) -> None:
+    def __init__(self, like: list[tuple[torch.Tensor, torch.Tensor]], shape: _Shape, pad_token_id: int) -> None:
         k0 = like[0][0]
         device, self.dtype = k0.device, k0.dtype
-        self.rows, self.length = rows, length
+        self.shape = shape
         self.layout = [(k.shape[1], k.shape[3], v.shape[3]) for k, v in like]  # (kv_heads, key dim, value dim)
-        keys = [torch.zeros(rows, h, length, dk, dtype=self.dtype, device=device) for h, dk, _ in self.layout]
-        values = [torch.zeros(rows, h, length, dv, dtype=self.dtype, device=device) for h, _, dv in self.layout]
-        self.allowed = torch.zeros(rows, length, dtype=torch.bool, device=device)  # keys each row may see
+        rows = shape.prompts * shape.group
+
+        def zeros(n: int, length: int, dim: int) -> list[torch.Tensor]:  # per layer (n, kv_heads, length, dim)
+            return [torch.zeros(n, layout[0], length, layout[dim], dtype=self.dtype, device=device) for layout in self.layout]
+
+        self.prefix = SharedPrefix(zeros(shape.prompts, shape.prefix, 1), zeros(shape.prompts, shape.prefix, 2),
+                                   torch.zeros(shape.prompts, 1, 1, shape.prefix, device=device))
+        self.cache = StaticKVCache(zeros(rows, shape.suffix, 1), zeros(rows, shape.suffix, 2),
+                                   torch.zeros(1, dtype=torch.long, device=device))
+        self.columns = torch.arange(shape.suffix, device=device)  # completion column indices
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)  # position of the token fed next
         self.tokens = torch.full((rows,), pad_token_id, dtype=torch.long, device=device)  # the token fed next
-        self.cache = StaticKVCache(keys, values, torch.zeros(1, dtype=torch.long, device=device))
         # Fixed addresses: CUDA graphs read and update these in place instead of copying them.
-        for t in (*keys, *values, self.allowed, self.positions, self.tokens, self.cache.write_at):
+        for t in (*self.prefix.keys, *self.prefix.values, self.prefix.mask, *self.cache.keys, *self.cache.values,
+                  self.cache.write_at, self.columns, self.positions, self.tokens):
             mark_static_address(t)
 
-    def fits(self, like: list[tuple[torch.Tensor, torch.Tensor]], rows: int, length: int) -> bool:
+    def fits(self, like: list[tuple[torch.Tensor, torch.Tensor]], shape: _Shape) -> bool:
         k0 = like[0][0]
         layout = [(k.shape[1], k.shape[3], v.shape[3]) for k, v in like]
-        same = layout == self.layout and k0.dtype == self.dtype and k0.device == self.allowed.device
-        return same and rows <= self.rows and length <= self.length
+        same = layout == self.layout and k0.dtype == self.dtype and k0.device == self.tokens.device
+        return same and self.shape.covers(shape)
+
+    def used(self, t: torch.Tensor, prompts: int, group: int) -> torch.Tensor:
+        """The part of a per-row tensor (rows, ...) that B prompts x G completions use, as a (B, G, ...)
+        view (row p * group slots + j continues prompt p)."""
+        return t.view(self.shape.prompts, self.shape.group, *t.shape[1:])[:prompts, :group]
 
 
 def _layers_of(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -273,7 +267,7 @@ class StaticDecoder:
         self.failure: str | None = None  # why compiling failed; later rollouts then use the eager engine
         self.buffers: _StaticBuffers | None = None
         self.model: nn.Module | None = None
-        self.rows = 0
+        self.prompts = self.group = 0
         self._compiled = None
 
     @property
@@ -284,37 +278,37 @@ class StaticDecoder:
         self, model: nn.Module, cache: Any, prompt_mask: torch.Tensor, start: torch.Tensor, axes: int, group_size: int,
         max_new_tokens: int,
     ) -> StaticDecoder:
-        """Copy the prefilled cache of B prompts into rows 0..N-1 (each prompt G times) and reset the step state.
+        """Copy the prefilled cache of B prompts into the shared prefix (once per prompt) and reset the step state.
 
-        ``prompt_mask`` (N, P) bool, ``start`` (N,) the first decode position of each row.
+        ``prompt_mask`` (B, P) bool, ``start`` (B,) the first decode position of each prompt.
         """
         layers = _layers_of(cache)
-        rows, width = prompt_mask.shape
-        length = _round_up(width + max_new_tokens, CACHE_LENGTH_MULTIPLE)
-        if self.buffers is None or not self.buffers.fits(layers, rows, length):
+        prompts, width = prompt_mask.shape
+        need = _Shape(prompts, group_size, _round_up(width, CACHE_LENGTH_MULTIPLE), max(max_new_tokens, 1))
+        if self.buffers is None or not self.buffers.fits(layers, need):
             if self.buffers is not None:  # grow, never shrink: a later smaller batch reuses these
-                rows, length = max(rows, self.buffers.rows), max(length, self.buffers.length)
+                need = _Shape(*map(max, need, self.buffers.shape))
             self.buffers = None  # free the old buffers before allocating the new ones
-            self.buffers = _StaticBuffers(layers, rows, length, self.pad_token_id)
-        rows = prompt_mask.shape[0]
+            self.buffers = _StaticBuffers(layers, need, self.pad_token_id)
         b = self.buffers
-        for (k, v), keys, values in zip(layers, b.cache.keys, b.cache.values):
-            keys.zero_()
-            values.zero_()
-            keys[:rows, :, :width] = k.repeat_interleave(group_size, 0)
-            values[:rows, :, :width] = v.repeat_interleave(group_size, 0)
-        b.allowed.zero_()
-        b.allowed[:rows, :width] = prompt_mask
+        # Unused slots are zeroed, not left from the last rollout: a masked column's probability is
+        # exactly 0, but 0 x a stale non-finite value would still be NaN.
+        for (k, v), prefix_keys, prefix_values in zip(layers, b.prefix.keys, b.prefix.values):
+            prefix_keys.zero_()
+            prefix_values.zero_()
+            prefix_keys[:prompts, :, :width] = k
+            prefix_values[:prompts, :, :width] = v
+        for t in (*b.cache.keys, *b.cache.values):
+            t.zero_()
+        b.prefix.mask.fill_(torch.finfo(b.prefix.mask.dtype).min)
+        b.prefix.mask[:prompts, 0, 0, :width].masked_fill_(prompt_mask, 0.0)
         b.positions.zero_()
-        b.positions[:rows] = start
+        b.used(b.positions, prompts, group_size).copy_(start[:, None].expand(-1, group_size))
         b.tokens.fill_(self.pad_token_id)
-        b.cache.write_at.fill_(width)
-        self.model, self.rows, self.axes = model, rows, axes
+        b.cache.write_at.zero_()
+        self.model, self.prompts, self.group, self.axes = model, prompts, group_size, axes
         self.cache_kwarg = cache_argument(model)
-        self.text_config = model.config.get_text_config()
-        self.attention = PACKED_GQA_ATTENTION if attention_implementation(self.text_config) == "sdpa" else None
-        if self.attention is not None:
-            register_attention_function(PACKED_GQA_ATTENTION, packed_gqa_attention)
+        use_group_attention(model)  # shared_prefix reaches attention (p2r.backbones.attention)
         return self
 
     def _forward(self) -> torch.Tensor:
@@ -324,21 +318,22 @@ class StaticDecoder:
         uncompiled; the caller advances ``write_at`` and the positions afterwards.
         """
         b = self.buffers
-        b.allowed.index_fill_(1, b.cache.write_at, True)  # (rows, L): each row now sees the token it is fed
-        blocked = torch.finfo(b.dtype).min
-        mask = torch.zeros(b.allowed.shape, dtype=b.dtype, device=b.allowed.device).masked_fill(~b.allowed, blocked)
+        blocked = torch.finfo(torch.float32).min
+        # Every row sees the completion columns written so far and the one written now.
+        own = torch.zeros(b.columns.shape, device=b.columns.device).masked_fill(b.columns > b.cache.write_at, blocked)
         out = self.model(
             input_ids=b.tokens[:, None],
-            attention_mask=mask[:, None, None, :],  # (rows, 1, 1, L) additive
+            attention_mask=own.expand(b.tokens.shape[0], 1, 1, -1),  # (rows, 1, 1, Ls) additive
             position_ids=_as_position_ids(b.positions, self.axes),
             use_cache=True,
+            shared_prefix=b.prefix,
             **{self.cache_kwarg: b.cache},
         )
         return out.logits[:, -1]  # (rows, V)
 
     def _compiled_step(self):
         if self._compiled is None:
-            cuda_graphs = self.buffers.allowed.device.type == "cuda" and not self.sharded
+            cuda_graphs = self.buffers.tokens.device.type == "cuda" and not self.sharded
             self._compiled = torch.compile(
                 self._forward, fullgraph=not self.sharded, dynamic=False,
                 mode="reduce-overhead" if cuda_graphs else None,
@@ -347,20 +342,19 @@ class StaticDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         b = self.buffers
-        b.tokens[: self.rows].copy_(tokens)
+        b.used(b.tokens, self.prompts, self.group).copy_(tokens.view(self.prompts, self.group))
         logits = None
-        with attention_implementation_as(self.text_config, self.attention):
-            if self.failure is None:
-                try:
-                    if b.allowed.device.type == "cuda":
-                        torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
-                    logits = self._compiled_step()()
-                except Exception as err:  # any compile error; a genuine runtime error recurs in the uncompiled step
-                    self.failure = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-                    log.warning("compiled decoding failed (%s): this rollout continues uncompiled on the static "
-                                "cache, later ones use the eager engine", self.failure)
-            if logits is None:
-                logits = self._forward()
+        if self.failure is None:
+            try:
+                if b.tokens.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+                logits = self._compiled_step()()
+            except Exception as err:  # any compile error; a genuine runtime error recurs in the uncompiled step
+                self.failure = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+                log.warning("compiled decoding failed (%s): this rollout continues uncompiled on the static "
+                            "cache, later ones use the eager engine", self.failure)
+        if logits is None:
+            logits = self._forward()
         b.cache.write_at.add_(1)
         b.positions.add_(1)
-        return logits[: self.rows]  # (N, V)
+        return b.used(logits, self.prompts, self.group).reshape(self.prompts * self.group, -1)  # (N, V)

@@ -18,7 +18,8 @@ import torch
 import p2r.algorithms.rollout as rollout_module
 from p2r.algorithms.policy_loss import pagrpo_loss
 from p2r.algorithms.rollout import GroupRollout, build_train_batch, completion_logprobs, prepare_prompts
-from p2r.algorithms.shared_prompt import shared_attention_mask, shared_prompt_logprobs, supports_shared_prompt
+from p2r.algorithms.shared_prompt import packed_groups, shared_prompt_logprobs, supports_shared_prompt
+from p2r.backbones.attention import packed_group_attention
 from p2r.backbones import LoraOptions, TinyQwen2VL, TinyQwen3VL, TinyQwen25VL
 from p2r.data.video import Clip
 
@@ -37,9 +38,10 @@ def _clip(seed: int, frames: int, side: int) -> Clip:
 
 
 @functools.cache
-def _build(cls, lora: bool, attn: str = "sdpa"):
+def _build(cls, lora: bool, attn: str = "sdpa", checkpointing: bool = False):
     """A built tiny backbone in eval mode, shared by the tests (none changes its weights)."""
-    backbone = cls(**SIZES, attn_implementation=attn, lora=LoraOptions(r=4) if lora else None)
+    backbone = cls(**SIZES, attn_implementation=attn, lora=LoraOptions(r=4) if lora else None,
+                   gradient_checkpointing=checkpointing)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # peft draws lora_A from the global generator
         backbone.build()
@@ -107,6 +109,7 @@ def test_temperature_and_eager_attention():
     assert supports_shared_prompt(backbone)[0]
     rollout = _rollout(backbone, 2)
     _assert_same_logprobs(backbone, rollout, [0, 1, 2], temperature=0.7)
+    _assert_same_logprobs(backbone, rollout, [1])  # one prompt, no padding: eager gets a causal mask made for it
 
 
 def _loss_and_grads(backbone, rollout, micro_batches, logprobs_of, seed=0):
@@ -130,9 +133,12 @@ def _loss_and_grads(backbone, rollout, micro_batches, logprobs_of, seed=0):
     return total, grads
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_pagrpo_loss_and_gradients_match(lora):
-    backbone = _build(TinyQwen25VL, lora)
+@pytest.mark.parametrize("lora, checkpointing", [(False, False), (True, False), (False, True)],
+                         ids=["full", "lora", "full-checkpointing"])
+def test_pagrpo_loss_and_gradients_match(lora, checkpointing):
+    """With gradient checkpointing (train mode, so it is on) the backward recomputes attention
+    outside the forward: the packed kernel must run there too."""
+    backbone = _build(TinyQwen25VL, lora, checkpointing=checkpointing)
     rollout = _rollout(backbone, 8)
     micro = [[0, 2], [1]]
 
@@ -140,8 +146,12 @@ def test_pagrpo_loss_and_gradients_match(lora):
         batch = build_train_batch(backbone, rollout, _rows(prompt_indices, 8))
         return completion_logprobs(backbone, batch), batch.completion_mask
 
-    expected_loss, expected = _loss_and_grads(backbone, rollout, micro, per_sample)
-    loss, grads = _loss_and_grads(backbone, rollout, micro, lambda p: shared_prompt_logprobs(backbone, rollout, p))
+    backbone.train(checkpointing)  # no dropout anywhere in the tiny model: train mode changes nothing else
+    try:
+        expected_loss, expected = _loss_and_grads(backbone, rollout, micro, per_sample)
+        loss, grads = _loss_and_grads(backbone, rollout, micro, lambda p: shared_prompt_logprobs(backbone, rollout, p))
+    finally:
+        backbone.eval()
     assert loss == pytest.approx(expected_loss, abs=1e-6)
     assert grads.keys() == expected.keys() and grads
     for name, grad in grads.items():  # within 1e-4 of each gradient's scale (measured: under 1e-5)
@@ -173,22 +183,57 @@ def test_vision_encoder_once_per_prompt_and_one_forward_per_micro_batch():
     assert [rows for rows, _ in forwards] == [2, 1]  # one forward per micro-batch, one row per prompt
 
 
-def test_attention_mask_hand_worked():
-    # columns: left pad, prompt, prompt, completion 1 (2 tokens), completion 2 (1 token), right pad
-    segments = torch.tensor([[-1, 0, 0, 1, 1, 2, -1]])
-    allowed = shared_attention_mask(segments, torch.float32)[0, 0] == 0
-    expected = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0],  # padding sees itself only: no empty row
-        [0, 1, 0, 0, 0, 0, 0],  # prompt: causal over the prompt
-        [0, 1, 1, 0, 0, 0, 0],
-        [0, 1, 1, 1, 0, 0, 0],  # completion 1: the prompt and itself, causally
-        [0, 1, 1, 1, 1, 0, 0],
-        [0, 1, 1, 0, 0, 1, 0],  # completion 2: the prompt and itself, never completion 1
-        [1, 1, 1, 0, 0, 0, 1],  # right padding: earlier padding and the prompt (never read)
-    ], dtype=torch.bool)
-    assert torch.equal(allowed, expected)
-    blocked = shared_attention_mask(segments, torch.bfloat16)
+def _hand_worked_layout(dtype=torch.float32):
+    # columns: left pad, prompt, prompt, completion 0 (2 tokens), completion 1 (1 token), right pad
+    return packed_groups([2], [[0, 2]], [[2, 1]], width=3, length=7, dtype=dtype, device=torch.device("cpu"))
+
+
+def test_packed_layout_hand_worked():
+    packed = _hand_worked_layout()
+    assert (packed.width, packed.group, packed.slots) == (3, 2, 2)
+    assert packed.columns.tolist() == [[3, 4, 5, 2]]  # completion 1's unused slot: the last prompt column
+    assert packed.sources.tolist() == [[0, 1, 2, 3, 4, 5, 7]]  # prompt outputs, slots 0, 1, 2, the zero output
+    assert (packed.prompt_mask[0, 0] == 0).int().tolist() == [
+        [1, 0, 0],  # padding sees itself only: no empty row
+        [0, 1, 0],  # prompt: causal over the prompt, never the padding
+        [0, 1, 1],
+    ]
+    assert (packed.completion_mask[0, 0] == 0).int().tolist() == [
+        [0, 1, 1, 1, 0],  # slot 0: the real prompt tokens, then itself
+        [0, 1, 1, 1, 1],  # slot 1: and slot 0
+    ]
+    blocked = _hand_worked_layout(torch.bfloat16).completion_mask
     assert blocked.dtype == torch.bfloat16 and blocked.min() == torch.finfo(torch.bfloat16).min
+    # no padding: the prompt part is plain causal attention (sdpa's is_causal)
+    assert packed_groups([3], [[0, 2]], [[2, 1]], width=3, length=7, dtype=torch.float32, device=torch.device("cpu")).prompt_mask is None
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_packed_group_attention_equals_dense_masked_attention(kernel):
+    """Two packed rows (one left-padded), G = 2: every real column's output equals attention over
+    the whole row under the dense mask it replaces (prompt causal; a completion sees the prompt and
+    itself causally, never the other completion)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    packed = packed_groups([2, 3], [[0, 2], [0, 1]], [[2, 1], [1, 3]], width=3, length=8, dtype=torch.float32,
+                           device=torch.device("cpu"))
+    segments = torch.tensor([[-1, 0, 0, 1, 1, 2, -1, -1], [0, 0, 0, 1, 2, 2, 2, -1]])  # -1 padding, 0 prompt, j + 1 completion j
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    allowed = causal & ((segments[:, :, None] == segments[:, None, :]) | (segments == 0)[:, None, :])  # (R, L, L)
+    allowed &= (segments >= 0)[:, None, :] | torch.eye(8, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 8, 8, generator=gen)  # (R, H, L, D): 4 query heads over 2 key/value heads
+    key, value = torch.randn(2, 2, 8, 8, generator=gen), torch.randn(2, 2, 8, 8, generator=gen)
+    module = modeling_qwen2_5_vl.Qwen2_5_VLAttention.__new__(modeling_qwen2_5_vl.Qwen2_5_VLAttention)
+    torch.nn.Module.__init__(module)
+    module.num_key_value_groups, module.is_causal, module.training = 2, True, False
+    out = packed_group_attention(module, query, key, value, packed, kernel, scaling=0.3)  # (R, L, H, D)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, 2), repeat_kv(value, 2), attn_mask=allowed[:, None], scale=0.3).transpose(1, 2)
+    real = segments >= 0
+    torch.testing.assert_close(out[real], expected[real], atol=1e-6, rtol=1e-6)
+    assert out[0, 6:].abs().sum() == 0 and out[1, 7].abs().sum() == 0  # right padding reads the zero output
 
 
 def test_supports_shared_prompt_refuses_what_cannot_take_the_mask(monkeypatch):

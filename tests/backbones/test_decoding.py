@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 
 from p2r.algorithms.rollout import generate_groups, prepare_prompts
 from p2r.backbones import LoraOptions, TinyQwen2VL, TinyQwen3VL, TinyQwen25VL
-from p2r.backbones.decoding import packed_gqa_attention
+from p2r.backbones.attention import cascade_attention
 
 SIZES = dict(hidden_size=32, num_layers=2, vision_hidden_size=32, seed=3)
 NEW_TOKENS = 24
@@ -97,10 +97,10 @@ def test_compiled_rollouts_across_prompt_lengths_recompile_once_per_growth():
     backbone = _built(TinyQwen2VL)
     short_texts, short_clips = _two_prompts(backbone)
     long_text = [backbone.render_prompt("Describe every frame of this long video in detail.", "video")]
-    long_clip = [_clip(2, frames=16, side=112)]  # 128 vision tokens: prompt + 140 new tokens > 256 columns
+    long_clip = [_clip(2, frames=16, side=168)]  # 288 vision tokens: more than 256 prompt columns
     runs = [  # (texts, clips, G, new tokens, recompiles expected)
         (short_texts, short_clips, 3, NEW_TOKENS, 0),  # the shape of the test above (compiled there or now)
-        (long_text, long_clip, 2, 140, 1),  # needs 512 columns: the buffers grow, one recompile
+        (long_text, long_clip, 2, 140, 1),  # 512 prompt, 140 completion columns: the buffers grow, one recompile
         (short_texts[:1], short_clips[:1], 2, NEW_TOKENS, 0),  # fits the grown buffers (spare rows, columns)
         (short_texts, short_clips, 3, NEW_TOKENS, 0),
     ]
@@ -126,7 +126,7 @@ def test_static_cache_grows_only_and_spare_rows_do_not_disturb(monkeypatch):
     backbone.eval()
     texts, clips = _two_prompts(backbone)
     long_text = [backbone.render_prompt("Describe every frame of this long video in detail.", "video")]
-    long_clip = [_clip(2, frames=16, side=112)]
+    long_clip = [_clip(2, frames=16, side=168)]  # 288 vision tokens: more than 256 prompt columns
     sizes = []
     for k, (t, c, g, new) in enumerate([(texts, clips, 4, 20), (texts[1:], clips[1:], 3, 20), (long_text, long_clip, 2, 150),
                                         (texts, clips, 4, 20)]):
@@ -136,9 +136,10 @@ def test_static_cache_grows_only_and_spare_rows_do_not_disturb(monkeypatch):
         greedy = generate_groups(backbone, t, c, g, new, temperature=0, engine="compiled")
         assert greedy.completion_ids == generate_groups(backbone, t, c, g, new, temperature=0).completion_ids, k
         decoder = _prefill(backbone, t, c, g, new, "compiled")[1]
-        sizes.append((decoder.buffers.rows, decoder.buffers.length))
-    # rows: 8, then 3 fit in 8; columns: a multiple of 256, grown for the long prompt, never shrunk
-    assert sizes == [(8, 256), (8, 256), (8, 512), (8, 512)]
+        sizes.append(tuple(decoder.buffers.shape))
+    # (prompt slots, group slots, prompt columns, completion columns): a smaller batch or group fits
+    # the buffers it finds; prompt columns are a multiple of 256; every size grows, never shrinks
+    assert sizes == [(2, 4, 256, 20), (2, 4, 256, 20), (2, 4, 512, 150), (2, 4, 512, 150)]
 
 
 def test_compiled_engine_falls_back_to_eager_where_the_mask_would_be_wrong(monkeypatch, caplog):
@@ -176,16 +177,35 @@ def test_a_compile_failure_finishes_the_rollout_uncompiled_then_uses_eager(monke
     assert "compiling failed earlier" in text
 
 
-def test_packed_gqa_attention_equals_repeated_key_value_heads():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cascade_attention_equals_attention_over_each_rows_whole_sequence(dtype):
+    """Prompt keys stored once per group + each row's own keys = plain attention over every row's
+    [its prompt's keys, its own keys], with the prompts' padding and the unwritten columns masked."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     gen = torch.Generator().manual_seed(0)
-    query = torch.randn(3, 6, 1, 8, generator=gen)  # 6 query heads over 2 key/value heads
-    key, value = torch.randn(3, 2, 10, 8, generator=gen), torch.randn(3, 2, 10, 8, generator=gen)
-    mask = torch.zeros(3, 1, 1, 10).masked_fill(torch.rand(3, 1, 1, 10, generator=gen) < 0.3, torch.finfo(torch.float32).min)
-    mask[..., 0] = 0  # every row sees a key
-    module = torch.nn.Module()
-    out, _ = packed_gqa_attention(module, query, key, value, mask, scaling=0.3)
+    prompts, group, heads, kv_heads, dim, prefix_len, own_len = 2, 3, 6, 2, 8, 10, 5
+    rows = prompts * group
+    query = torch.randn(rows, heads, 1, dim, generator=gen)  # 6 query heads over 2 key/value heads
+    prefix_keys, prefix_values = (torch.randn(prompts, kv_heads, prefix_len, dim, generator=gen) for _ in range(2))
+    keys, values = (torch.randn(rows, kv_heads, own_len, dim, generator=gen) for _ in range(2))
+    blocked = torch.finfo(torch.float32).min
+    prefix_mask = torch.zeros(prompts, 1, 1, prefix_len)
+    prefix_mask[0, ..., :4] = blocked  # prompt 0 is left-padded by 4
+    mask = torch.zeros(1, 1, 1, own_len)
+    mask[..., 3:] = blocked  # 3 completion columns written so far
+    as_dtype = [t.to(dtype) for t in (query, prefix_keys, prefix_values, keys, values)]
+    out = cascade_attention(as_dtype[0], as_dtype[1], as_dtype[2], prefix_mask, as_dtype[3], as_dtype[4], mask, 0.3)
+
+    whole_keys = torch.cat([prefix_keys.repeat_interleave(group, 0), keys], 2)  # (rows, kv_heads, 15, dim)
+    whole_values = torch.cat([prefix_values.repeat_interleave(group, 0), values], 2)
+    whole_mask = torch.cat([prefix_mask.repeat_interleave(group, 0), mask.expand(rows, -1, -1, -1)], -1)
     expected = torch.nn.functional.scaled_dot_product_attention(
-        query, repeat_kv(key, 3), repeat_kv(value, 3), attn_mask=mask, scale=0.3).transpose(1, 2)  # (3, 1, 6, 8)
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+        query, repeat_kv(whole_keys, 3), repeat_kv(whole_values, 3), attn_mask=whole_mask, scale=0.3).transpose(1, 2)
+    assert out.shape == (rows, 1, heads, dim) and out.dtype == dtype
+    tolerance = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out.float(), expected, **tolerance)
+    # the padded prompt positions contribute nothing: changing them changes nothing
+    prefix_values[0, :, :4] = 1e3
+    again = cascade_attention(query, prefix_keys, prefix_values, prefix_mask, keys, values, mask, 0.3)
+    torch.testing.assert_close(again, expected, atol=1e-6, rtol=1e-6)

@@ -93,7 +93,7 @@ def backbone_meta_model(cls: type, init_args: dict[str, Any]) -> nn.Module:
 
 def model_dims(model: nn.Module) -> dict[str, int]:
     """The widths of a built (or meta) model that activation and cache estimates need: language
-    model hidden / intermediate size, layers, key/value heads, head dim, vocabulary, and the vision
+    model hidden / intermediate size, layers, query and key/value heads, head dim, vocabulary, and the vision
     tower's width, MLP width and depth (0 without one)."""
     text = model.config.get_text_config()
     vcfg = getattr(model.config, "vision_config", None)
@@ -102,7 +102,7 @@ def model_dims(model: nn.Module) -> dict[str, int]:
     width = (getattr(vcfg, "embed_dim", None) or getattr(vcfg, "hidden_size", 0)) if vcfg is not None else 0
     inner = (getattr(vcfg, "intermediate_size", None) or int(getattr(vcfg, "mlp_ratio", 4) * width)) if vcfg is not None else 0
     return dict(
-        hidden=text.hidden_size, intermediate=text.intermediate_size, layers=text.num_hidden_layers,
+        hidden=text.hidden_size, intermediate=text.intermediate_size, layers=text.num_hidden_layers, heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", heads), head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         vocab=text.vocab_size, vision_hidden=width, vision_intermediate=inner,
         vision_depth=getattr(vcfg, "depth", 0) if vcfg is not None else 0,
