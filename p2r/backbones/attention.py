@@ -14,7 +14,7 @@ and so reads, or multiplies against, the prompt's keys and values G times. Two k
     prompt; each completion's queries attend to [the prompt's keys, its own keys] in a batch of G.
     A dense mask over the whole row instead computes every completion against every other one and
     throws the scores away: (W + G T)^2 score entries where W^2 / 2 + G T (W + T) are needed
-    (Qwen2.5-VL-7B at the paper's shape, W ~ 2,000, G = 8, T = 768: 67 M against 18 M per head).
+    (Qwen2.5-VL-7B at the paper's shape, W ~ 2,000, G = 8, T = 768: 66 M against 17 M per head).
 
 Both are reached through keyword arguments of the model's forward, which transformers (5.x) hands
 down to every attention call: :func:`use_group_attention` makes a built model's text attention
@@ -50,7 +50,10 @@ def _transformers_kernel(name: str, module: nn.Module):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward
-    return sys.modules[type(module).__module__].eager_attention_forward  # each model file defines its own
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)  # each model file has its own
+    if eager is None:
+        raise NotImplementedError(f"{type(module).__module__} defines no eager_attention_forward; use attn_implementation 'sdpa'")
+    return eager
 
 
 @dataclass
