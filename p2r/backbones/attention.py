@@ -143,7 +143,7 @@ def packed_group_attention(
     its own keys] (R x G rows). Returns (R, L, H, D), the layout an attention function returns;
     padding columns get zeros. ``kwargs`` (dropout, scaling) go to both calls."""
     inner = _transformers_kernel(kernel, module)
-    rows, _, _, _ = query.shape
+    rows = query.shape[0]
     w, g, t = packed.width, packed.group, packed.slots
 
     def slots(x: torch.Tensor) -> torch.Tensor:  # (R, h, L, D) -> (R * G, h, T, D): each completion's slots
@@ -192,11 +192,14 @@ def _group_kernel(base: str):
     return attention
 
 
+_KERNEL_FUNCTIONS = {name: _group_kernel(base) for name, base in GROUP_KERNELS.items()}  # one object each, always
+
+
 def use_group_attention(model: nn.Module) -> None:
     """Make ``model``'s text attention dispatch to the p2r kernel over its sdpa or eager kernel
-    (other kernels unchanged: they cannot take the custom masks)."""
+    (other kernels unchanged: they cannot take the custom masks). Idempotent."""
     for name, base in GROUP_KERNELS.items():
-        register_attention_kernel(name, _group_kernel(base), base)
+        register_attention_kernel(name, _KERNEL_FUNCTIONS[name], base)
     text = model.config.get_text_config()
     current = attention_implementation(text)
     if current in GROUP_KERNELS.values():
