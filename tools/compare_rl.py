@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from p2r.cli import main as p2r_main
 
 TINY = ["--config", "configs/tiny.yaml"]
@@ -59,6 +61,9 @@ def main() -> None:
     overrides += [f"--data.batch_size={args.batch_size}"] if args.batch_size else []
     overrides += [f"--model.init_args.lr={args.lr}"] if args.lr else []
 
+    # Say which checkpoint this is: any other `fit` into runs/sft replaces last.ckpt.
+    step = torch.load(SFT_CKPT, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    print(f"starting from {SFT_CKPT}: SFT global step {step} (the demo's is 2250)")
     scores = {"SFT start": held_out(SFT_CKPT)}
     trends = {}
     for job, name in (("pagrpo", "PA-GRPO"), ("grpo", "GRPO")):
