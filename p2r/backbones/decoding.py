@@ -79,13 +79,13 @@ def custom_mask_support(model: nn.Module, attn_implementation: str) -> tuple[boo
     flex_attention a BlockMask; sliding-window layers would lose their window under such a mask.
     """
     config = model.config
-    impl = base_kernel(attention_implementation(config.get_text_config())) or attn_implementation
+    text = config.get_text_config()
+    impl = base_kernel(attention_implementation(text)) or attn_implementation
     if impl not in MASKED_ATTENTION:
         return False, (
             f"attn_implementation={impl!r} cannot take a custom 4-D attention mask (flash_attention_2 takes "
             f"padding masks only, flex_attention a BlockMask); use one of {MASKED_ATTENTION}"
         )
-    text = config.get_text_config()
     if getattr(text, "use_sliding_window", False) or "sliding_attention" in (getattr(text, "layer_types", None) or []):
         return False, "sliding-window attention layers would lose their window under a custom 4-D mask"
     return True, f"{config.model_type} with {impl} attention takes a custom 4-D mask"
