@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from p2r.algorithms.rollout import LOGPROB_CHUNK_TOKENS, GroupRollout, scatter_tokens, token_logprobs
-from p2r.backbones.attention import PackedGroups, use_group_attention
+from p2r.backbones.attention import PackedGroups, additive_mask, use_group_attention
 from p2r.backbones.base import VideoBackbone
 from p2r.backbones.batching import append_text, prompt_batch
 
@@ -95,7 +95,6 @@ def packed_groups(
     """
     rows, group = len(prompt_lengths), len(starts[0])
     slots = max(1, max(n for row in lengths for n in row))  # T
-    blocked = torch.finfo(dtype).min
     columns = torch.full((rows, group, slots), width - 1, dtype=torch.long)  # unused slots: the last prompt token
     sources = torch.full((rows, length), width + group * slots, dtype=torch.long)  # padding columns: the zero output
     sources[:, :width] = torch.arange(width)
@@ -108,12 +107,12 @@ def packed_groups(
     if not bool(real.all()):
         causal = torch.ones(width, width, dtype=torch.bool).tril()  # (W, W)
         allowed = causal & (real[:, None, :] | torch.eye(width, dtype=torch.bool))  # (R, W, W)
-        prompt_mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, blocked)[:, None].to(device)  # (R, 1, W, W)
+        prompt_mask = additive_mask(allowed, dtype)[:, None].to(device)  # (R, 1, W, W)
     own = torch.ones(slots, slots, dtype=torch.bool).tril()  # (T, T)
     allowed = torch.cat([real[:, None, :].expand(-1, slots, -1), own.expand(rows, -1, -1)], -1)  # (R, T, W + T)
     if rows > 1:
         allowed = allowed.repeat_interleave(group, 0)  # (R * G, T, W + T)
-    completion_mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, blocked)[:, None]  # (R*G or 1, 1, T, W+T)
+    completion_mask = additive_mask(allowed, dtype)[:, None]  # (R*G or 1, 1, T, W+T)
     return PackedGroups(width, group, slots, columns.view(rows, -1).to(device), sources.to(device), prompt_mask,
                         completion_mask.to(device))
 

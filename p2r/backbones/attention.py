@@ -56,6 +56,12 @@ def _transformers_kernel(name: str, module: nn.Module):
     return eager
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive form of a boolean attention mask: 0 where ``allowed``, the dtype's minimum
+    elsewhere (finite, so a score row never turns NaN while it allows one key)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 @dataclass
 class SharedPrefix:
     """The prompts' keys and values, stored once per prompt and read by the G rows of its group
@@ -157,7 +163,7 @@ def packed_group_attention(
 
     prompt_mask = packed.prompt_mask
     if prompt_mask is None and kernel != "sdpa":  # sdpa runs causally without a mask; eager needs one
-        prompt_mask = torch.full((w, w), torch.finfo(query.dtype).min, dtype=query.dtype, device=query.device).triu(1)[None, None]
+        prompt_mask = additive_mask(torch.ones(w, w, dtype=torch.bool, device=query.device).tril(), query.dtype)[None, None]
     prompt_out, _ = inner(module, query[:, :, :w], key[:, :, :w], value[:, :, :w], prompt_mask, **kwargs)  # (R, W, H, D)
     completion_out, _ = inner(module, slots(query), with_prompt(key), with_prompt(value), packed.completion_mask, **kwargs)  # (R*G, T, H, D)
     heads, dim = prompt_out.shape[2:]

@@ -48,7 +48,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 import torch
 from torch import nn
 
-from p2r.backbones.attention import GROUP_KERNELS, SharedPrefix, base_kernel, use_group_attention
+from p2r.backbones.attention import GROUP_KERNELS, SharedPrefix, additive_mask, base_kernel, use_group_attention
 from p2r.compat import attention_implementation, mark_static_address
 
 log = logging.getLogger(__name__)
@@ -318,9 +318,7 @@ class StaticDecoder:
         uncompiled; the caller advances ``write_at`` and the positions afterwards.
         """
         b = self.buffers
-        blocked = torch.finfo(torch.float32).min
-        # Every row sees the completion columns written so far and the one written now.
-        own = torch.zeros(b.columns.shape, device=b.columns.device).masked_fill(b.columns > b.cache.write_at, blocked)
+        own = additive_mask(b.columns <= b.cache.write_at, torch.float32)  # (Ls,): the columns written so far and now
         out = self.model(
             input_ids=b.tokens[:, None],
             attention_mask=own.expand(b.tokens.shape[0], 1, 1, -1),  # (rows, 1, 1, Ls) additive
