@@ -70,8 +70,8 @@ def lookup(tree: dict, path: tuple) -> Any:
 
 def test_the_glob_finds_the_known_configs():
     names = {rel(p) for p in ALL}
-    assert {"configs/sft.yaml", "configs/tiny.yaml"} <= names
-    assert "configs/sft.yaml" in {rel(p) for p in JOBS} and "configs/tiny.yaml" in {rel(p) for p in OVERLAYS}
+    assert {"configs/sft.yaml", "configs/sft_video_r1.yaml", "configs/tgrpo.yaml", "configs/tiny.yaml"} <= names
+    assert {"configs/sft.yaml", "configs/sft_video_r1.yaml"} <= {rel(p) for p in JOBS} and "configs/tiny.yaml" in {rel(p) for p in OVERLAYS}
 
 
 @pytest.mark.parametrize("job", JOBS, ids=rel)
@@ -154,3 +154,34 @@ def test_grpo_is_pagrpo_with_one_summed_advantage_and_the_per_sequence_mean():
     assert differences(pagrpo, grpo) == where | method
     assert grpo["model"]["init_args"]["loss"] == {**pagrpo["model"]["init_args"]["loss"], "mode": "grpo", "aggregation": "sequence_mean"}
     assert {lookup(c, ("trainer", "default_root_dir")) for c in (pagrpo, grpo)} == {"runs/pagrpo", "runs/grpo"}
+
+
+def checkpoint_dir(config: dict) -> str:
+    [dirpath] = [cb["init_args"]["dirpath"] for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
+    return dirpath
+
+
+def test_tgrpo_starts_from_video_r1s_own_think_answer_sft_with_the_same_prompt():
+    """Video-R1's recipe: think/answer SFT (configs/sft_video_r1.yaml), then T-GRPO from its last
+    checkpoint, both on Video-R1's prompt; PA-GRPO keeps starting from the process-aware SFT."""
+    sft, sft_r1, tgrpo, pagrpo = (load(CONFIG_DIR / f"{n}.yaml") for n in ("sft", "sft_video_r1", "tgrpo", "pagrpo"))
+    start = ("model", "init_args", "backbone", "init_args", "weights_from")
+    assert lookup(tgrpo, start) == "runs/sft_video_r1/checkpoints/last.ckpt" == f"{checkpoint_dir(sft_r1)}/last.ckpt"
+    assert lookup(pagrpo, start) == f"{checkpoint_dir(sft)}/last.ckpt"
+    prompt = ("model", "init_args", "prompt_template")
+    assert lookup(sft_r1, prompt) == lookup(tgrpo, prompt) == "video_r1"
+    assert lookup(sft_r1, ("model", "init_args", "target_template")) == "video_r1"
+    assert "target_template" not in sft["model"]["init_args"]  # the process-aware default
+    runs = {lookup(sft_r1, ("trainer", "default_root_dir")), lookup(sft_r1, ("trainer", "logger", 0, "init_args", "save_dir"))}
+    assert runs == {"runs/sft_video_r1"} and checkpoint_dir(sft_r1) == "runs/sft_video_r1/checkpoints"
+
+
+def test_video_r1_sft_takes_video_r1s_hyperparameters():
+    """src/scripts/run_sft_video.sh: 4 GPUs x batch 1 x accumulation 2, lr 1e-6 (TRL's default linear
+    decay, no warmup, no weight decay), max grad norm 5, 1 epoch; frames as T-GRPO's (its qwen-vl-utils)."""
+    sft_r1, tgrpo = load(CONFIG_DIR / "sft_video_r1.yaml"), load(CONFIG_DIR / "tgrpo.yaml")
+    trainer, model = sft_r1["trainer"], sft_r1["model"]["init_args"]
+    assert (trainer["devices"], sft_r1["data"]["batch_size"], trainer["accumulate_grad_batches"]) == (4, 1, 2)
+    assert (trainer["max_epochs"], trainer["gradient_clip_val"]) == (1, 5.0)
+    assert (model["lr"], model["schedule"], model["warmup_ratio"], model["weight_decay"]) == (1e-6, "linear", 0.0, 0.0)
+    assert sft_r1["data"]["train_frames"] == tgrpo["data"]["train_frames"]

@@ -7,6 +7,10 @@ only: the prompt, the video/image placeholder tokens and padding are masked (Vid
 the loss over the prompt too). Paper scale: batch 8 x accumulation 2, Qwen2.5-VL-7B-Instruct,
 16 frames at 128*28*28 pixels, bf16.
 
+``target_template: video_r1`` trains Video-R1's think/answer target instead
+(:func:`p2r.data.records.think_answer_target`): the SFT stage of the T-GRPO baseline
+(configs/sft_video_r1.yaml), whose prompt must then be Video-R1's too (``prompt_template: video_r1``).
+
 Departures: a record without a CoT trace (no ``output`` and no ``observation``+``process``) is
 a data error: it is skipped with a warning and counted in ``data/skipped_samples``, not trained on
 as a bare answer.
@@ -14,6 +18,7 @@ as a bare answer.
 Launch:
     python -m p2r fit --config configs/sft.yaml                          # paper scale
     python -m p2r fit --config configs/sft.yaml --config configs/tiny.yaml  # CPU demo
+    python -m p2r fit --config configs/sft_video_r1.yaml                 # Video-R1's SFT (T-GRPO's start)
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from p2r.algorithms.base import VideoLVLMModule
+from p2r.algorithms.settings import require
 from p2r.backbones.base import TARGET_MASK, VideoBackbone
 from p2r.backbones.batching import move_to
 from p2r.data.datamodule import Sample
-from p2r.data.records import RecordError, target_text
+from p2r.data.records import SFT_TARGETS, RecordError, TargetTemplate
 from p2r.data.shard_reader import SkipLog
 from p2r.data.video import Clip
 
@@ -61,11 +67,18 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class SFTModule(VideoLVLMModule):
-    """Supervised fine-tuning on process-aware chain-of-thought targets (answer tokens only)."""
+    """Supervised fine-tuning on chain-of-thought targets, process-aware by default (answer tokens only)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """Takes the arguments of :class:`p2r.algorithms.base.VideoLVLMModule` (backbone, lr, schedule, ...)."""
+    def __init__(self, *args: Any, target_template: TargetTemplate = "videop2r", **kwargs: Any) -> None:
+        """
+        Args:
+            target_template: Assistant text trained on: videop2r (observation/think/answer, METHOD.md),
+                video_r1 (Video-R1's <think>...</think> then <answer>...</answer>, the T-GRPO baseline's SFT).
+            *args, **kwargs: The arguments of :class:`p2r.algorithms.base.VideoLVLMModule` (backbone, lr, schedule, ...).
+        """
+        require("target_template", target_template, target_template in SFT_TARGETS, f"one of {', '.join(SFT_TARGETS)}")
         super().__init__(*args, **kwargs)
+        self.target_template = target_template
         self.save_hyperparameters(ignore=["backbone"])
         self.skip_log = SkipLog(logging.getLogger(__name__), "training records")
         self._step_start = 0.0
@@ -74,7 +87,7 @@ class SFTModule(VideoLVLMModule):
         keep, targets = [], []
         for s in batch:
             try:
-                targets.append(target_text(s.record))
+                targets.append(SFT_TARGETS[self.target_template](s.record))
                 keep.append(s)
             except RecordError as err:
                 self.skip_log.skip("no CoT target", str(err))

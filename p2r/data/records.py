@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from callbacks.rewards.parsing import solution_answer
 
@@ -224,3 +225,46 @@ def target_text(record: VideoRecord) -> str:
     if not think.startswith("<think>"):
         think = f"<think>{think}</think>"
     return f"{obs}\n{think}\n<answer>{record.answer}</answer>"
+
+
+# Which assistant text SFT trains on: p2r's observation/think/answer trace or Video-R1's think/answer one.
+TargetTemplate = Literal["videop2r", "video_r1"]
+
+
+def _segment(field_text: str, output: str, tag: str) -> str:
+    """A segment's text without its tags, stripped: its own field (inside its first ``<tag>`` block,
+    or all of it when untagged), else its first complete block in the full trace ``output``, else ""."""
+    block = re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL)
+    if field_text.strip():
+        match = block.search(field_text)
+        return (match.group(1) if match else field_text).strip()
+    match = block.search(output)
+    return match.group(1).strip() if match else ""
+
+
+def think_answer_target(record: VideoRecord) -> str:
+    """The SFT target in Video-R1's think/answer template, for the T-GRPO baseline's own SFT stage.
+
+    Follows tulerfeng/Video-R1 ``src/r1-v/src/open_r1/sft_video.py`` (``prepare_dataset``), whose
+    assistant text is ``process + "\\n" + solution``: on Video-R1-COT-165k (``process`` =
+    ``<think>...</think>``, ``solution`` = ``<answer>X</answer>``) that is
+    ``<think>...</think>\\n<answer>X</answer>``, the whole-output layout its format reward asks for.
+
+    Departs where p2r's records differ: a record that keeps its perception text apart (VideoP2R
+    records, the synthetic set) gets it at the head of the think text, tags stripped
+    (``<think>{observation} {think}</think>``), so the baseline learns from the same information as
+    the process-aware SFT, never an ``<observation>`` block its format reward scores 0; a record
+    with only a full trace in ``output`` gives its segments from there; the answer is the
+    record's :attr:`~VideoRecord.answer` in one ``<answer>`` block (a bare solution gets the tags).
+    Raises when the record has no reasoning to learn from.
+    """
+    think = _segment(record.process, record.output, "think")
+    if not think:
+        raise RecordError(f"record {record.id}: no 'process' and no <think> in 'output' to build the think/answer SFT target")
+    observation = _segment(record.observation, record.output, "observation")
+    reasoning = f"{observation} {think}" if observation else think
+    return f"<think>{reasoning}</think>\n<answer>{record.answer}</answer>"
+
+
+# The target function of each SFT target template.
+SFT_TARGETS = {"videop2r": target_text, "video_r1": think_answer_target}

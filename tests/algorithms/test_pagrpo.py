@@ -96,6 +96,19 @@ def tiny_sft(tmp_path_factory):
     return work, data
 
 
+@pytest.fixture(scope="module")
+def tiny_video_r1_sft(tiny_sft):
+    """Video-R1's think/answer SFT in the same working folder: runs/sft_video_r1/checkpoints/last.ckpt,
+    as tgrpo.yaml expects."""
+    work, data = tiny_sft
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        main(["fit", "--config", f"{ROOT}/configs/sft_video_r1.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
+              *SMALL, *data, "--trainer.max_steps=2"])
+    assert (work / "runs/sft_video_r1/checkpoints/last.ckpt").is_file()
+    return work, data
+
+
 def _metrics(csv_path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(open(csv_path)))
 
@@ -132,13 +145,13 @@ class ShuffledRecorder(L.Callback):
 
 
 @pytest.mark.slow
-def test_tgrpo_fit_samples_half_a_group_on_shuffled_frames(tiny_sft, monkeypatch):
-    """configs/tgrpo.yaml on the tiny overlay: G = 4 completions per prompt and G / 2 = 2 more on
-    shuffled frames, Video-R1's reward set logged, the policy moves."""
-    work, data = tiny_sft
+def test_tgrpo_fit_samples_half_a_group_on_shuffled_frames(tiny_video_r1_sft, monkeypatch):
+    """configs/tgrpo.yaml on the tiny overlay, from the tiny think/answer SFT: G = 4 completions per
+    prompt and G / 2 = 2 more on shuffled frames, Video-R1's reward set logged, the policy moves."""
+    work, data = tiny_video_r1_sft
     monkeypatch.chdir(work)
     ShuffledRecorder.seen = []
-    sft = torch.load(work / "runs/sft/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    sft = torch.load(work / "runs/sft_video_r1/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     cli = main(["fit", "--config", f"{ROOT}/configs/tgrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
                 *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=4",
                 "--model.init_args.rollout.max_completion_length=12", f"--trainer.callbacks+={__name__}.ShuffledRecorder",

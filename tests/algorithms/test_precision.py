@@ -1,6 +1,6 @@
 """Paper-scale precision: float32 master weights and optimizer state, bf16 compute, nothing rounded away.
 
-The job configs (sft, pagrpo, grpo, tgrpo) train under p2r.strategies.FSDP2Strategy with
+The job configs (sft, sft_video_r1, pagrpo, grpo, tgrpo) train under p2r.strategies.FSDP2Strategy with
 ``param_dtype: bfloat16`` and ``reduce_dtype: float32``, ``precision: 32-true`` and a float32
 backbone. Here that exact policy (the strategy block read from each job config) runs on the tiny
 backbone in ONE gloo process on the CPU (FSDP2's mixed-precision policy applies with one rank as
@@ -32,7 +32,7 @@ from p2r.cli import main
 from p2r.data.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[2]
-PAPER_JOBS = ["sft", "pagrpo", "grpo", "tgrpo"]
+PAPER_JOBS = ["sft", "sft_video_r1", "pagrpo", "grpo", "tgrpo"]
 LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK")
 SMALL = ["--model.init_args.backbone.init_args.hidden_size=32", "--model.init_args.backbone.init_args.num_layers=2",
          "--model.init_args.backbone.init_args.vision_hidden_size=32", "--data.num_workers=0", "--data.val_shards=null",

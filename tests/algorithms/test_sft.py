@@ -1,4 +1,5 @@
-"""Process-aware SFT: answer-only labels, the masked loss on worked numbers, and the real CLI fitting and testing the tiny model."""
+"""Process-aware SFT: answer-only labels, the masked loss on worked numbers, and the real CLI fitting and testing the tiny model;
+Video-R1's think/answer SFT (configs/sft_video_r1.yaml): its labels and a tiny fit through the CLI."""
 
 from __future__ import annotations
 
@@ -13,9 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+import p2r.algorithms.sft as sft_module
+from callbacks.rewards.format import think_answer_format
 from p2r.algorithms.sft import IGNORE_INDEX, masked_lm_loss, sft_batch
 from p2r.backbones import TinyQwen25VL
 from p2r.cli import main
+from p2r.data.prompts import VIDEO_R1_QUESTION_TEMPLATE, build_prompt
+from p2r.data.records import parse_record, think_answer_target
+from p2r.data.synthetic import VideoSpec, generate_split
 from p2r.data.video import Clip
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,10 +176,11 @@ def test_flags_beat_the_hyperparameters_saved_in_the_checkpoint(fitted):
     assert cli.model.eval_max_new_tokens == 3 and cli.model.prompt_template == "none"
 
 
-def test_answer_labels_mask_everything_but_the_answer_exactly(tiny25):
+def assert_labels_are_exactly_the_targets(tiny25, rendered: list[str], targets: list[str]) -> None:
+    """sft_batch on a video row and an image row: each row's labels are its target's tokens and the
+    end-of-turn token at the target's own positions, IGNORE_INDEX on the prompt, vision tokens and padding."""
     tok = tiny25.tokenizer
-    rendered = [tiny25.render_prompt("Which way does it move?", "video"), tiny25.render_prompt("How many?", "image")]
-    batch, labels = sft_batch(tiny25, rendered, [VIDEO, IMAGE], TARGETS)
+    batch, labels = sft_batch(tiny25, rendered, [VIDEO, IMAGE], targets)
     assert "target_mask" not in batch  # consumed: the batch holds model inputs only
     end, pad = tok.convert_tokens_to_ids("<|im_end|>"), tiny25.pad_token_id
     assert pad == tok.convert_tokens_to_ids("<|endoftext|>")
@@ -182,7 +189,7 @@ def test_answer_labels_mask_everything_but_the_answer_exactly(tiny25):
     for i, (prompt, n_vision) in enumerate(zip(rendered, (8, 6))):
         # The prompt as the tokenizer sees it, with its one placeholder expanded to n_vision tokens.
         p = len(tok(prompt, add_special_tokens=False)["input_ids"]) - 1 + n_vision
-        target = tok(TARGETS[i], add_special_tokens=False)["input_ids"] + [end]
+        target = tok(targets[i], add_special_tokens=False)["input_ids"] + [end]
         t = len(target)
         ids, row_labels, mask = batch["input_ids"][i], labels[i], batch["attention_mask"][i]
         assert ids[:p].tolist() == tiny25.process_one(prompt, [VIDEO, IMAGE][i])["input_ids"][0].tolist()
@@ -191,7 +198,59 @@ def test_answer_labels_mask_everything_but_the_answer_exactly(tiny25):
         assert row_labels[p + t :].tolist() == [IGNORE_INDEX] * (length - p - t)  # padding
         assert ids[p + t :].tolist() == [pad] * (length - p - t)
         assert mask.tolist() == [1] * (p + t) + [0] * (length - p - t)
-        assert tok.decode(row_labels[row_labels != IGNORE_INDEX]) == TARGETS[i] + "<|im_end|>"
+        assert tok.decode(row_labels[row_labels != IGNORE_INDEX]) == targets[i] + "<|im_end|>"
         row_ends.append(p + t)
     assert length == max(row_ends) and row_ends[0] != row_ends[1]  # one row really is padded
     assert "target_mask" not in tiny25.encode(rendered, [VIDEO, IMAGE])
+
+
+def test_answer_labels_mask_everything_but_the_answer_exactly(tiny25):
+    rendered = [tiny25.render_prompt("Which way does it move?", "video"), tiny25.render_prompt("How many?", "image")]
+    assert_labels_are_exactly_the_targets(tiny25, rendered, TARGETS)
+
+
+def test_think_answer_labels_are_exactly_the_video_r1_targets(tiny25):
+    """Video-R1's template on synthetic records (observation folded into think): the answer-only mask
+    still covers exactly the target tokens, and neither prompt nor target has an observation block."""
+    records = [rec for rec, _ in generate_split("train", 3, seed=0, spec=VideoSpec())[:2]]
+    targets = [think_answer_target(rec) for rec in records]
+    assert targets[1] == (
+        "<think>On a white background, a blue square appears at the bottom right. In total one shape appears. "
+        "Only the blue square appears, so there is 1 shape. So the answer is 1.</think>\n<answer>1</answer>"
+    )
+    assert all("<observation>" not in t and think_answer_format(t) == 1.0 for t in targets)
+    rendered = [tiny25.render_prompt(build_prompt(rec, "video_r1"), kind) for rec, kind in zip(records, ("video", "image"))]
+    assert not any("<observation>" in r for r in rendered)
+    assert_labels_are_exactly_the_targets(tiny25, rendered, targets)
+
+
+@pytest.mark.slow
+def test_video_r1_sft_config_trains_on_think_answer_targets(tmp_path, synthetic_root, tiny_sizes, monkeypatch):
+    """configs/sft_video_r1.yaml's CPU line (+ tiny.yaml) for 2 steps: every row it trained on has Video-R1's
+    prompt and a think/answer target of a training record, and its labels are that target with no observation."""
+    trained = []
+
+    def recording_sft_batch(backbone, prompts, clips, targets):
+        inputs, labels = sft_batch(backbone, prompts, clips, targets)
+        trained.extend((p, t, backbone.tokenizer.decode(row[row != IGNORE_INDEX])) for p, t, row in zip(prompts, targets, labels))
+        return inputs, labels
+
+    monkeypatch.setattr(sft_module, "sft_batch", recording_sft_batch)
+    configs = ["--config", str(REPO / "configs" / "sft_video_r1.yaml"), "--config", str(REPO / "configs" / "tiny.yaml")]
+    with mock.patch.object(sys, "argv", ["p2r"]):
+        cli = main(["fit", *configs, "--config", str(overlay(tmp_path, synthetic_root, tiny_sizes)), "--trainer.max_steps=2",
+                    "--trainer.num_sanity_val_steps=0", "--trainer.limit_val_batches=0"])
+    assert cli.trainer.global_step == 2
+    assert (cli.model.target_template, cli.model.prompt_template) == ("video_r1", "video_r1")
+    records = [parse_record(r) for r in json.loads((synthetic_root / "train.json").read_text())]
+    expected = {think_answer_target(r) for r in records}
+    instruction = VIDEO_R1_QUESTION_TEMPLATE.split("\n", 1)[1]  # the text after "{Question}\n"
+    assert len(trained) == 2 * 4  # 2 steps x batch 4, none skipped
+    for prompt, target, labels in trained:
+        assert instruction in prompt and "<observation>" not in prompt
+        assert target in expected and labels == target + "<|im_end|>" and "<observation>" not in labels
+
+
+def test_an_unknown_target_template_is_refused_naming_the_setting(tiny25):
+    with pytest.raises(ValueError, match=r"model.init_args.target_template must be one of videop2r, video_r1, got 'observation'"):
+        sft_module.SFTModule(tiny25, target_template="observation")

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from p2r.data.records import RecordError, VideoRecord, parse_record, target_text
+from callbacks.rewards.format import think_answer_format
+from p2r.data.records import RecordError, VideoRecord, parse_record, target_text, think_answer_target
+from p2r.data.synthetic import VideoSpec, generate_split
 
 
 def native(**changes) -> dict:
@@ -153,3 +155,43 @@ def test_target_text_without_a_trace_raises_naming_the_record(empty):
     rec = parse_record(native(**{empty: ""}))
     with pytest.raises(RecordError, match="record clip-1: no 'output' trace"):
         target_text(rec)
+
+
+def test_think_answer_target_of_a_video_r1_cot_record_is_process_newline_solution():
+    # Video-R1-COT-165k's layout: no observation, process = <think>...</think>, solution = <answer>X</answer>;
+    # sft_video.py trains on process + "\n" + solution.
+    rec = parse_record(native(observation="", output=""))
+    assert think_answer_target(rec) == rec.process + "\n" + rec.solution
+    assert think_answer_target(rec) == "<think>It moves right, option B.</think>\n<answer>B</answer>"
+
+
+def test_think_answer_target_puts_a_synthetic_records_observation_inside_think():
+    rec, _ = generate_split("train", 3, seed=0, spec=VideoSpec())[0]
+    assert rec.observation.startswith("<observation>") and rec.process.startswith("<think>")
+    target = think_answer_target(rec)
+    assert target == (
+        "<think>A yellow square is on a black background. It starts at the right edge and moves left across "
+        "the whole frame, ending at the left edge. The square begins at the right edge and finishes at the "
+        "left edge, so its motion is left. That is option A.</think>\n<answer>A</answer>"
+    )
+    assert "<observation>" not in target and "</observation>" not in target
+    # Video-R1's whole-output format reward: 1 on this target, 0 on the process-aware one.
+    assert think_answer_format(target) == 1.0 and think_answer_format(target_text(rec)) == 0.0
+
+
+def test_think_answer_target_of_untagged_fields_and_a_bare_solution():
+    rec = parse_record(native(observation=" A red circle moves right. ", process="It moves right.", solution="B"))
+    assert think_answer_target(rec) == "<think>A red circle moves right. It moves right.</think>\n<answer>B</answer>"
+
+
+def test_think_answer_target_reads_the_segments_of_a_full_output_trace():
+    output = "<observation> A red circle. </observation>\n<think>So B.</think>\n<answer>B</answer>"
+    rec = parse_record(native(observation="", process="", output=output))
+    assert think_answer_target(rec) == "<think>A red circle. So B.</think>\n<answer>B</answer>"
+
+
+@pytest.mark.parametrize("output", ["", "<observation>obs</observation> <answer>B</answer>", "<think>cut off"])
+def test_think_answer_target_without_reasoning_raises_naming_the_record(output):
+    rec = parse_record(native(process="", output=output))  # an observation alone is nothing to reason with
+    with pytest.raises(RecordError, match="record clip-1: no 'process' and no <think>"):
+        think_answer_target(rec)
