@@ -139,20 +139,41 @@ def differences(a: Any, b: Any, prefix: tuple = ()) -> set[tuple]:
     return set() if a == b else {prefix}
 
 
-def test_grpo_is_pagrpo_with_one_summed_advantage_and_the_per_sequence_mean():
-    """The paper's GRPO ablation: the same rewards, budget, model and precision as PA-GRPO; only
-    the advantage (one, from the summed reward) and the loss aggregation (per-sequence mean, as
-    TRL's loss_type grpo and Video-R1's trainer) differ, besides where the run writes."""
-    pagrpo, grpo = load(CONFIG_DIR / "pagrpo.yaml"), load(CONFIG_DIR / "grpo.yaml")
-    where = {
+def _run_paths(config: dict) -> set[tuple]:
+    """Where a run writes: the paths of two jobs' configs that may differ besides the method."""
+    return {
         ("trainer", "default_root_dir"),
         ("trainer", "logger", 0, "init_args", "save_dir"),
-        *{("trainer", "callbacks", i, "init_args", "dirpath") for i, cb in enumerate(grpo["trainer"]["callbacks"])
+        *{("trainer", "callbacks", i, "init_args", "dirpath") for i, cb in enumerate(config["trainer"]["callbacks"])
           if cb["class_path"].endswith("ModelCheckpoint")},
     }
+
+
+def _perception_rewards(config: dict) -> list[dict]:
+    return [cb for cb in config["trainer"]["callbacks"] if ".Perception" in cb["class_path"]]
+
+
+def test_joint_is_pagrpo_without_separate_assignment():
+    """The paper's "without separate assignment" row: PA-GRPO's rewards (both processes), budget,
+    model, precision and aggregation; only the advantage differs (one, from the summed reward)."""
+    pagrpo, joint = load(CONFIG_DIR / "pagrpo.yaml"), load(CONFIG_DIR / "joint.yaml")
+    assert differences(pagrpo, joint) == _run_paths(joint) | {("model", "init_args", "loss", "mode")}
+    assert joint["model"]["init_args"]["loss"] == {**pagrpo["model"]["init_args"]["loss"], "mode": "grpo"}
+    assert len(_perception_rewards(joint)) == 3
+    assert {lookup(c, ("trainer", "default_root_dir")) for c in (pagrpo, joint)} == {"runs/pagrpo", "runs/joint"}
+
+
+def test_grpo_is_pagrpo_with_the_reasoning_rewards_only_one_advantage_and_the_per_sequence_mean():
+    """The paper's process-agnostic GRPO (= its "without R_P" row): PA-GRPO's budget, model and
+    precision with the reasoning rewards only, one advantage and the per-sequence mean loss (TRL's
+    loss_type grpo, Video-R1's trainer)."""
+    pagrpo, grpo = load(CONFIG_DIR / "pagrpo.yaml"), load(CONFIG_DIR / "grpo.yaml")
+    without_perception = {**pagrpo, "trainer": {**pagrpo["trainer"], "callbacks": [
+        cb for cb in pagrpo["trainer"]["callbacks"] if cb not in _perception_rewards(pagrpo)]}}
     method = {("model", "init_args", "loss", "mode"), ("model", "init_args", "loss", "aggregation")}
-    assert differences(pagrpo, grpo) == where | method
+    assert differences(without_perception, grpo) == _run_paths(grpo) | method
     assert grpo["model"]["init_args"]["loss"] == {**pagrpo["model"]["init_args"]["loss"], "mode": "grpo", "aggregation": "sequence_mean"}
+    assert not _perception_rewards(grpo) and len(_perception_rewards(pagrpo)) == 3
     assert {lookup(c, ("trainer", "default_root_dir")) for c in (pagrpo, grpo)} == {"runs/pagrpo", "runs/grpo"}
 
 

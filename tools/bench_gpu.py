@@ -34,7 +34,7 @@ Sections, each in its own process (its peak memory is its own; a failure stops o
           checkpointing's recompute is not counted (the usual MFU convention). Peak: the dense
           bf16 spec where known (H100 SXM/H200 989, H100 PCIe 756, A100 312 TFLOP/s), else the measured bf16 matmul rate.
   pagrpo  one PA-GRPO step at the paper's shape: Qwen2.5-VL-3B, 1 prompt (16 frames at 448x224) x
-          G = 8 x 768 tokens, shared prompt, beta 0.04, segment_mean, one update (no old-policy pass),
+          G = 8 x 768 tokens, shared prompt, beta 0.04, process_mean, one update (no old-policy pass),
           float32 master weights + bf16 autocast, gradient checkpointing, a float32 frozen reference
           copy as PAGRPOModule makes it, the fastest engine this build has: phase split and peak GPU
           memory, beside p2r.memory_plan's estimate for the same shape on one GPU.

@@ -90,7 +90,7 @@ class StepSettings:
     new_tokens: int = 128
     micro_batch: int = 8
     seed: int = 0
-    loss: str = "segment_mean"
+    loss: str = "process_mean"
     old_policy: bool = True  # run the old-policy pass (PAGRPOModule does only when num_iterations > 1)
     engine: str = "eager"  # rollout decode engine of generate_groups
     autocast: str | None = None  # "bfloat16": mixed precision over the whole step, as Lightning's bf16-mixed
@@ -184,9 +184,9 @@ def one_step(backbone, reference, optimizer, prompts, clips, s: StepSettings, sh
                 perception_mask[r, : len(perception[i])] = torch.tensor(perception[i], dtype=torch.bool)
             loss, _ = pagrpo_loss(
                 logp, old[c] if s.old_policy else logp.detach(), ref[c], adv[rows].to(device)[:, None].expand(-1, t), mask,
-                beta=0.04, eps_low=0.2, mode=s.loss, perception_mask=perception_mask.to(device),
+                beta=0.04, eps_low=0.2, mode=s.loss, perception_mask=perception_mask.to(device), group_size=g,
             )
-            weight = micro_weight(s.loss, masks[rows], masks)
+            weight = micro_weight(s.loss, masks[rows], masks, g)
             (loss * weight).backward()
             total += float(loss.detach()) * weight
         timer.lap("policy forward+backward")
@@ -368,7 +368,7 @@ def main() -> None:
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning, reference = frozen copy)")
     parser.add_argument("--freeze-vision", action="store_true", help="keep the vision tower frozen")
     parser.add_argument("--micro-batch", type=int, default=8, help="rows per forward in the per-sample path (shared: this // G prompts)")
-    parser.add_argument("--loss", default="segment_mean", choices=AGGREGATION_MODES,
+    parser.add_argument("--loss", default="process_mean", choices=AGGREGATION_MODES,
                         help="loss aggregation (--trl uses sequence_mean, TRL's loss_type='grpo')")
     parser.add_argument("--no-old-policy", action="store_true", help="skip the old-policy pass (PAGRPOModule at num_iterations 1)")
     parser.add_argument("--trl", action="store_true", help="also time TRL 1.16's GRPOTrainer on the same step (needs trl: the bench extra)")

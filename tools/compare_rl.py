@@ -1,88 +1,357 @@
-"""PA-GRPO against plain GRPO from the same tiny SFT checkpoint, same budget and seed, on a CPU.
+"""The RL testbed: does each RL method improve its own SFT start, and how do the methods compare?
 
-    python tools/compare_rl.py [--steps 200] [--batch-size 16] [--lr 1e-4]
+    python tools/compare_rl.py --seeds 1,2,3 --methods grpo,joint,pagrpo,tgrpo --out runs/compare_rl
 
-Needs the tiny SFT checkpoint (``python tools/demo.py`` writes runs/sft/checkpoints/last.ckpt).
-Runs, in-process and in this order:
-    python -m p2r fit --config configs/pagrpo.yaml --config configs/tiny.yaml --config configs/tiny_rl.yaml
-    python -m p2r fit --config configs/grpo.yaml   --config configs/tiny.yaml --config configs/tiny_rl.yaml
-(``--steps``, ``--batch-size`` and ``--lr`` override configs/tiny_rl.yaml's max_steps, prompts per
-step and learning rate for both runs alike), then ``p2r test`` on the synthetic test split (greedy
-answers) for the SFT start and the last checkpoint each run wrote, and writes reward curves with
-tools/plot_metrics.py (runs/<job>/curves.png). Prints one table: held-out accuracy, format and
-observation sufficiency, and the mean perception / reasoning reward of the sampled rollouts in
-the first and last 10 steps of each run.
+Runs the whole recipe on a CPU, in-process, each stage once (a rerun into the same --out reuses
+every finished stage, so an interrupted experiment resumes where it stopped):
+
+1. data (``--data``, made if absent): the synthetic clips in the testbed's form
+   (:data:`TESTBED`): five perception-limited tasks (motion, colour change, first appearance,
+   disappearance, count), terse traces (about 37 tokens, so a CPU samples thousands a minute), and
+   a noisy teacher: a quarter of the SFT traces observe a wrong value and answer from it (the
+   ``solution`` stays right), so the SFT model samples wrong observations and RL has something to
+   fix. 1,000 held-out clips.
+2. SFT, one per recipe the methods need, fixed seed: process-aware (configs/sft.yaml) for grpo,
+   joint and pagrpo; Video-R1's think/answer SFT (configs/sft_video_r1.yaml) for tgrpo.
+3. held-out scores of each SFT start: greedy accuracy per clip, and pass@1 / pass@G sampled as
+   the RL rollouts sample (G = 8, temperature 1.0, top_p 0.95).
+4. RL, per method and seed, with the same budget (configs/tiny_rl.yaml, --steps, --lr,
+   --batch-size): configs/{grpo,joint,pagrpo,tgrpo}.yaml on the tiny overlays, starting from
+   that method's SFT, with the length-reward windows scaled to the testbed's traces (the
+   paper's windows are token counts of 7B traces; :func:`length_windows`).
+5. held-out scores of every RL run's last checkpoint, on the same clips.
+
+Writes OUT/results.json, OUT/curves.png and prints the table: held-out accuracy (mean +- SE
+over seeds), the paired difference to the method's own SFT start (per clip, same clips; SE over
+clips, then over seeds), and last ``pagrpo-grpo: <diff> +- <se>`` (the larger of the two SEs).
+Statistics: p2r.evaluation.statistics. Every run's config, logs and checkpoint are under
+OUT/runs/<method>/seed<k>/ and OUT/sft/<recipe>/.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import subprocess
+import json
+import math
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
+from callbacks.evaluation.report import write_json
+from p2r.algorithms.rollout import generate_groups
 from p2r.cli import main as p2r_main
+from p2r.data.synthetic import make_synthetic
+from p2r.evaluation.answer_check import clip_scores
+from p2r.evaluation.statistics import mean_se, paired_difference, pass_at, seed_difference
 
-TINY = ["--config", "configs/tiny.yaml"]
-RL = [*TINY, "--config", "configs/tiny_rl.yaml"]
-SFT_CKPT = "runs/sft/checkpoints/last.ckpt"
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--config", str(REPO / "configs/tiny.yaml")]
+TINY_RL = [*TINY, "--config", str(REPO / "configs/tiny_rl.yaml")]
+
+TESTBED: dict[str, Any] = {
+    "tasks": ("motion_direction", "colour_change", "first_appearance", "disappearance", "count"),
+    "style": "terse",
+    "observation_noise": 0.25,
+    "n_train": 4000,
+    "n_val": 64,
+    "n_test": 1000,
+    "seed": 0,
+}
+SAMPLED_CLIPS = 250  # pass@G of RL runs on the first 250 held-out clips (the SFT starts: all of them)
+SFT_RECIPES = {"videop2r": "configs/sft.yaml", "video_r1": "configs/sft_video_r1.yaml"}
+METHODS = {  # name -> (RL config, the SFT recipe it starts from)
+    "grpo": ("configs/grpo.yaml", "videop2r"),
+    "joint": ("configs/joint.yaml", "videop2r"),
+    "pagrpo": ("configs/pagrpo.yaml", "videop2r"),
+    "tgrpo": ("configs/tgrpo.yaml", "video_r1"),
+}
+LENGTH_REWARDS = {  # class name -> the segment whose length it reads
+    "PerceptionLengthReward": "perception",
+    "ReasoningLengthReward": "reasoning",
+    "CompletionLengthReward": "completion",
+}
 
 
-def held_out(ckpt: str) -> dict[str, float]:
-    cli = p2r_main(["test", "--config", "configs/sft.yaml", *TINY, f"--ckpt_path={ckpt}", "--trainer.logger=false"])
-    return {k.split("/", 1)[1]: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+def log(message: str) -> None:
+    print(f"[compare_rl {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def reward_trend(metrics_csv: Path) -> dict[str, tuple[float, float]]:
-    """Mean per-process reward over the first and the last 10 logged steps."""
-    rows = [r for r in csv.DictReader(open(metrics_csv)) if r.get("train/reward/perception")]
-    out = {}
-    for process in ("perception", "reasoning"):
-        values = [float(r[f"train/reward/{process}"]) for r in rows]
-        out[process] = (sum(values[:10]) / len(values[:10]), sum(values[-10:]) / len(values[-10:]))
+# ---- data and configs ----------------------------------------------------------------------------
+
+
+def make_data(root: Path) -> None:
+    if not (root / "shards").is_dir():
+        log(f"making the testbed data in {root}")
+        t = TESTBED
+        make_synthetic(root, t["n_train"], t["n_val"], t["n_test"], seed=t["seed"], tasks=t["tasks"],
+                       style=t["style"], observation_noise=t["observation_noise"])
+
+
+def data_args(root: Path) -> list[str]:
+    return [f"--data.train_shards={root}/shards/train-*.tar", f"--data.val_shards={root}/shards/val-*.tar",
+            "--data.test_sets=" + json.dumps({"testbed": f"{root}/shards/test-*.tar"})]
+
+
+def length_windows(root: Path) -> dict[str, list[int]]:
+    """Length-reward windows for the testbed: the 5th to 95th percentile of the reference traces'
+    token lengths per segment (the paper's P [128, 320] and R [320, 512] bracket its 7B traces the
+    same way; the end token counts in reasoning and in the completion)."""
+    from p2r.backbones.tokenizer import train_tokenizer  # the tiny backbone's tokenizer
+
+    tok = train_tokenizer()
+    records = json.loads((root / "train.json").read_text())
+    lengths: dict[str, list[int]] = {"perception": [], "reasoning": [], "completion": []}
+    for r in records:
+        perception = len(tok(r["observation"]).input_ids)
+        completion = len(tok(r["output"]).input_ids) + 1
+        lengths["perception"].append(perception)
+        lengths["completion"].append(completion)
+        lengths["reasoning"].append(completion - perception)
+    windows = {}
+    for name, values in lengths.items():
+        values.sort()
+        windows[name] = [values[int(0.05 * (len(values) - 1))], values[int(0.95 * (len(values) - 1))]]
+    return windows
+
+
+def job_config(source: Path, run_dir: Path, windows: dict[str, list[int]] | None) -> Path:
+    """``source`` with every output under ``run_dir`` and the length windows replaced; written to run_dir/job.yaml."""
+    config = yaml.safe_load(source.read_text())
+    trainer = config["trainer"]
+    trainer["default_root_dir"] = str(run_dir)
+    loggers = trainer.get("logger") or []
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        logger.setdefault("init_args", {})["save_dir"] = str(run_dir)
+    for callback in trainer.get("callbacks", []):
+        name = callback["class_path"].rsplit(".", 1)[-1]
+        args = callback.setdefault("init_args", {})
+        if name == "ModelCheckpoint":
+            args.update(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=None, save_top_k=0)
+        if name == "RolloutTableWriter":
+            args["every_n_steps"] = 1_000_000  # the testbed logs curves, not rollout tables
+        if windows is not None and name in LENGTH_REWARDS:
+            args["lmin"], args["lmax"] = windows[LENGTH_REWARDS[name]]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "job.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+# ---- held-out scores -----------------------------------------------------------------------------
+
+
+def held_out(job: Path, ckpt: Path, data: list[str], group_size: int, max_new_tokens: int, sampled_clips: int) -> dict[str, Any]:
+    """Per-clip greedy scores of the checkpoint on the test split, and pass@1 / pass@G of G samples
+    per clip at the RL sampling settings (temperature 1.0, top_p 0.95) on its first ``sampled_clips``."""
+    cli = p2r_main(["--config", str(job), *TINY, *data, f"--model.init_args.backbone.init_args.weights_from={ckpt}",
+                    "--trainer.logger=false"], run=False)
+    module, dm = cli.model, cli.datamodule
+    module.configure_model()
+    module.eval()
+    dm.setup("test")
+    ids, scores, samples = [], {"accuracy": [], "format": [], "perception": []}, []
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            prompts, clips, records = module.prompts_of(batch), [s.clip for s in batch], [s.record for s in batch]
+            greedy = generate_groups(module.backbone, prompts, clips, 1, max_new_tokens, temperature=0.0)
+            texts = module.backbone.tokenizer.batch_decode(greedy.completion_ids, skip_special_tokens=True)
+            for key, values in clip_scores(texts, records).items():
+                scores[key] += values
+            ids += [r.id for r in records]
+            if len(samples) < sampled_clips:
+                gen = torch.Generator().manual_seed(len(ids))
+                rollout = generate_groups(module.backbone, prompts, clips, group_size, max_new_tokens, 1.0, 0.95, gen)
+                texts = module.backbone.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+                acc = clip_scores(texts, [r for r in records for _ in range(group_size)])["accuracy"]
+                samples += [acc[i : i + group_size] for i in range(0, len(acc), group_size)]
+    out: dict[str, Any] = {"ids": ids, "clips": scores}
+    out.update({k: sum(v) / len(v) for k, v in scores.items() if all(x is not None for x in v)})
+    if samples:
+        out["pass_at_1"], out["pass_at_g"], out["all_equal_groups"] = pass_at(samples)
+        out["sampled_clips"] = len(samples)
     return out
 
 
-def main() -> None:
+# ---- runs ----------------------------------------------------------------------------------------
+
+
+def cached(path: Path, make) -> Any:
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = make()
+    write_json(path, value)
+    return value
+
+
+def train_curves(run_dir: Path) -> dict[str, list[float]]:
+    """Per-step training columns of the run's CSV log (the diagnostics the module logs every step)."""
+    found = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return {}
+    rows = [r for r in csv.DictReader(found[-1].open()) if r.get("train/reward/total")]
+    keys = [k for k in rows[0] if k.startswith("train/")] if rows else []
+    return {k: [float(r[k]) if r[k] else math.nan for r in rows] for k in keys}
+
+
+def run_sft(out: Path, recipe: str, data: list[str], sft_steps: int) -> Path:
+    run_dir = out / "sft" / recipe
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        job = job_config(REPO / SFT_RECIPES[recipe], run_dir, None)
+        p2r_main(["fit", "--config", str(job), *TINY, *data, f"--trainer.max_steps={sft_steps}", "--trainer.max_epochs=-1",
+                  "--trainer.limit_val_batches=0", "--seed_everything=0"])
+    return ckpt
+
+
+def run_rl(out: Path, method: str, seed: int, start: Path, data: list[str], windows, overrides: list[str]) -> Path:
+    run_dir = out / "runs" / method / f"seed{seed}"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        job = job_config(REPO / METHODS[method][0], run_dir, windows)
+        p2r_main(["fit", "--config", str(job), *TINY_RL, *data, f"--model.init_args.backbone.init_args.weights_from={start}",
+                  f"--seed_everything={seed}", f"--model.init_args.rollout.seed={seed}", *overrides])
+    return ckpt
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def summarise(results: dict[str, Any]) -> list[str]:
+    """The printed table; also fills results['summary']."""
+    lines = [f"{'held-out accuracy (greedy)':<28}{'mean +- SE(seeds)':>20}{'vs own SFT: SE(clips)':>28}{'SE(seeds)':>12}"
+             f"{'perception':>12}{'pass@G':>8}"]
+    summary = results.setdefault("summary", {})
+    for recipe, sft in results["sft"].items():
+        lines.append(f"{'SFT ' + recipe:<28}{sft['accuracy']:>20.4f}{'':>28}{'':>12}{sft.get('perception', math.nan):>12.3f}"
+                     f"{sft['pass_at_g']:>8.3f}   (pass@1 {sft['pass_at_1']:.3f}, all-equal groups {sft['all_equal_groups']:.3f})")
+    for method, entry in results["methods"].items():
+        seeds = list(entry["seeds"].values())
+        if not seeds:
+            continue
+        sft = results["sft"][METHODS[method][1]]
+        acc = mean_se([s["accuracy"] for s in seeds])
+        clip_diff = paired_difference([s["clips"]["accuracy"] for s in seeds], [sft["clips"]["accuracy"]])
+        seed_diff = seed_difference([s["accuracy"] for s in seeds], [sft["accuracy"]])
+        perception = mean_se([s.get("perception", math.nan) for s in seeds]).mean
+        summary[method] = {"accuracy": acc._asdict(), "vs_sft_clips": clip_diff._asdict(), "vs_sft_seeds": seed_diff._asdict()}
+        lines.append(f"{method:<28}{acc.mean:>11.4f} +- {acc.se:.4f}{str(clip_diff):>28}{seed_diff.se:>12.4f}"
+                     f"{perception:>12.3f}{mean_se([s['pass_at_g'] for s in seeds]).mean:>8.3f}")
+    pairs = [(a, b) for a, b in (("pagrpo", "joint"), ("joint", "grpo"), ("tgrpo", "grpo"), ("pagrpo", "grpo"))
+             if results["methods"].get(a, {}).get("seeds") and results["methods"].get(b, {}).get("seeds")]
+    for a, b in pairs:
+        sa, sb = list(results["methods"][a]["seeds"].values()), list(results["methods"][b]["seeds"].values())
+        clip_diff = paired_difference([s["clips"]["accuracy"] for s in sa], [s["clips"]["accuracy"] for s in sb])
+        seed_diff = seed_difference([s["accuracy"] for s in sa], [s["accuracy"] for s in sb])
+        se = max(clip_diff.se, seed_diff.se)
+        summary[f"{a}-{b}"] = {"diff": clip_diff.mean, "se": se, "se_clips": clip_diff.se, "se_seeds": seed_diff.se}
+        lines.append(f"{a}-{b}: {clip_diff.mean:+.4f} +- {se:.4f}   (SE over clips {clip_diff.se:.4f}, over seeds {seed_diff.se:.4f})")
+    return lines
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("train/reward/reasoning", "reasoning reward"), ("train/reward/perception", "perception reward"),
+              ("train/kl", "KL to the SFT model"), ("train/entropy", "entropy (sampled tokens)")]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.4))
+    for ax, (key, title) in zip(axes, panels):
+        for method, entry in results["methods"].items():
+            runs = [s["curves"].get(key) for s in entry["seeds"].values() if s.get("curves", {}).get(key)]
+            if runs:
+                n = min(len(r) for r in runs)
+                mean = [sum(r[i] for r in runs) / len(runs) for i in range(n)]
+                k = max(1, n // 20)  # a moving average over ~5 % of the run
+                smooth = [sum(mean[max(0, i - k + 1) : i + 1]) / len(mean[max(0, i - k + 1) : i + 1]) for i in range(n)]
+                ax.plot(range(1, n + 1), smooth, label=method)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    ax = axes[-1]
+    for i, (method, entry) in enumerate(results["methods"].items()):
+        seeds = list(entry["seeds"].values())
+        if not seeds:
+            continue
+        start = results["sft"][METHODS[method][1]]["accuracy"]
+        end = mean_se([s["accuracy"] for s in seeds])
+        steps = results["settings"]["steps"]
+        ax.errorbar([0, steps], [start, end.mean], yerr=[0, end.se], marker="o", capsize=3, label=method)
+    ax.set_title("held-out accuracy (greedy)")
+    ax.set_xlabel("RL step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
+    parser.add_argument("--seeds", default="1,2,3", help="RL seeds, comma-separated (each: seed_everything and rollout.seed)")
+    parser.add_argument("--methods", default="grpo,joint,pagrpo,tgrpo", help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare_rl"), help="folder of every run and the results")
+    parser.add_argument("--data", type=Path, default=Path("data/rl_testbed"), help="testbed data folder (made if absent)")
+    parser.add_argument("--sft-steps", type=int, default=500, help="SFT optimizer steps per recipe (batch 8)")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: configs/tiny_rl.yaml's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="prompts per step, G completions each "
-                        "(default: configs/tiny_rl.yaml's)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: configs/tiny_rl.yaml's)")
-    args = parser.parse_args()
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per RL step (default: configs/tiny_rl.yaml's)")
+    parser.add_argument("--lr", type=float, default=None, help="RL peak learning rate (default: configs/tiny_rl.yaml's)")
+    args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # its lines reach a log file as they are printed
-    if not Path(SFT_CKPT).is_file():
-        sys.exit(f"no tiny SFT checkpoint at {SFT_CKPT}: run `python tools/demo.py` first")
-    overrides = [f"--trainer.max_steps={args.steps}"] if args.steps else []
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    started = time.perf_counter()
+    tiny_rl = yaml.safe_load((REPO / "configs/tiny_rl.yaml").read_text())
+    steps = args.steps or tiny_rl["trainer"]["max_steps"]
+    group_size, max_new = 8, tiny_rl["model"]["init_args"]["rollout"]["max_completion_length"]
+    overrides = [f"--trainer.max_steps={steps}"]
     overrides += [f"--data.batch_size={args.batch_size}"] if args.batch_size else []
     overrides += [f"--model.init_args.lr={args.lr}"] if args.lr else []
 
-    # Say which checkpoint this is: any other `fit` into runs/sft replaces last.ckpt.
-    step = torch.load(SFT_CKPT, map_location="cpu", weights_only=True, mmap=True).get("global_step")
-    print(f"starting from {SFT_CKPT}: SFT global step {step} (the demo's is 2250)")
-    scores = {"SFT start": held_out(SFT_CKPT)}
-    trends = {}
-    for job, name in (("pagrpo", "PA-GRPO"), ("grpo", "GRPO")):
-        trainer = p2r_main(["fit", "--config", f"configs/{job}.yaml", *RL, *overrides]).trainer
-        # This run's own files: an earlier run's last.ckpt makes Lightning name this one last-v1.ckpt,
-        # and the logger counts versions up (version_10 sorts before version_9 by name).
-        scores[name] = held_out(trainer.checkpoint_callback.last_model_path)
-        metrics_csv = Path(trainer.logger.log_dir) / "metrics.csv"
-        trends[name] = reward_trend(metrics_csv)
-        subprocess.run([sys.executable, "tools/plot_metrics.py", str(metrics_csv), "--out", f"runs/{job}/curves.png"],
-                       check=False)
-
-    print(f"\n{'held-out (synthetic test split)':<32}" + "".join(f"{n:>12}" for n in scores))
-    for key, label in (("accuracy", "answer accuracy"), ("format", "format"), ("perception", "observation sufficient")):
-        print(f"{label:<32}" + "".join(f"{s.get(key, float('nan')):>12.3f}" for s in scores.values()))
-    for name, trend in trends.items():
-        for process, (first, last) in trend.items():
-            print(f"{name} {process} reward: first 10 steps {first:.3f} -> last 10 steps {last:.3f}")
+    make_data(args.data)
+    data = data_args(args.data.resolve())
+    windows = length_windows(args.data)
+    recipes = sorted({METHODS[m][1] for m in methods})
+    total = len(recipes) + len(methods) * len(seeds)
+    done = 0
+    results: dict[str, Any] = {
+        "settings": {"testbed": TESTBED, "seeds": seeds, "methods": methods, "steps": steps, "sft_steps": args.sft_steps,
+                     "batch_size": args.batch_size, "lr": args.lr, "length_windows": windows, "group_size": group_size,
+                     "command": " ".join(["python", "tools/compare_rl.py", *(argv if argv is not None else sys.argv[1:])])},
+        "sft": {}, "methods": {m: {"seeds": {}} for m in methods},
+    }
+    starts = {}
+    for recipe in recipes:
+        done += 1
+        log(f"[{done}/{total}] SFT {recipe} ({args.sft_steps} steps) and its held-out scores")
+        starts[recipe] = run_sft(args.out, recipe, data, args.sft_steps)
+        job = args.out / "sft" / recipe / "job.yaml"
+        results["sft"][recipe] = cached(args.out / "sft" / recipe / "held_out.json",
+                                        lambda: held_out(job, starts[recipe], data, group_size, max_new, TESTBED["n_test"]))
+    for method in methods:
+        for seed in seeds:
+            done += 1
+            log(f"[{done}/{total}] RL {method} seed {seed} ({steps} steps) and its held-out scores")
+            recipe = METHODS[method][1]
+            ckpt = run_rl(args.out, method, seed, starts[recipe], data, windows, overrides)
+            run_dir = args.out / "runs" / method / f"seed{seed}"
+            scores = cached(run_dir / "held_out.json",
+                            lambda: held_out(run_dir / "job.yaml", ckpt, data, group_size, max_new, SAMPLED_CLIPS))
+            results["methods"][method]["seeds"][str(seed)] = {**scores, "curves": train_curves(run_dir)}
+    lines = summarise(results)
+    results["minutes"] = (time.perf_counter() - started) / 60
+    write_json(args.out / "results.json", results)
+    plot(results, args.out / "curves.png")
+    print("\n".join(["", *lines, f"({results['minutes']:.1f} min; {args.out}/results.json, {args.out}/curves.png)"]))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -120,6 +120,34 @@ def process_advantages(
     }
 
 
+def with_choice_token(perception_mask: Tensor, completion_mask: Tensor) -> Tensor:
+    """Give a completion with no perception token one: its first token (where it chose not to observe).
+
+    METHOD.md: a response with no observation still has an A_i,P (its perception rewards are 0),
+    and it must not vanish, or skipping the observation costs nothing. The paper does not say
+    where it goes; ours: on the completion's first token, the one that would have opened
+    ``<observation>``. A well-formed completion's first token (the tag's first piece) is a
+    perception token too, so the choice to observe or not gets the perception advantage in every
+    row, at the same position, with one token's weight.
+
+    Args:
+        perception_mask: ``(N, T)`` True on perception tokens.
+        completion_mask: ``(N, T)`` True on completion tokens, False on padding.
+
+    Returns:
+        ``(N, T)`` bool: ``perception_mask & completion_mask``, plus the first completion token of
+        every row that has completion tokens but no perception token.
+
+    >>> with_choice_token(torch.tensor([[0, 0, 0], [0, 1, 0]]), torch.tensor([[1, 1, 0], [1, 1, 1]])).int().tolist()
+    [[1, 0, 0], [0, 1, 0]]
+    """
+    completion = completion_mask.bool()  # (N, T)
+    perception = perception_mask.bool() & completion  # (N, T)
+    missing = completion.any(dim=1) & ~perception.any(dim=1)  # (N,)
+    first = completion & (completion.cumsum(dim=1) == 1)  # (N, T)
+    return perception | (first & missing[:, None])  # (N, T)
+
+
 def token_advantages(
     adv_perception: Tensor,
     adv_reasoning: Tensor,

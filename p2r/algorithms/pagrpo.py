@@ -48,7 +48,13 @@ from torch import nn
 
 from callbacks.reward_callbacks import needs_shuffled_frames, notify_rollouts_scored, score_all
 from callbacks.rollouts import Rollouts
-from p2r.algorithms.advantages import group_advantages, group_dropped, process_advantages, token_advantages
+from p2r.algorithms.advantages import (
+    group_advantages,
+    group_dropped,
+    process_advantages,
+    token_advantages,
+    with_choice_token,
+)
 from p2r.algorithms.base import VideoLVLMModule
 from p2r.algorithms.nonfinite import agreed, tensors_finite
 from p2r.algorithms.policy_loss import pagrpo_loss
@@ -95,17 +101,21 @@ def micro_batches(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
 
 
-def micro_weight(mode: str, rows_mask: torch.Tensor, all_mask: torch.Tensor) -> float:
+def micro_weight(mode: str, rows_mask: torch.Tensor, all_mask: torch.Tensor, group_size: int = 1) -> float:
     """Share of the whole-batch loss that a micro-batch's aggregated loss stands for.
 
     Summing weight x micro-loss over the micro-batches gives the loss of the whole batch:
-    token_mean weighs by tokens; the per-sample modes by samples that have tokens; constant
-    (Dr. GRPO) by rows.
+    token_mean weighs by tokens; sequence_mean by samples that have tokens; process_mean by
+    groups that have tokens (its micro-batches hold whole groups of ``group_size`` rows);
+    constant (Dr. GRPO) by rows.
     """
     if mode == "token_mean":
         return float(rows_mask.sum()) / max(1.0, float(all_mask.sum()))
     if mode == "constant":
         return rows_mask.shape[0] / all_mask.shape[0]
+    if mode == "process_mean":
+        groups = lambda m: float(m.reshape(-1, group_size * m.shape[1]).any(1).sum())  # noqa: E731
+        return groups(rows_mask) / max(1.0, groups(all_mask))
     return float(rows_mask.any(1).sum()) / max(1.0, float(all_mask.any(1).sum()))
 
 
@@ -121,6 +131,17 @@ def shuffled_clip(clip: Clip, rng: random.Random) -> Clip:
     order = list(range(len(clip.frames)))
     rng.shuffle(order)
     return replace(clip, frames=clip.frames[order])
+
+
+def segment_advantage_means(prepared: list[MicroBatch]) -> dict[str, float]:
+    """Mean per-token advantage on the perception and on the reasoning tokens of the kept samples
+    (``advantage_mean/perception``, ``advantage_mean/reasoning``; 0 where a segment has no token)."""
+    sums, counts = {"perception": 0.0, "reasoning": 0.0}, {"perception": 0, "reasoning": 0}
+    for mb in prepared:
+        for name, mask in (("perception", mb.perception), ("reasoning", mb.completion & ~mb.perception)):
+            sums[name] += float(mb.advantages[mask].sum())
+            counts[name] += int(mask.sum())
+    return {f"advantage_mean/{k}": sums[k] / counts[k] if counts[k] else 0.0 for k in sums}
 
 
 class PAGRPOModule(VideoLVLMModule):
@@ -284,6 +305,9 @@ class PAGRPOModule(VideoLVLMModule):
         if loss.mode == "pa_grpo":
             adv = process_advantages(totals, g, loss.advantage_eps, loss.scale_rewards)
             adv_p, adv_r = adv["perception"], adv["reasoning"]
+        elif loss.mode == "sum_of_advantages":
+            adv = process_advantages(totals, g, loss.advantage_eps, loss.scale_rewards)
+            adv_p = adv_r = adv["perception"] + adv["reasoning"]
         else:
             adv_p = adv_r = group_advantages(summed, g, loss.advantage_eps, loss.scale_rewards)
         keep = ~group_dropped(summed, g)
@@ -295,20 +319,22 @@ class PAGRPOModule(VideoLVLMModule):
         self, rows: list[int], masks: list[list[bool]], adv_p: torch.Tensor, adv_r: torch.Tensor, keep: torch.Tensor,
         completion_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(advantages, perception, completion), each (n, T), for the samples ``rows``."""
+        """(advantages, perception, completion), each (n, T), for the samples ``rows``; a row with no
+        perception token gets its first token as one (:func:`with_choice_token`)."""
         t = completion_mask.shape[1]
         perception = torch.zeros(len(rows), t, dtype=torch.bool)  # (n, T)
         for r, i in enumerate(rows):
             perception[r, : len(masks[i])] = torch.tensor(masks[i], dtype=torch.bool)
         perception = perception.to(self.device)
         comp = completion_mask & keep[rows].to(self.device)[:, None]  # (n, T)
-        adv = token_advantages(adv_p[rows].to(self.device), adv_r[rows].to(self.device), perception & comp, comp)
-        return adv, perception & comp, comp
+        perception = with_choice_token(perception, comp)  # (n, T)
+        adv = token_advantages(adv_p[rows].to(self.device), adv_r[rows].to(self.device), perception, comp)
+        return adv, perception, comp
 
     def _chunks(self, num_prompts: int) -> list[list[int]]:
-        """Sample indices per micro-batch; whole groups when the prompt is shared."""
+        """Sample indices per micro-batch; whole groups when the prompt is shared or the loss averages per group."""
         g = self.rollout.group_size
-        if not self.shared_prompt:
+        if not self.shared_prompt and self.loss.aggregation != "process_mean":
             return micro_batches(num_prompts * g, self.micro_batch_size)
         groups = micro_batches(num_prompts, max(1, self.micro_batch_size // g))
         return [[p * g + j for p in prompts for j in range(g)] for prompts in groups]
@@ -370,6 +396,7 @@ class PAGRPOModule(VideoLVLMModule):
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         t3 = time.perf_counter()
+        stats.update(segment_advantage_means(prepared))
         self._log_step(rollouts, adv_p, adv_r, keep, stats, rollout_s=t1 - t0, score_s=t2 - t1, update_s=t3 - t2)
 
     def _update(self, rollout: GroupRollout, prepared: list[MicroBatch], all_mask: torch.Tensor, stats: dict[str, float]) -> bool:
@@ -381,10 +408,11 @@ class PAGRPOModule(VideoLVLMModule):
                 logp, mb.old_logp if mb.old_logp is not None else logp.detach(), mb.ref_logp, mb.advantages, mb.completion,
                 beta=loss_cfg.beta, eps_low=loss_cfg.epsilon, eps_high=loss_cfg.epsilon_high, mode=loss_cfg.aggregation,
                 perception_mask=mb.perception, max_completion_length=width, kl_log_ratio_clip=loss_cfg.kl_log_ratio_clip,
+                group_size=self.rollout.group_size,
             )
             if not agreed(self, bool(torch.isfinite(loss))):
                 return self.nonfinite.count(self, False, "loss")
-            w = micro_weight(loss_cfg.aggregation, self._pad_cols(mb.completion, width), all_mask)
+            w = micro_weight(loss_cfg.aggregation, self._pad_cols(mb.completion, width), all_mask, self.rollout.group_size)
             self.manual_backward(loss * w)
             for k, v in {"loss": loss, **metrics}.items():
                 stats[k] = stats.get(k, 0.0) + w * float(v.detach()) / self.num_iterations
@@ -398,14 +426,17 @@ class PAGRPOModule(VideoLVLMModule):
     def _log_step(self, rollouts: Rollouts, adv_p, adv_r, keep, stats, rollout_s, score_s, update_s) -> None:
         n = len(rollouts)
         log = lambda name, value, bar=False: self.log(name, float(value), batch_size=n, prog_bar=bar)  # noqa: E731
-        totals = rollouts.process_totals()
-        for process, values in totals.items():
-            log(f"train/reward/{process}", np.nanmean(values) if values else 0.0, bar=True)
+        fed = set(rollouts.reward_process.values())  # a process with no reward (grpo: perception) is not logged as 0
+        for process, values in rollouts.process_totals().items():
+            if process in fed:
+                log(f"train/reward/{process}", np.nanmean(values) if values else 0.0, bar=True)
         log("train/reward/total", np.nanmean(rollouts.total()))
         for name, adv in (("perception", adv_p), ("reasoning", adv_r)):
             log(f"train/advantage_abs/{name}", adv[keep].abs().mean() if keep.any() else 0.0)
-        groups = adv_r.view(-1, self.rollout.group_size)
-        log("train/zero_advantage_groups", (groups.abs().sum(1) == 0).float().mean())
+        # Why a flat run is flat: groups with no signal, rows that skipped the observation.
+        for name, adv in (("perception", adv_p), ("reasoning", adv_r)):
+            log(f"train/zero_advantage_groups/{name}", (adv.view(-1, self.rollout.group_size).abs().sum(1) == 0).float().mean())
+        log("train/no_perception_rows", np.mean([n == 0 for n in rollouts.perception_token_lengths]))
         log("train/dropped_fraction", 1 - keep.float().mean())
         for k, v in stats.items():
             log(f"train/{k}", v, bar=k in ("loss", "kl"))

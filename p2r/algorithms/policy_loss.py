@@ -11,11 +11,15 @@ process segment and group" and the KL is subtracted from the objective (added to
 
 Where this departs from or reads into the paper:
 
-- ``mode="segment_mean"`` is our reading of "averaged per process segment and group": per
-  sample, the mean over its perception tokens and the mean over its reasoning tokens, averaged
-  over the segments that are non-empty, then the mean over samples. With whole groups of equal
-  size (a dropped group drops all of its rows) the mean over samples equals the mean over groups
-  of the group means, so no group size is needed. The other modes are the usual alternatives:
+- ``mode="process_mean"`` is our reading of the paper's objective, "averaged per process segment
+  and group": for each group and each process, the mean over all the group's tokens of that
+  process; the processes' means are summed (the objective is J_P + J_R) and the groups averaged.
+  Worked consequences (tests/algorithms/test_policy_loss.py): every perception token of a group
+  weighs the same, and every reasoning token too, whatever the length of the row it is in, so a
+  completion whose reasoning is only its end token gives that token one reasoning token's weight
+  (a per-row segment mean gave it half the row); a group whose perception advantages are all 0
+  (a saturated judge) still puts its full reasoning weight on its reasoning tokens (averaging the
+  two processes halved it against GRPO). The other modes are the usual alternatives:
   ``token_mean`` (DAPO), ``sequence_mean`` (original GRPO), ``constant`` (Dr. GRPO).
 - The KL term is aggregated with the surrogate, in the same mode (TRL and Video-R1 add it per
   token before averaging, as here).
@@ -36,7 +40,7 @@ from torch import Tensor
 
 # How per-token values become the loss (see :func:`aggregate`); the one list of names, read by
 # LossSettings (config checks, --help) and tools/bench_step.py (--loss).
-AggregationMode = Literal["segment_mean", "token_mean", "sequence_mean", "constant"]
+AggregationMode = Literal["process_mean", "token_mean", "sequence_mean", "constant"]
 AGGREGATION_MODES: tuple[str, ...] = get_args(AggregationMode)
 
 
@@ -109,6 +113,7 @@ def aggregate(
     mode: AggregationMode,
     perception_mask: Tensor | None = None,
     max_completion_length: int | None = None,
+    group_size: int | None = None,
 ) -> Tensor:
     """Reduce a per-token loss ``(N, T)`` to a scalar over the tokens where ``mask`` is True.
 
@@ -118,10 +123,11 @@ def aggregate(
     - ``sequence_mean`` (original GRPO): ``mean_i (sum_t x_i,t / n_i)`` over rows with n_i > 0.
     - ``constant`` (Dr. GRPO): ``sum_i,t x / (N * L)``; N counts every row, dropped ones too, so
       the divisor stays constant; L defaults to T.
-    - ``segment_mean`` (our reading of the paper's "averaged per process segment and group"):
-      per row, the mean over its perception tokens and the mean over its reasoning tokens
-      (masked tokens not in ``perception_mask``), averaged over the non-empty segments; then the
-      mean over rows with any token. Needs ``perception_mask``.
+    - ``process_mean`` (our reading of the paper's "averaged per process segment and group"):
+      per group of ``group_size`` consecutive rows, the mean over the group's perception tokens
+      plus the mean over its reasoning tokens (masked tokens not in ``perception_mask``; an empty
+      segment adds 0); then the mean over groups with any token. Needs ``perception_mask`` and
+      ``group_size``; N must be whole groups.
 
     Every mode gives 0, not NaN, when ``mask`` is empty (and a zero gradient).
 
@@ -129,8 +135,9 @@ def aggregate(
         per_token: ``(N, T)`` per-token loss.
         mask: ``(N, T)`` True on tokens that count (completion tokens of kept groups).
         mode: one of ``AGGREGATION_MODES``.
-        perception_mask: ``(N, T)`` True on perception tokens; ``segment_mean`` only.
+        perception_mask: ``(N, T)`` True on perception tokens; ``process_mean`` only.
         max_completion_length: L for ``constant``.
+        group_size: G, rows per group (consecutive); ``process_mean`` only.
 
     Returns:
         ``()`` the aggregated loss.
@@ -152,17 +159,16 @@ def aggregate(
             raise ValueError(f"max_completion_length must be >= 1, got {length}")
         kept = torch.where(mask, per_token, torch.zeros_like(per_token))  # (N, T)
         return kept.sum() / (per_token.shape[0] * length)  # ()
-    if mode == "segment_mean":
+    if mode == "process_mean":
         if perception_mask is None or perception_mask.shape != mask.shape:
-            raise ValueError("segment_mean needs a perception_mask of the same (N, T) shape")
-        perception = mask & perception_mask.bool()  # (N, T)
-        reasoning = mask & ~perception_mask.bool()  # (N, T)
-        perception_mean = _masked_mean(per_token, perception, dim=1)  # (N,)
-        reasoning_mean = _masked_mean(per_token, reasoning, dim=1)  # (N,)
-        segments = torch.stack([perception_mean, reasoning_mean], dim=1)  # (N, 2)
-        present = torch.stack([perception.any(dim=1), reasoning.any(dim=1)], dim=1)  # (N, 2)
-        row_means = _masked_mean(segments, present, dim=1)  # (N,)
-        return _masked_mean(row_means, present.any(dim=1))  # ()
+            raise ValueError("process_mean needs a perception_mask of the same (N, T) shape")
+        if group_size is None or group_size < 1 or per_token.shape[0] % group_size:
+            raise ValueError(f"process_mean needs whole groups: {per_token.shape[0]} rows, group_size={group_size}")
+        grouped = per_token.reshape(-1, group_size * per_token.shape[1])  # (B, G*T)
+        perception = (mask & perception_mask.bool()).reshape(grouped.shape)  # (B, G*T)
+        reasoning = (mask & ~perception_mask.bool()).reshape(grouped.shape)  # (B, G*T)
+        group_sums = _masked_mean(grouped, perception, dim=1) + _masked_mean(grouped, reasoning, dim=1)  # (B,)
+        return _masked_mean(group_sums, mask.reshape(grouped.shape).any(dim=1))  # ()
     raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {AGGREGATION_MODES}")
 
 
@@ -180,6 +186,7 @@ def pagrpo_loss(
     perception_mask: Tensor | None = None,
     max_completion_length: int | None = None,
     kl_log_ratio_clip: float | None = None,
+    group_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The PA-GRPO (or plain GRPO) loss: clipped surrogate + beta * k3 KL, aggregated.
 
@@ -202,14 +209,17 @@ def pagrpo_loss(
         eps_low: lower clip range.
         eps_high: upper clip range; defaults to ``eps_low``.
         mode: aggregation, see :func:`aggregate`.
-        perception_mask: ``(N, T)`` perception tokens, for ``segment_mean``.
+        perception_mask: ``(N, T)`` perception tokens, for ``process_mean``.
         max_completion_length: divisor length for ``constant``.
         kl_log_ratio_clip: clamp of the KL's log-ratio (:func:`k3_kl`), or None.
+        group_size: rows per group, for ``process_mean``.
 
     Returns:
         ``loss`` ``()`` and detached metrics, each a mean over masked tokens (0 when none):
         ``kl``, ``clip_fraction``, ``clip_fraction_low``, ``clip_fraction_high``, ``ratio_mean``,
-        ``ratio_max`` and ``surrogate`` (the aggregated surrogate alone).
+        ``ratio_max``, ``entropy`` (mean -logp of the sampled tokens: a Monte-Carlo estimate of
+        the policy's per-token entropy when the rows were sampled from it) and ``surrogate`` (the
+        aggregated surrogate alone).
     """
     shapes = {tuple(t.shape) for t in (logp, old_logp, advantages, completion_mask)}
     if ref_logp is not None:
@@ -229,7 +239,7 @@ def pagrpo_loss(
         ref = torch.where(mask, ref_logp.detach(), zeros)  # (N, T)
         kl = k3_kl(logp, ref, kl_log_ratio_clip)  # (N, T)
         per_token = surrogate + beta * kl  # (N, T)
-    loss = aggregate(per_token, mask, mode, perception_mask, max_completion_length)  # ()
+    loss = aggregate(per_token, mask, mode, perception_mask, max_completion_length, group_size)  # ()
 
     with torch.no_grad():
         ratio = torch.exp(logp - old_logp)  # (N, T)
@@ -241,6 +251,7 @@ def pagrpo_loss(
             "clip_fraction_high": _masked_mean((clipped & ~low).to(logp.dtype), mask),
             "ratio_mean": _masked_mean(ratio, mask),
             "ratio_max": torch.where(mask, ratio, zeros).amax() if mask.any() else zeros.sum(),
-            "surrogate": aggregate(surrogate, mask, mode, perception_mask, max_completion_length),
+            "entropy": _masked_mean(-logp, mask),
+            "surrogate": aggregate(surrogate, mask, mode, perception_mask, max_completion_length, group_size),
         }
     return loss, {name: value.detach() for name, value in metrics.items()}

@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 from p2r.algorithms.policy_loss import AGGREGATION_MODES, AggregationMode
 from p2r.backbones.decoding import DecodeEngine
 
-LossMode = Literal["pa_grpo", "grpo"]
+LossMode = Literal["pa_grpo", "grpo", "sum_of_advantages"]
 KEY_PREFIX = "model.init_args."
 
 
@@ -74,11 +74,15 @@ class LossSettings:
     """How rewards become advantages and advantages the policy loss."""
 
     mode: LossMode = "pa_grpo"
-    """"pa_grpo": per-process rewards and advantages, A_P on perception tokens and A_R on reasoning tokens
-    (VideoP2R); "grpo": every reward summed, one advantage on every token (plain GRPO, T-GRPO)."""
-    aggregation: AggregationMode = "segment_mean"
-    """Token-to-scalar reduction: "segment_mean" (mean per process segment, then per sample: the paper's
-    reading), "sequence_mean" (per sample, then over samples: GRPO as in TRL's loss_type grpo and Video-R1),
+    """How rewards become advantages: "pa_grpo" (VideoP2R): per-process rewards and advantages, A_P on perception
+    tokens and A_R on reasoning tokens; "grpo": every reward summed, one advantage on every token (plain GRPO,
+    T-GRPO, and the paper's "without separate assignment" when both processes' rewards are configured);
+    "sum_of_advantages": each process normalised in its group, A_P + A_R on every token (the other reading of
+    "without separate assignment")."""
+    aggregation: AggregationMode = "process_mean"
+    """Token-to-scalar reduction: "process_mean" (per group, the mean over its perception tokens plus the mean over
+    its reasoning tokens, then over groups: the paper's "averaged per process segment and group"),
+    "sequence_mean" (per sample, then over samples: GRPO as in TRL's loss_type grpo and Video-R1),
     "token_mean" (DAPO), "constant" (Dr. GRPO)."""
     beta: float = 0.04
     """Weight of the k3 KL to the reference (the SFT model); 0 skips the reference pass."""
@@ -96,7 +100,7 @@ class LossSettings:
     """Leave completions that hit max_completion_length out of the loss."""
 
     def __post_init__(self) -> None:
-        require("loss.mode", self.mode, self.mode in get_args(LossMode), "'pa_grpo' or 'grpo'")
+        require("loss.mode", self.mode, self.mode in get_args(LossMode), f"one of {get_args(LossMode)}")
         require("loss.aggregation", self.aggregation, self.aggregation in AGGREGATION_MODES, f"one of {AGGREGATION_MODES}")
         require("loss.beta", self.beta, self.beta >= 0, ">= 0")
         if self.kl_log_ratio_clip is not None:

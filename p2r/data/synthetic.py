@@ -20,10 +20,10 @@ import json
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import av
 import numpy as np
@@ -468,17 +468,53 @@ TASKS: dict[str, Task] = {
 }
 
 
-def task_plan(rng: random.Random, n: int) -> list[str]:
-    """``n`` task names in the proportions of the weights (largest remainders), shuffled."""
-    total = sum(t.weight for t in TASKS.values())
-    exact = {name: n * t.weight / total for name, t in TASKS.items()}
+def task_plan(rng: random.Random, n: int, tasks: tuple[str, ...] | None = None) -> list[str]:
+    """``n`` task names in the proportions of the weights (largest remainders), shuffled; ``tasks``
+    limits the draw to those tasks (their weights renormalised)."""
+    chosen = {name: TASKS[name] for name in (tasks or TASKS)}
+    total = sum(t.weight for t in chosen.values())
+    exact = {name: n * t.weight / total for name, t in chosen.items()}
     counts = {name: math.floor(v) for name, v in exact.items()}
-    by_remainder = sorted(TASKS, key=lambda name: counts[name] - exact[name])
+    by_remainder = sorted(chosen, key=lambda name: counts[name] - exact[name])
     for name in by_remainder[: n - sum(counts.values())]:
         counts[name] += 1
-    plan = [name for name in TASKS for _ in range(counts[name])]
+    plan = [name for name in chosen for _ in range(counts[name])]
     rng.shuffle(plan)
     return plan
+
+
+# ---- terse traces (the RL testbed) -------------------------------------------------------------
+# The RL testbed (tools/compare_rl.py) samples thousands of completions per minute on a CPU, so its
+# traces say only what decides the answer: a one-clause observation naming the observed value, and
+# a think that maps that value to the answer. Each phrase below contains one of the task's evidence
+# phrases for that value, so a terse observation of the right value is judged sufficient and one of
+# a wrong value is not.
+TERSE_OBSERVATION: dict[str, Callable[[str], str]] = {
+    "motion_direction": lambda v: f"It moves {v}.",
+    "colour_change": lambda v: f"It turns {v}.",
+    "first_appearance": lambda v: f"First {with_article(v)} appears.",
+    "disappearance": lambda v: f"The {v} disappears.",
+    "count": lambda v: f"{v} shape appears." if v == "1" else f"{v} shapes appear.",
+    "ocr": lambda v: f'The word "{v}" is written.',
+}
+TraceStyle = Literal["full", "terse"]
+
+
+def terse_draft(task: str, draft: Draft, value: str) -> Draft:
+    """``draft`` with a terse observation and think that report ``value`` as the observed answer
+    (the true ``draft.answer_text``, or a wrong one for a noisy teacher trace); evidence unchanged."""
+    if task not in TERSE_OBSERVATION:
+        raise ValueError(f"task {task!r} has no terse trace; terse tasks: {sorted(TERSE_OBSERVATION)}")
+    return replace(draft, observation=TERSE_OBSERVATION[task](value), think=f"So the answer is {value}.")
+
+
+def wrong_value(rng: random.Random, task: str, draft: Draft) -> str:
+    """A plausible wrong reading of the clip: a distractor option, or another count or word."""
+    if draft.distractors:
+        return rng.choice(draft.distractors)
+    if task == "count":
+        return rng.choice([str(n) for n in range(1, len(QUADRANTS) + 1) if str(n) != draft.answer_text])
+    return rng.choice([w for w in OCR_WORDS if w != draft.answer_text])
 
 
 # ---- rendering ---------------------------------------------------------------------------------
@@ -557,20 +593,34 @@ def _trace(observation: str, think: str, answer: str) -> str:
     return f"<observation>{observation}</observation>\n<think>{think}</think>\n<answer>{answer}</answer>"
 
 
-def make_record(record_id: str, task: str, draft: Draft, spec: VideoSpec, letter_index: int | None, rng: random.Random) -> VideoRecord:
-    """The Video-R1-layout record of a draft; multiple choice puts the answer at ``letter_index``."""
+def make_record(
+    record_id: str, task: str, draft: Draft, spec: VideoSpec, letter_index: int | None, rng: random.Random,
+    style: TraceStyle = "full", traced_value: str | None = None,
+) -> VideoRecord:
+    """The Video-R1-layout record of a draft; multiple choice puts the answer at ``letter_index``.
+
+    ``style="terse"`` writes the testbed's short trace (:func:`terse_draft`); ``traced_value``, a
+    wrong value, makes that trace a noisy teacher's: its observation, think and answer report the
+    wrong value while ``solution`` keeps the right one (so rewards and evaluation stay correct).
+    """
     problem_type = TASKS[task].problem_type
     options: list[str] = []
-    answer, think = draft.answer_text, draft.think
     if problem_type == "multiple choice":
         others = list(draft.distractors)
         rng.shuffle(others)
         texts = others[:letter_index] + [draft.answer_text] + others[letter_index:]
         options = [f"{OPTION_LETTERS[i]}. {text}" for i, text in enumerate(texts)]
-        answer = OPTION_LETTERS[letter_index]
+    noisy = traced_value is not None and traced_value != draft.answer_text
+    trace = terse_draft(task, draft, traced_value or draft.answer_text) if style == "terse" else draft
+    answer, think, solution = traced_value if noisy else draft.answer_text, trace.think, draft.answer_text
+    if problem_type == "multiple choice":
+        answer = OPTION_LETTERS[texts.index(answer)]
+        solution = OPTION_LETTERS[letter_index]
         think = f"{think} That is option {answer}."
-    if not evidence_satisfied(draft.observation, draft.evidence):
+    if not noisy and not evidence_satisfied(trace.observation, draft.evidence):
         raise AssertionError(f"{record_id}: reference observation misses its own evidence {draft.evidence}")
+    if noisy and evidence_satisfied(trace.observation, draft.evidence):
+        raise AssertionError(f"{record_id}: the noisy observation {trace.observation!r} still meets the evidence")
     scene = draft.scene
     caption = scene.caption
     facts = {
@@ -588,6 +638,7 @@ def make_record(record_id: str, task: str, draft: Draft, spec: VideoSpec, letter
         "distance_widths": draft.distance_widths,
         "answer_text": draft.answer_text,
         "evidence": draft.evidence,
+        "trace_correct": not noisy,
     }
     return VideoRecord(
         id=record_id,
@@ -595,20 +646,32 @@ def make_record(record_id: str, task: str, draft: Draft, spec: VideoSpec, letter
         problem_type=problem_type,
         data_type="video",
         path=f"videos/{record_id}.mp4",
-        solution=f"<answer>{answer}</answer>",
+        solution=f"<answer>{solution}</answer>",
         options=options,
-        observation=f"<observation>{draft.observation}</observation>",
+        observation=f"<observation>{trace.observation}</observation>",
         process=f"<think>{think}</think>",
-        output=_trace(draft.observation, think, answer),
+        output=_trace(trace.observation, think, answer),
         data_source=DATA_SOURCE,
         facts=facts,
     )
 
 
-def generate_split(split: str, n: int, seed: int, spec: VideoSpec) -> list[tuple[VideoRecord, Draft]]:
-    """The records of one split (no video yet); answers and option letters balanced per split."""
+def generate_split(
+    split: str, n: int, seed: int, spec: VideoSpec, tasks: tuple[str, ...] | None = None,
+    style: TraceStyle = "full", observation_noise: float = 0.0,
+) -> list[tuple[VideoRecord, Draft]]:
+    """The records of one split (no video yet); answers and option letters balanced per split.
+
+    ``tasks`` limits the kinds of question; ``style`` picks full or terse traces; a share
+    ``observation_noise`` of the records get a noisy teacher trace (a wrong observation and the
+    answer that follows from it; see :func:`make_record`). The noise has its own random stream, so
+    the clips and questions of a split are the same whatever the noise.
+    """
+    if not 0.0 <= observation_noise <= 1.0:
+        raise ValueError(f"observation_noise must be in [0, 1], got {observation_noise}")
     rng = random.Random(f"p2r-synthetic:{seed}:{split}")
-    plan = task_plan(rng, n)
+    noise_rng = random.Random(f"p2r-synthetic-noise:{seed}:{split}")
+    plan = task_plan(rng, n, tasks)
     targets = {name: iter(balanced(rng, TASKS[name].targets(spec), plan.count(name))) for name in TASKS}
     # Letters are balanced per task, so no task leaks its answer through a favourite letter.
     letters = {name: iter(balanced(rng, list(range(4)), plan.count(name))) for name in TASKS}
@@ -616,7 +679,8 @@ def generate_split(split: str, n: int, seed: int, spec: VideoSpec) -> list[tuple
     for i, name in enumerate(plan):
         draft = TASKS[name].build(rng, spec, next(targets[name]))
         letter = next(letters[name]) if TASKS[name].problem_type == "multiple choice" else None
-        record = make_record(f"synthetic-{split}-{i:06d}", name, draft, spec, letter, rng)
+        wrong = wrong_value(noise_rng, name, draft) if noise_rng.random() < observation_noise else None
+        record = make_record(f"synthetic-{split}-{i:06d}", name, draft, spec, letter, rng, style, wrong)
         out.append((record, draft))
     return out
 
@@ -632,10 +696,15 @@ def make_synthetic(
     fps: int = 4,
     samples_per_shard: int = 1000,
     progress: bool = True,
+    tasks: tuple[str, ...] | None = None,
+    style: TraceStyle = "full",
+    observation_noise: float = 0.0,
 ) -> dict[str, SyntheticSplit]:
     """Write the data set under ``out``: ``videos/<id>.mp4``, ``{split}.json``, ``shards/{split}-*.tar``.
 
     ``path`` in the JSON is relative to ``out``. Returns each split's records and shard paths.
+    ``tasks``, ``style`` and ``observation_noise`` (training split only: held-out traces are the
+    right ones) are :func:`generate_split`'s.
     """
     if frames < 8 or size < 32:
         raise ValueError("need at least 8 frames of at least 32x32 pixels for the events to be visible")
@@ -647,7 +716,8 @@ def make_synthetic(
     with tqdm(total=sum(sizes.values()), desc="synthetic clips", unit="clip", disable=not progress) as bar:
         for split, n in sizes.items():
             samples = []
-            for record, draft in generate_split(split, n, seed, spec):
+            noise = observation_noise if split == "train" else 0.0
+            for record, draft in generate_split(split, n, seed, spec, tasks, style, noise):
                 media = encode_mp4(render_frames(draft.scene, spec), spec.fps)
                 (root / record.path).write_bytes(media)
                 samples.append((record, media, "mp4"))

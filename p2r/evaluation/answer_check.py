@@ -20,21 +20,33 @@ from p2r.data.records import VideoRecord
 PROGRESS_BAR_METRICS = ("accuracy", "format")
 
 
+def clip_scores(texts: list[str], records: list[VideoRecord]) -> dict[str, list[float | None]]:
+    """Per clip: ``accuracy`` (the reasoning-accuracy reward), ``format`` (both format rewards) and
+    ``perception`` (the rule judge on the observation; None for records without evidence)."""
+    judged = [i for i, r in enumerate(records) if r.facts and r.facts.get("evidence")]
+    requests = [JudgeRequest(records[i].problem, records[i].answer, split_segments(texts[i]).observation, records[i].facts)
+                for i in judged]
+    verdicts = [v.score or 0.0 for v in RuleBasedJudge(cache_size=0).judge(requests)] if requests else []
+    perception: list[float | None] = [None] * len(records)
+    for i, v in zip(judged, verdicts):
+        perception[i] = v
+    return {
+        "accuracy": [reasoning_accuracy(t, r.solution, r.problem_type, r.options) for t, r in zip(texts, records)],
+        "format": [perception_format(t) * reasoning_format(t) for t in texts],
+        "perception": perception,
+    }
+
+
 def answer_check(texts: list[str], records: list[VideoRecord]) -> dict[str, tuple[float, int]]:
     """Metric name -> (mean, number of samples averaged) for generated ``texts`` answering ``records``."""
     n = len(records)
-    acc = [reasoning_accuracy(t, r.solution, r.problem_type, r.options) for t, r in zip(texts, records)]
-    fmt = [perception_format(t) * reasoning_format(t) for t in texts]
-    metrics = {"accuracy": (sum(acc) / n, n), "format": (sum(fmt) / n, n)}
+    scores = clip_scores(texts, records)
+    acc = scores["accuracy"]
+    metrics = {"accuracy": (sum(acc) / n, n), "format": (sum(scores["format"]) / n, n)}
     for kind in sorted({r.problem_type for r in records}):
         values = [a for a, r in zip(acc, records) if r.problem_type == kind]
         metrics[f"accuracy/{kind}"] = (sum(values) / len(values), len(values))
-    judged = [
-        JudgeRequest(r.problem, r.answer, split_segments(t).observation, r.facts)
-        for t, r in zip(texts, records)
-        if r.facts and r.facts.get("evidence")
-    ]
-    if judged:
-        verdicts = [v.score or 0.0 for v in RuleBasedJudge(cache_size=0).judge(judged)]
+    verdicts = [v for v in scores["perception"] if v is not None]
+    if verdicts:
         metrics["perception"] = (sum(verdicts) / len(verdicts), len(verdicts))
     return metrics

@@ -11,6 +11,7 @@ from p2r.algorithms.advantages import (
     group_dropped,
     process_advantages,
     token_advantages,
+    with_choice_token,
 )
 
 NAN = float("nan")
@@ -176,3 +177,23 @@ def test_plain_grpo_differs_from_pa_grpo():
     assert_close(pa_tokens[0], torch.tensor([s, s, -s, -s]))
     assert_close(pa_tokens[3], torch.tensor([-s, -s, s, s]))
     assert_close(plain_tokens, torch.tensor([0.0, g, -g, 0.0]).unsqueeze(1).expand(4, 4))
+
+
+def test_a_row_without_an_observation_gets_its_perception_advantage_on_its_first_token():
+    # Row 0: perception tokens 0-1, reasoning 2-3. Row 1: no observation, 3 tokens (then padding):
+    # its first token stands for the choice not to observe. Row 2: padding only (a dropped row)
+    # stays empty.
+    perception = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    completion = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    marked = with_choice_token(perception, completion)
+    assert marked.int().tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    # A_P = -1.5 (no observation: judge 0, format 0) reaches row 1's first token, A_R the rest.
+    adv = token_advantages(torch.tensor([0.5, -1.5, 0.0]), torch.tensor([0.2, 0.3, 0.0]), marked, completion)
+    assert_close(adv, torch.tensor([[0.5, 0.5, 0.2, 0.2], [-1.5, 0.3, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+
+
+def test_choice_token_follows_left_padding_and_ignores_perception_on_padding():
+    # A perception bit on padding does not count as an observation; the first real token is marked.
+    perception = torch.tensor([[1, 0, 0]], dtype=torch.bool)
+    completion = torch.tensor([[0, 1, 1]], dtype=torch.bool)
+    assert with_choice_token(perception, completion).int().tolist() == [[0, 1, 0]]

@@ -63,6 +63,26 @@ def test_plain_grpo_sums_rewards_and_shares_one_advantage():
     torch.testing.assert_close(adv_p, torch.tensor([0.0, 0.0, 0.7071, -0.7071]), atol=1e-3, rtol=0)
 
 
+def test_sum_of_advantages_puts_both_normalised_advantages_on_every_token():
+    # The other reading of "without separate assignment": A_P + A_R, each normalised in its group.
+    # Same rewards as above: group 1 (s - s, -s + s) = (0, 0); group 2 (0 + s, 0 - s).
+    adv_p, adv_r, _ = _module("sum_of_advantages")._advantages(_rollouts([1, 0, 1, 1], [0, 1, 1, 0]))
+    s = 1 / math.sqrt(2)
+    torch.testing.assert_close(adv_p, adv_r)
+    torch.testing.assert_close(adv_p, torch.tensor([0.0, 0.0, s, -s]), atol=1e-3, rtol=0)
+
+
+def test_a_completion_without_observation_keeps_its_perception_advantage():
+    """Issue 21, point 1: A_P of a row with no perception token lands on its first token, never nowhere."""
+    module = _module("pa_grpo")
+    masks = [[True, True, False, False], [False, False, False]]  # row 1 skipped the observation
+    completion = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    adv, perception, comp = module._token_tensors([0, 1], masks, torch.tensor([0.5, -1.5]), torch.tensor([0.2, 0.3]),
+                                                  torch.tensor([True, True]), completion)
+    assert perception.int().tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.5, 0.2, 0.2], [-1.5, 0.3, 0.3, 0.0]]))
+
+
 def test_nan_reward_drops_the_whole_group():
     _, _, keep = _module("pa_grpo")._advantages(_rollouts([1, math.nan, 1, 0], [0, 1, 1, 0]))
     assert keep.tolist() == [False, False, True, True]
@@ -72,13 +92,19 @@ def test_micro_batches_weights_sum_to_one():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
     chunks = micro_batches(4, 3)
     assert chunks == [[0, 1, 2], [3]]
-    for mode in ("token_mean", "segment_mean", "sequence_mean", "constant"):
+    for mode in ("token_mean", "sequence_mean", "constant"):
         total = sum(micro_weight(mode, mask[rows], mask) for rows in chunks)
         assert total == pytest.approx(1.0)
-    # token_mean: 3 of 6 tokens in the first chunk; per-sample modes: 2 of the 3 non-empty rows.
+    # token_mean: 3 of 6 tokens in the first chunk; sequence_mean: 2 of the 3 non-empty rows.
     assert micro_weight("token_mean", mask[:3], mask) == pytest.approx(0.5)
-    assert micro_weight("segment_mean", mask[:3], mask) == pytest.approx(2 / 3)
+    assert micro_weight("sequence_mean", mask[:3], mask) == pytest.approx(2 / 3)
     assert micro_weight("constant", mask[:3], mask) == pytest.approx(0.75)
+    # process_mean weighs whole groups (G = 2): rows 0-1 and rows 2-3 both have tokens, 1/2 each;
+    # with rows 2-3 empty (a dropped group) the first group is the whole loss.
+    assert micro_weight("process_mean", mask[:2], mask, group_size=2) == pytest.approx(0.5)
+    empty_second = mask.clone()
+    empty_second[3] = False
+    assert micro_weight("process_mean", empty_second[:2], empty_second, group_size=2) == pytest.approx(1.0)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +140,7 @@ def _metrics(csv_path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["pagrpo", "grpo"])
+@pytest.mark.parametrize("config", ["pagrpo", "joint", "grpo"])
 def test_rl_fit_from_the_tiny_sft_checkpoint(tiny_sft, config, monkeypatch):
     work, data = tiny_sft
     monkeypatch.chdir(work)
@@ -128,10 +154,15 @@ def test_rl_fit_from_the_tiny_sft_checkpoint(tiny_sft, config, monkeypatch):
     assert cli.trainer.global_step == 2
     rows = _metrics(next((work / f"runs/{config}/logs").glob("version_*/metrics.csv")))
     logged = {k for r in rows for k, v in r.items() if v}
-    for name in ("reward/perception/accuracy", "reward/reasoning/accuracy", "reward/reasoning/format",
-                 "train/reward/perception", "train/reward/reasoning", "train/kl", "train/clip_fraction",
-                 "train/perception_length", "time/rollout_s", "time/update_s", "judge/failure_rate"):
+    perception = ("reward/perception/accuracy", "train/reward/perception", "judge/failure_rate")
+    for name in ("reward/reasoning/accuracy", "reward/reasoning/format", "train/reward/reasoning", "train/kl",
+                 "train/clip_fraction", "train/entropy", "train/perception_length", "train/no_perception_rows",
+                 "train/zero_advantage_groups/perception", "train/zero_advantage_groups/reasoning",
+                 "train/advantage_mean/perception", "train/advantage_mean/reasoning", "time/rollout_s",
+                 "time/update_s", *(perception if config != "grpo" else ())):
         assert name in logged, name
+    if config == "grpo":  # process-agnostic GRPO: the reasoning rewards only, no judge
+        assert not logged & set(perception)
     assert list((work / f"runs/{config}/logs").glob("version_*/rollouts/*.jsonl")), "no rollout table written"
 
 
@@ -256,11 +287,11 @@ def test_each_segment_gets_its_own_advantage(synthetic_root, monkeypatch):
     both formats 1, and length windows that only sample 0's observation (P) and sample 1's
     reasoning (R) fit. Totals: R_P = [2.2, 2, 1], R_R = [1, 2.2, 2], so (unbiased std, eps 1e-4)
     A_P = [0.7259, 0.4148, -1.1407] and A_R = [-1.1407, 0.7259, 0.4148]. With one update per
-    batch (ratio 1), beta 0 and segment_mean, the loss's gradient on the log-prob of token t of
-    sample i is -A_P,i / (2 N n_P,i) on its perception tokens and -A_R,i / (2 N n_R,i) on its
-    reasoning tokens (N = 3 samples, n = the segment's tokens). Swapping A_P and A_R, giving a
-    segment's tokens the other advantage, or swapping the segment lengths (the length rewards and
-    the segment means read them) each changes these numbers.
+    batch (ratio 1), beta 0 and process_mean, the loss's gradient on the log-prob of a token of
+    sample i is -A_P,i / sum_j n_P,j on its perception tokens and -A_R,i / sum_j n_R,j on its
+    reasoning tokens (one group; n = the segment's tokens). Swapping A_P and A_R, giving a
+    segment's tokens the other advantage, or swapping the segment lengths (the length rewards
+    read them) each changes these numbers.
     """
     import webdataset as wds
 
@@ -308,8 +339,8 @@ def test_each_segment_gets_its_own_advantage(synthetic_root, monkeypatch):
     a_r = torch.tensor([-1.1407, 0.7259, 0.4148])
     expected = torch.zeros_like(logp)
     for i in range(3):
-        expected[i, : lp[i]] = -a_p[i] / (2 * 3 * lp[i])
-        expected[i, lp[i] : lp[i] + lr[i]] = -a_r[i] / (2 * 3 * lr[i])
+        expected[i, : lp[i]] = -a_p[i] / sum(lp)
+        expected[i, lp[i] : lp[i] + lr[i]] = -a_r[i] / sum(lr)
     assert perception.sum(1).tolist() == lp and (completion & ~perception).sum(1).tolist() == lr
     torch.testing.assert_close(logp.grad, expected, atol=1e-6, rtol=1e-3)
 

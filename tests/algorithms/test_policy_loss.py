@@ -80,15 +80,20 @@ PERCEPTION = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
         # 17 / (2 rows * L): L = T = 4 -> 2.125; L = 8 -> 1.0625.
         ("constant", None, 2.125, [[1 / 8] * 3 + [0], [1 / 8] * 2 + [0, 0]]),
         ("constant", 8, 1.0625, [[1 / 16] * 3 + [0], [1 / 16] * 2 + [0, 0]]),
-        # row 0: P mean 1, R mean (2 + 3)/2 = 2.5, two segments -> 1.75;
-        # row 1: P mean 5.5, R empty -> 5.5; mean (1.75 + 5.5)/2 = 3.625.
-        # weights: row 0 P 1/2*1/2*1 = 1/4, R 1/2*1/2*1/2 = 1/8; row 1 P 1/2*1*1/2 = 1/4.
-        ("segment_mean", None, 3.625, [[1 / 4, 1 / 8, 1 / 8, 0], [1 / 4, 1 / 4, 0, 0]]),
+        # process_mean, both rows one group (G = 2): perception tokens 1, 5, 6 -> mean 4; reasoning
+        # tokens 2, 3 -> mean 2.5; sum 6.5 over one group. Every perception token weighs 1/3 and
+        # every reasoning token 1/2, whichever row it is in.
+        ("process_mean", 2, 6.5, [[1 / 3, 1 / 2, 1 / 2, 0], [1 / 3, 1 / 3, 0, 0]]),
+        # process_mean, one row per group (G = 1): group 0 P 1 + R 2.5 = 3.5; group 1 P 5.5 (no
+        # reasoning token adds 0); mean over 2 groups 4.5. Weights: row 0 P 1/2, R 1/4 each;
+        # row 1 P 1/4 each.
+        ("process_mean", 1, 4.5, [[1 / 2, 1 / 4, 1 / 4, 0], [1 / 4, 1 / 4, 0, 0]]),
     ],
 )
 def test_aggregation_modes(mode, length, expected, weights):
     values = torch.tensor(VALUES, dtype=torch.float64, requires_grad=True)
-    out = aggregate(values, MASK, mode, perception_mask=PERCEPTION, max_completion_length=length)
+    group = {"group_size": length} if mode == "process_mean" else {"max_completion_length": length}
+    out = aggregate(values, MASK, mode, perception_mask=PERCEPTION, **group)
     assert out.item() == pytest.approx(expected)
     out.backward()
     assert_close(values.grad, torch.tensor(weights, dtype=torch.float64))
@@ -98,21 +103,21 @@ def test_aggregation_modes(mode, length, expected, weights):
     ("mode", "expected"),
     # row 1 zeroed (a dropped group): token_mean 6/3 = 2, sequence_mean 2 (the empty row is not
     # counted as a zero), constant 6 / (2 * 4) = 0.75 (the divisor keeps both rows),
-    # segment_mean (1 + 2.5)/2 = 1.75.
-    [("token_mean", 2.0), ("sequence_mean", 2.0), ("constant", 0.75), ("segment_mean", 1.75)],
+    # process_mean with G = 1: group 0 only, 1 + 2.5 = 3.5 (the empty group is not a zero).
+    [("token_mean", 2.0), ("sequence_mean", 2.0), ("constant", 0.75), ("process_mean", 3.5)],
 )
 def test_aggregation_skips_dropped_rows(mode, expected):
     mask = MASK.clone()
     mask[1] = False
-    out = aggregate(torch.tensor(VALUES), mask, mode, perception_mask=PERCEPTION)
+    out = aggregate(torch.tensor(VALUES), mask, mode, perception_mask=PERCEPTION, group_size=1)
     assert out.item() == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "constant", "segment_mean"])
+@pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "constant", "process_mean"])
 def test_aggregation_of_empty_mask_is_zero_with_zero_grad(mode):
     values = torch.tensor(VALUES, requires_grad=True)
     empty = torch.zeros(2, 4, dtype=torch.bool)
-    out = aggregate(values, empty, mode, perception_mask=empty)
+    out = aggregate(values, empty, mode, perception_mask=empty, group_size=2)
     assert out.item() == 0.0
     out.backward()
     assert torch.equal(values.grad, torch.zeros(2, 4))
@@ -123,7 +128,9 @@ def test_aggregation_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown aggregation mode"):
         aggregate(values, MASK, "sum")
     with pytest.raises(ValueError, match="perception_mask"):
-        aggregate(values, MASK, "segment_mean")
+        aggregate(values, MASK, "process_mean", group_size=2)
+    with pytest.raises(ValueError, match="whole groups"):
+        aggregate(values, MASK, "process_mean", perception_mask=PERCEPTION, group_size=3)
     with pytest.raises(ValueError, match="share one"):
         aggregate(values, MASK[:, :3], "token_mean")
 
@@ -141,28 +148,58 @@ def _worked_example():
 def test_pagrpo_loss_single_update_worked_value_and_gradient():
     # One update per rollout batch: old = logp.detach(), rho = 1, surrogate = -A per token.
     # k3: row 0 d = ln 2, k3 = 2 - ln 2 - 1 = 0.30685; row 1 d = -ln 2, k3 = 0.5 + ln 2 - 1
-    # = 0.19315. beta = 0.1.
-    # segment_mean: row 0 (P: -0.5 + 0.030685, R: 1 + 0.030685) -> (-0.469315 + 1.030685)/2
-    # = 0.280685; row 1 (P only: -2 + 0.019315) = -1.980685; loss = (0.280685 - 1.980685)/2
-    # = -0.85 exactly (the KL parts sum to 0.1 * (1 - ln 2 + ln 2 - 0.5) = 0.05).
-    # gradient per token = weight * (-A * rho + beta * (1 - p_ref / p)), segment weights
-    # 1/4 (row 0 P), 1/8 (row 0 R), 1/4 (row 1 P):
-    # row 0: (-0.5 - 0.1)/4 = -0.15, (1 - 0.1)/8 = 0.1125 twice; row 1: (-2 + 0.05)/4 = -0.4875.
+    # = 0.19315. beta = 0.1. Both rows are one group (G = 2).
+    # process_mean: perception tokens (row 0 t0, row 1 t0 t1) mean
+    #   ((-0.5 + 0.1 (1 - ln 2)) + 2 (-2 + 0.1 (ln 2 - 0.5))) / 3,
+    # plus reasoning tokens (row 0 t1 t2) mean 1 + 0.1 (1 - ln 2).
+    # gradient per token = weight * (-A * rho + beta * (1 - p_ref / p)), weights 1/3 (perception)
+    # and 1/2 (reasoning): row 0: (-0.5 - 0.1)/3 = -0.2, (1 - 0.1)/2 = 0.45 twice;
+    # row 1: (-2 + 0.05)/3 = -0.65.
     # kl metric = token mean of k3 = (3 * 0.30685 + 2 * 0.19315)/5 = (2 - ln 2)/5 = 0.26137.
     logp, ref, adv = _worked_example()
     loss, metrics = pagrpo_loss(
         logp, logp.detach(), ref, adv, MASK,
-        beta=0.1, eps_low=0.2, mode="segment_mean", perception_mask=PERCEPTION,
+        beta=0.1, eps_low=0.2, mode="process_mean", perception_mask=PERCEPTION, group_size=2,
     )
-    assert loss.item() == pytest.approx(-0.85)
+    expected_loss = ((-0.5 + 0.1 * (1 - LN2)) + 2 * (-2 + 0.1 * (LN2 - 0.5))) / 3 + 1 + 0.1 * (1 - LN2)
+    assert loss.item() == pytest.approx(expected_loss)
     loss.backward()
-    expected = [[-0.15, 0.1125, 0.1125, 0.0], [-0.4875, -0.4875, 0.0, 0.0]]
+    expected = [[-0.2, 0.45, 0.45, 0.0], [-0.65, -0.65, 0.0, 0.0]]
     assert_close(logp.grad, torch.tensor(expected, dtype=torch.float64))
     assert metrics["kl"].item() == pytest.approx((2 - LN2) / 5)
-    assert metrics["surrogate"].item() == pytest.approx(-0.875)  # (0.25 - 2)/2
+    assert metrics["surrogate"].item() == pytest.approx((-0.5 - 4) / 3 + 1)
+    assert metrics["entropy"].item() == pytest.approx(math.log(2))  # -log 0.5 on every token
     assert metrics["clip_fraction"].item() == 0.0
     assert metrics["ratio_mean"].item() == pytest.approx(1.0)
     assert all(not m.requires_grad for m in metrics.values())
+
+
+def test_process_mean_gives_a_lone_end_token_one_tokens_weight():
+    # Issue 21's worked case: row 0 = 4 perception tokens + 4 reasoning tokens, row 1 = 4
+    # perception tokens + its end token only (reasoning = 1 token). A per-row segment mean gave
+    # row 1's end token half the row (1/2 * 1/2 = 1/4: 8x a perception token's 1/32). Under
+    # process_mean (one group of 2) every reasoning token weighs 1/5 and every perception token
+    # 1/8, whichever row it is in.
+    values = torch.zeros(2, 8, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3], dtype=torch.bool)
+    perception = torch.tensor([[1] * 4 + [0] * 4, [1] * 4 + [0] * 4], dtype=torch.bool)
+    aggregate(values, mask, "process_mean", perception_mask=perception, group_size=2).backward()
+    expected = [[1 / 8] * 4 + [1 / 5] * 4, [1 / 8] * 4 + [1 / 5] + [0] * 3]
+    assert_close(values.grad, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_process_mean_keeps_the_whole_reasoning_signal_when_perception_is_silent():
+    # A saturated judge: A_P = 0 on every perception token, A_R = +-1 on reasoning tokens. The
+    # reasoning tokens' gradient under process_mean equals GRPO's token-mean over the reasoning
+    # tokens alone (weight 1/3 each), not half of it as when the two segment means were averaged.
+    logp = torch.full((2, 4), math.log(0.5), dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    perception = torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0]], dtype=torch.float64)
+    loss, _ = pagrpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0, eps_low=0.2,
+                          mode="process_mean", perception_mask=perception, group_size=2)
+    loss.backward()
+    assert_close(logp.grad, torch.tensor([[0.0, -1 / 3, -1 / 3, 0.0], [0.0, 1 / 3, 0.0, 0.0]], dtype=torch.float64))
 
 
 def test_pagrpo_loss_detaches_old_logp_and_skips_kl():
@@ -215,9 +252,9 @@ def test_pagrpo_loss_ignores_garbage_on_padding_and_dropped_rows():
     adv_dirty[~MASK] = 1e6
     loss, metrics = pagrpo_loss(
         dirty, dirty.detach(), ref_dirty, adv_dirty, MASK,
-        beta=0.1, eps_low=0.2, mode="segment_mean", perception_mask=PERCEPTION,
+        beta=0.1, eps_low=0.2, mode="process_mean", perception_mask=PERCEPTION, group_size=2,
     )
-    assert loss.item() == pytest.approx(-0.85)
+    assert loss.item() == pytest.approx(((-0.5 + 0.1 * (1 - LN2)) + 2 * (-2 + 0.1 * (LN2 - 0.5))) / 3 + 1 + 0.1 * (1 - LN2))
     loss.backward()
     assert torch.isfinite(dirty.grad).all()
     assert all(torch.isfinite(m) for m in metrics.values())
@@ -226,7 +263,7 @@ def test_pagrpo_loss_ignores_garbage_on_padding_and_dropped_rows():
     logp, ref, adv = _worked_example()
     loss, metrics = pagrpo_loss(
         logp, logp.detach(), ref, adv, torch.zeros(2, 4, dtype=torch.bool),
-        beta=0.1, eps_low=0.2, mode="segment_mean", perception_mask=PERCEPTION,
+        beta=0.1, eps_low=0.2, mode="process_mean", perception_mask=PERCEPTION, group_size=2,
     )
     loss.backward()
     assert loss.item() == 0.0

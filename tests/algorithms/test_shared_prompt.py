@@ -124,7 +124,7 @@ def _loss_and_grads(backbone, rollout, micro_batches, logprobs_of, seed=0):
         ref = logp.detach() + 0.1 * torch.randn(logp.shape, generator=gen)  # (n, T)
         perception = torch.rand(logp.shape, generator=gen) < 0.4  # (n, T)
         loss, _ = pagrpo_loss(logp, logp.detach(), ref, adv, mask, beta=0.04, eps_low=0.2,
-                              mode="segment_mean", perception_mask=perception)
+                              mode="process_mean", perception_mask=perception, group_size=rollout.group_size)
         weighted = loss * logp.shape[0] / n_all
         weighted.backward()
         total += float(weighted.detach())

@@ -238,3 +238,46 @@ def test_cli_writes_dataset_and_reports_time(tmp_path, capsys):
     assert f"shards: {tmp_path / 'shards' / 'train-000000.tar'}" in out
     assert len(load(tmp_path, "train")) == 6 and load(tmp_path, "test") == []
     assert len(list((tmp_path / "videos").glob("*.mp4"))) == 8
+
+
+TESTBED_TASKS = ("motion_direction", "colour_change", "first_appearance", "disappearance", "count")
+
+
+def test_terse_traces_name_the_observed_value_and_noise_changes_only_the_trace():
+    """The RL testbed's data: terse traces; a noisy teacher's trace observes a wrong value and answers
+    from it, while the clip, the question, the options and the solution stay those of the clean split."""
+    clean = [r for r, _ in generate_split("train", 300, seed=5, spec=SPEC, tasks=TESTBED_TASKS, style="terse")]
+    noisy = [r for r, _ in generate_split("train", 300, seed=5, spec=SPEC, tasks=TESTBED_TASKS, style="terse",
+                                          observation_noise=0.3)]
+    assert {r.facts["task"] for r in clean} == set(TESTBED_TASKS)
+    wrong = 0
+    for c, n in zip(clean, noisy):
+        assert (c.problem, c.options, c.solution, c.facts["shapes"]) == (n.problem, n.options, n.solution, n.facts["shapes"])
+        observation = n.observation.removeprefix("<observation>").removesuffix("</observation>")
+        assert evidence_satisfied(observation, n.facts["evidence"]) == n.facts["trace_correct"]
+        answer = n.output.rsplit("<answer>", 1)[1].removesuffix("</answer>")
+        assert (f"<answer>{answer}</answer>" == n.solution) == n.facts["trace_correct"]
+        wrong += not n.facts["trace_correct"]
+        assert c.facts["trace_correct"] and len(c.output) < 160
+    assert 0.2 < wrong / len(noisy) < 0.4
+    # A worked record: the colour-change clip turning green whose noisy trace reads a distractor.
+    example = next(n for n in noisy if n.facts["task"] == "colour_change" and not n.facts["trace_correct"])
+    seen = example.observation.removeprefix("<observation>It turns ").removesuffix(".</observation>")
+    letter = next(o[0] for o in example.options if o.endswith(f". {seen}"))
+    assert example.output == (f"<observation>It turns {seen}.</observation>\n<think>So the answer is {seen}. "
+                              f"That is option {letter}.</think>\n<answer>{letter}</answer>")
+    assert seen != example.facts["answer_text"]
+
+
+def test_noise_reaches_only_the_training_split(tmp_path):
+    splits = make_synthetic(tmp_path, 30, 10, 10, seed=1, tasks=TESTBED_TASKS, style="terse", observation_noise=1.0,
+                            progress=False)
+    assert not any(r.facts["trace_correct"] for r in splits["train"].records)
+    assert all(r.facts["trace_correct"] for r in splits["val"].records + splits["test"].records)
+
+
+def test_terse_style_refuses_tasks_it_cannot_write_and_bad_noise():
+    with pytest.raises(ValueError, match="no terse trace"):
+        generate_split("train", 20, seed=0, spec=SPEC, tasks=("description",), style="terse")
+    with pytest.raises(ValueError, match="observation_noise"):
+        generate_split("train", 20, seed=0, spec=SPEC, observation_noise=1.5)
