@@ -7,15 +7,23 @@ Each step (METHOD.md, "PA-GRPO"):
      format, length, the perception judge, T-GRPO's temporal bonus); the module sums them per
      process, R_i,k = sum of the rewards that feed process k;
   3. advantages: A_i,k = (R_i,k - mean_group) / (std_group + eps), separately for k in {P, R};
-     A_i,P goes to the perception tokens of sample i, A_i,R to its reasoning tokens;
+     A_i,P goes to the perception tokens of sample i (a sample with no observation: its first
+     token, where it chose not to observe), A_i,R to its reasoning tokens;
   4. loss: PPO clipped surrogate per token + beta * k3 KL to the reference (the SFT model),
-     aggregated per process segment (``loss.aggregation``), ``num_iterations`` optimizer steps
-     per rollout batch.
+     aggregated per group and process (``loss.aggregation: process_mean``: the mean over a
+     group's perception tokens plus the mean over its reasoning tokens), ``num_iterations``
+     optimizer steps per rollout batch.
 
-``loss.mode: grpo`` is plain GRPO (one reward summed over all callbacks, one advantage on every
-token; configs/grpo.yaml with ``sequence_mean``). With a TemporalBonusReward callback the module
-also samples ``rollout.shuffled_samples`` completions per video prompt on shuffled frames:
-Video-R1's T-GRPO (configs/tgrpo.yaml).
+``loss.mode: grpo`` sums every configured reward into one, with one advantage on every token:
+with the reasoning rewards only and ``sequence_mean`` it is process-agnostic GRPO
+(configs/grpo.yaml), with both processes' rewards the paper's "without separate assignment"
+(configs/joint.yaml; ``sum_of_advantages`` is the other reading: A_P + A_R on every token). With
+a TemporalBonusReward callback the module also samples ``rollout.shuffled_samples`` completions
+per video prompt on shuffled frames: Video-R1's T-GRPO (configs/tgrpo.yaml).
+
+Logged every step besides the rewards (why a run is flat should be readable from its log): KL,
+entropy (mean -log p of the sampled tokens), clip fractions, zero-advantage groups per process,
+the share of rows with no perception token, the mean token advantage per segment.
 
 The reference policy is the model the run starts from (``backbone.weights_from``: the SFT model;
 LoRA SFT adapters are merged into the base first, p2r.backbones.base). With LoRA it is the policy
@@ -31,7 +39,8 @@ Departures / choices where the paper is silent (all configurable):
 Launch:
     python -m p2r fit --config configs/pagrpo.yaml                          # paper scale
     python -m p2r fit --config configs/pagrpo.yaml --config configs/tiny.yaml --config configs/tiny_rl.yaml  # CPU
-    python -m p2r fit --config configs/grpo.yaml     # the plain GRPO ablation
+    python -m p2r fit --config configs/grpo.yaml     # process-agnostic GRPO (ablation)
+    python -m p2r fit --config configs/joint.yaml    # without separate assignment (ablation)
     python -m p2r fit --config configs/tgrpo.yaml    # Video-R1's T-GRPO
 """
 
@@ -436,7 +445,7 @@ class PAGRPOModule(VideoLVLMModule):
         # Why a flat run is flat: groups with no signal, rows that skipped the observation.
         for name, adv in (("perception", adv_p), ("reasoning", adv_r)):
             log(f"train/zero_advantage_groups/{name}", (adv.view(-1, self.rollout.group_size).abs().sum(1) == 0).float().mean())
-        log("train/no_perception_rows", np.mean([n == 0 for n in rollouts.perception_token_lengths]))
+        log("train/no_perception_rows", np.mean([length == 0 for length in rollouts.perception_token_lengths]))
         log("train/dropped_fraction", 1 - keep.float().mean())
         for k, v in stats.items():
             log(f"train/{k}", v, bar=k in ("loss", "kl"))
