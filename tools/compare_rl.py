@@ -9,7 +9,7 @@ every finished stage, so an interrupted experiment resumes where it stopped):
    (:data:`TESTBED`): counting shapes that appear one after another (the one synthetic task whose
    perception the tiny model learns within a CPU budget: after 1,500 SFT steps on five tasks,
    motion, colour change, first appearance and disappearance were still at chance, 0.25), terse
-   traces (about 25 tokens, so a CPU samples thousands a minute), and a noisy teacher: a quarter
+   traces (33 tokens, so a CPU samples thousands a minute), and a noisy teacher: a quarter
    of the SFT traces observe a wrong count and answer from it (the ``solution`` stays right), so
    the SFT model samples wrong observations and perception is what limits accuracy. 1,000
    held-out clips.
@@ -19,7 +19,7 @@ every finished stage, so an interrupted experiment resumes where it stopped):
    the RL rollouts sample (G = 8, temperature 1.0, top_p 0.95).
 4. RL, per method and seed, with the same budget (configs/tiny_rl.yaml, --steps, --lr,
    --batch-size): configs/{grpo,joint,pagrpo,tgrpo}.yaml on the tiny overlays, starting from
-   that method's SFT, with the length-reward windows scaled to the testbed's traces (the
+   that method's SFT, with the length-reward windows scaled to the recipe's own traces (the
    paper's windows are token counts of 7B traces; :func:`length_windows`).
 5. held-out scores of every RL run's last checkpoint, on the same clips.
 
@@ -47,6 +47,7 @@ import yaml
 from callbacks.evaluation.report import write_json
 from p2r.algorithms.rollout import generate_groups
 from p2r.cli import main as p2r_main
+from p2r.data.records import SFT_TARGETS, parse_record
 from p2r.data.synthetic import make_synthetic
 from p2r.evaluation.answer_check import clip_scores
 from p2r.evaluation.statistics import mean_se, paired_difference, pass_at, seed_difference
@@ -65,7 +66,7 @@ TESTBED: dict[str, Any] = {
     "seed": 0,
 }
 SAMPLED_CLIPS = 250  # pass@G of RL runs on the first 250 held-out clips (the SFT starts: all of them)
-SFT_RECIPES = {"videop2r": "configs/sft.yaml", "video_r1": "configs/sft_video_r1.yaml"}
+SFT_RECIPES = {"videop2r": "configs/sft.yaml", "video_r1": "configs/sft_video_r1.yaml"}  # keys: SFT_TARGETS
 METHODS = {  # name -> (RL config, the SFT recipe it starts from)
     "grpo": ("configs/grpo.yaml", "videop2r"),
     "joint": ("configs/joint.yaml", "videop2r"),
@@ -99,18 +100,20 @@ def data_args(root: Path) -> list[str]:
             "--data.test_sets=" + json.dumps({"testbed": f"{root}/shards/test-*.tar"})]
 
 
-def length_windows(root: Path) -> dict[str, list[int]]:
-    """Length-reward windows for the testbed: the 5th to 95th percentile of the reference traces'
-    token lengths per segment (the paper's P [128, 320] and R [320, 512] bracket its 7B traces the
-    same way; the end token counts in reasoning and in the completion)."""
+def length_windows(root: Path, recipe: str) -> dict[str, list[int]]:
+    """Length-reward windows for the testbed: the 5th to 95th percentile of the token lengths of the
+    recipe's own SFT targets (``SFT_TARGETS[recipe]``: the process-aware trace, or Video-R1's
+    think/answer trace), per segment; the paper's P [128, 320] and R [320, 512] bracket its 7B
+    traces the same way. The end token counts in reasoning and in the whole completion."""
     from p2r.backbones.tokenizer import train_tokenizer  # the tiny backbone's tokenizer
 
     tok = train_tokenizer()
-    records = json.loads((root / "train.json").read_text())
+    target = SFT_TARGETS[recipe]
     lengths: dict[str, list[int]] = {"perception": [], "reasoning": [], "completion": []}
-    for r in records:
-        perception = len(tok(r["observation"]).input_ids)
-        completion = len(tok(r["output"]).input_ids) + 1
+    for raw in json.loads((root / "train.json").read_text()):
+        record = parse_record(raw)
+        completion = len(tok(target(record)).input_ids) + 1
+        perception = len(tok(record.observation).input_ids) if recipe == "videop2r" else 0
         lengths["perception"].append(perception)
         lengths["completion"].append(completion)
         lengths["reasoning"].append(completion - perception)
@@ -289,6 +292,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     panels = [("train/reward/reasoning", "reasoning reward"), ("train/reward/perception", "perception reward"),
               ("train/kl", "KL to the SFT model"), ("train/entropy", "entropy (sampled tokens)")]
+    colour = {method: f"C{i}" for i, method in enumerate(results["methods"])}  # the same in every panel
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.4))
     for ax, (key, title) in zip(axes, panels):
         for method, entry in results["methods"].items():
@@ -298,18 +302,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 mean = [sum(r[i] for r in runs) / len(runs) for i in range(n)]
                 k = max(1, n // 20)  # a moving average over ~5 % of the run
                 smooth = [sum(mean[max(0, i - k + 1) : i + 1]) / len(mean[max(0, i - k + 1) : i + 1]) for i in range(n)]
-                ax.plot(range(1, n + 1), smooth, label=method)
+                ax.plot(range(1, n + 1), smooth, label=method, color=colour[method])
         ax.set_title(title)
         ax.set_xlabel("step")
     ax = axes[-1]
-    for i, (method, entry) in enumerate(results["methods"].items()):
+    for method, entry in results["methods"].items():
         seeds = list(entry["seeds"].values())
         if not seeds:
             continue
         start = results["sft"][METHODS[method][1]]["accuracy"]
         end = mean_se([s["accuracy"] for s in seeds])
         steps = results["settings"]["steps"]
-        ax.errorbar([0, steps], [start, end.mean], yerr=[0, end.se], marker="o", capsize=3, label=method)
+        ax.errorbar([0, steps], [start, end.mean], yerr=[0, end.se], marker="o", capsize=3, label=method, color=colour[method])
     ax.set_title("held-out accuracy (greedy)")
     ax.set_xlabel("RL step")
     axes[0].legend(fontsize=8)
@@ -345,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
 
     make_data(args.data)
     data = data_args(args.data.resolve())
-    windows = length_windows(args.data)
     recipes = sorted({METHODS[m][1] for m in methods})
+    windows = {recipe: length_windows(args.data, recipe) for recipe in recipes}
     total = len(recipes) + len(methods) * len(seeds)
     done = 0
     results: dict[str, Any] = {
@@ -368,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             done += 1
             log(f"[{done}/{total}] RL {method} seed {seed} ({steps} steps) and its held-out scores")
             recipe = METHODS[method][1]
-            ckpt = run_rl(args.out, method, seed, starts[recipe], data, windows, overrides)
+            ckpt = run_rl(args.out, method, seed, starts[recipe], data, windows[recipe], overrides)
             run_dir = args.out / "runs" / method / f"seed{seed}"
             scores = cached(run_dir / "held_out.json",
                             lambda: held_out(run_dir / "job.yaml", ckpt, data, group_size, max_new, SAMPLED_CLIPS))

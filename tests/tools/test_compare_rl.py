@@ -36,24 +36,27 @@ def test_job_config_moves_every_output_into_the_run_folder_and_scales_the_window
     assert [cb["class_path"] for cb in job["trainer"]["callbacks"]] == [cb["class_path"] for cb in source["trainer"]["callbacks"]]
 
 
-def test_length_windows_bracket_the_reference_traces(tmp_path):
-    # 20 records whose observation is 1..20 copies of a one-token word: the 5th-95th percentile
-    # window of perception lengths is the 1st and the 19th sorted value.
+def test_length_windows_follow_each_recipes_own_traces(tmp_path):
+    """The windows bracket the lengths of the recipe's SFT targets: T-GRPO's completion window is
+    measured on think/answer traces (no observation block), not on the process-aware ones."""
     from p2r.backbones.tokenizer import train_tokenizer
+    from p2r.data.records import target_text, think_answer_target
+    from p2r.data.synthetic import VideoSpec, generate_split
 
+    records = [r for r, _ in generate_split("train", 40, seed=2, spec=VideoSpec(), tasks=("count",), style="terse")]
+    (tmp_path / "train.json").write_text(json.dumps([r.to_dict() for r in records]))
     tok = train_tokenizer()
-    word = " red"
-    assert len(tok(word).input_ids) == 1
-    records = []
-    for n in range(1, 21):
-        observation = word * n
-        output = observation + word * 5
-        records.append({"observation": observation, "output": output})
-    (tmp_path / "train.json").write_text(json.dumps(records))
-    windows = compare_rl.length_windows(tmp_path)
-    assert windows["perception"] == [1, 19]
-    assert windows["completion"] == [7, 25]  # output + the end token
-    assert windows["reasoning"] == [6, 6]
+
+    def bracket(values):
+        values = sorted(values)
+        return [values[int(0.05 * 39)], values[int(0.95 * 39)]]
+
+    videop2r = compare_rl.length_windows(tmp_path, "videop2r")
+    video_r1 = compare_rl.length_windows(tmp_path, "video_r1")
+    assert videop2r["completion"] == bracket([len(tok(target_text(r)).input_ids) + 1 for r in records])
+    assert videop2r["perception"] == bracket([len(tok(r.observation).input_ids) for r in records])
+    assert video_r1["completion"] == bracket([len(tok(think_answer_target(r)).input_ids) + 1 for r in records])
+    assert video_r1["completion"][1] < videop2r["completion"][0]  # no observation block: shorter
 
 
 def _seed_scores(clips):
