@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks.reward_callbacks import RewardCallback
 from callbacks.rollouts import Rollouts
 from p2r.algorithms.pagrpo import PAGRPOModule, micro_batches, micro_weight, shuffled_clip
 from p2r.algorithms.settings import LossSettings, RolloutSettings
@@ -254,16 +253,6 @@ def test_shared_prompt_and_per_sample_passes_give_the_same_step(tiny_sft, monkey
 
 
 # --- wiring: which advantage reaches which token ---------------------------------------------------
-class FixedReward(RewardCallback):
-    """A reward with given values per sample (the step's other rewards are the real callbacks)."""
-
-    def __init__(self, name: str, process: str, values: list[float]) -> None:
-        self.name, self.process, self.values = name, process, values
-
-    def score(self, rollouts):
-        return list(self.values)
-
-
 def _wiring_completions(tokenizer, end: int) -> tuple[list[list[int]], list[int], list[int]]:
     """Three well-formed completions as token ids and their perception / reasoning token counts.
 
@@ -293,56 +282,31 @@ def test_each_segment_gets_its_own_advantage(synthetic_root, monkeypatch):
     segment's tokens the other advantage, or swapping the segment lengths (the length rewards
     read them) each changes these numbers.
     """
-    import webdataset as wds
-
-    import p2r.algorithms.pagrpo as pagrpo
     from callbacks.reward_callbacks import PerceptionFormatReward, PerceptionLengthReward, ReasoningFormatReward, ReasoningLengthReward
-    from p2r.algorithms.rollout import GroupRollout, prepare_prompts
-    from p2r.data.datamodule import decode_sample
-    from p2r.data.video import FrameSampling
+    from fixed_step import FixedReward, one_step, train_sample
 
-    raw = next(iter(wds.tarfile_to_samples()(iter([{"url": str(sorted((synthetic_root / "shards").glob("train-*.tar"))[0])}]))))
-    sample = decode_sample(raw, FrameSampling(fps=4.0, min_frames=4, max_frames=4, min_pixels=784, max_pixels=784))
     module = PAGRPOModule(TinyQwen25VL(hidden_size=32, num_layers=1, vision_hidden_size=16, vision_depth=1, vocab_size=512),
                           rollout=RolloutSettings(group_size=3, max_completion_length=64), loss=LossSettings(beta=0.0),
                           lr=1e-3, schedule="constant")
     tok = module.backbone.tokenizer
     ids, lp, lr = _wiring_completions(tok, module.backbone.eos_token_ids[0])
     assert len({*lp, *lr}) == 6  # every P and R length differs: swapped lengths never fit a window
-
-    def fixed_rollout(backbone, prompts, clips, group_size, *args, **kwargs):
-        return GroupRollout(prepare_prompts(backbone, prompts, clips), group_size, [list(c) for c in ids], [False] * 3)
-
-    seen = []
-
-    def recording_loss(logp, *args, **kwargs):
-        logp.retain_grad()
-        seen.append((logp, kwargs["perception_mask"], args[3]))
-        return real_loss(logp, *args, **kwargs)
-
-    real_loss = pagrpo.pagrpo_loss
-    monkeypatch.setattr(pagrpo, "generate_groups", fixed_rollout)
-    monkeypatch.setattr(pagrpo, "pagrpo_loss", recording_loss)
     rewards = [
         FixedReward("perception/accuracy", "perception", [1.0, 1.0, 0.0]), PerceptionFormatReward(),
         PerceptionLengthReward(lmin=lp[0], lmax=lp[0]),
         FixedReward("reasoning/accuracy", "reasoning", [0.0, 1.0, 1.0]), ReasoningFormatReward(),
         ReasoningLengthReward(lmin=lr[1], lmax=lr[1]),
     ]
-    loader = torch.utils.data.DataLoader([[sample]], batch_size=None, collate_fn=lambda b: b)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=rewards)
-    trainer.fit(module, train_dataloaders=loader)
+    grad, perception, completion = one_step(module, train_sample(synthetic_root), ids, rewards, monkeypatch)
 
-    (logp, perception, completion), = seen
     a_p = torch.tensor([0.7259, 0.4148, -1.1407])
     a_r = torch.tensor([-1.1407, 0.7259, 0.4148])
-    expected = torch.zeros_like(logp)
+    expected = torch.zeros_like(grad)
     for i in range(3):
         expected[i, : lp[i]] = -a_p[i] / sum(lp)
         expected[i, lp[i] : lp[i] + lr[i]] = -a_r[i] / sum(lr)
     assert perception.sum(1).tolist() == lp and (completion & ~perception).sum(1).tolist() == lr
-    torch.testing.assert_close(logp.grad, expected, atol=1e-6, rtol=1e-3)
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-3)
 
 
 def test_shuffled_clip_moves_frames_only():

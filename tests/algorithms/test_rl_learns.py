@@ -22,22 +22,12 @@ import p2r.algorithms.pagrpo as pagrpo
 from callbacks.reward_callbacks import RewardCallback
 from p2r.algorithms.advantages import token_advantages
 from p2r.algorithms.pagrpo import PAGRPOModule
-from p2r.algorithms.rollout import GroupRollout, prepare_prompts
 from p2r.algorithms.settings import LossSettings, RolloutSettings
 from p2r.backbones import TinyQwen25VL
 
+from fixed_step import FixedReward, one_step, train_sample  # tests/fixed_step.py
+
 STEPS, MARGIN = 30, 0.25  # measured rises: 0.42-0.51 (grpo, pa_grpo); sabotaged: -0.19 to -0.48
-
-
-def _sample(synthetic_root):
-    import webdataset as wds
-
-    from p2r.data.datamodule import decode_sample
-    from p2r.data.video import FrameSampling
-
-    shard = str(sorted((synthetic_root / "shards").glob("train-*.tar"))[0])
-    raw = next(iter(wds.tarfile_to_samples()(iter([{"url": shard}]))))
-    return decode_sample(raw, FrameSampling(fps=4.0, min_frames=4, max_frames=4, min_pixels=784, max_pixels=784))
 
 
 def _tiny(seed: int = 0) -> TinyQwen25VL:
@@ -55,47 +45,21 @@ def swapped_masks(adv_p, adv_r, perception_mask, completion_mask):
 SABOTAGE = {"sign": swapped_sign, "masks": swapped_masks}
 
 
-class Constant(RewardCallback):
-    def __init__(self, name: str, process: str, values: list[float]) -> None:
-        self.name, self.process, self.values = name, process, values
-
-    def score(self, rollouts):
-        return list(self.values)
-
-
 def _one_step_gradients(synthetic_root, monkeypatch, sabotage=None):
-    """One PA-GRPO step on 4 fixed completions (2 perception + 3 reasoning tokens each) with
-    perception rewards [1, 0, 0, 1] and a constant reasoning reward; returns (grad of the loss
-    wrt the log-probs (4, T), perception mask, completion mask)."""
+    """One PA-GRPO step on 4 fixed completions (an unclosed observation of 2 words, then the end
+    token) with perception rewards [1, 0, 0, 1] and a constant reasoning reward; returns (grad of
+    the loss wrt the log-probs (4, T), perception mask, completion mask)."""
     module = PAGRPOModule(_tiny(), rollout=RolloutSettings(group_size=4, max_completion_length=8),
                           loss=LossSettings(beta=0.04), lr=1e-3, schedule="constant")
     tok = module.backbone.tokenizer
     obs = tok("<observation>", add_special_tokens=False)["input_ids"]
-    end = module.backbone.eos_token_ids[0]
     body = tok(" red", add_special_tokens=False)["input_ids"][:1] * 2
-    ids = [obs + body + [end] for _ in range(4)]  # the unclosed block runs to the end token
-    seen = []
-
-    def fixed_rollout(backbone, prompts, clips, group_size, *args, **kwargs):
-        return GroupRollout(prepare_prompts(backbone, prompts, clips), group_size, [list(c) for c in ids], [False] * 4)
-
-    def recording_loss(logp, *args, **kwargs):
-        logp.retain_grad()
-        seen.append((logp, kwargs["perception_mask"], args[3]))
-        return real_loss(logp, *args, **kwargs)
-
-    real_loss = pagrpo.pagrpo_loss
-    monkeypatch.setattr(pagrpo, "generate_groups", fixed_rollout)
-    monkeypatch.setattr(pagrpo, "pagrpo_loss", recording_loss)
+    ids = [obs + body + [module.backbone.eos_token_ids[0]]] * 4  # the unclosed block runs to the end token
     if sabotage is not None:
         monkeypatch.setattr(pagrpo, "token_advantages", SABOTAGE[sabotage])
-    rewards = [Constant("perception/accuracy", "perception", [1.0, 0.0, 0.0, 1.0]),
-               Constant("reasoning/accuracy", "reasoning", [1.0] * 4)]
-    loader = torch.utils.data.DataLoader([[_sample(synthetic_root)]], batch_size=None, collate_fn=lambda b: b)
-    L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=rewards).fit(module, train_dataloaders=loader)
-    (logp, perception, completion), = seen
-    return logp.grad, perception, completion
+    rewards = [FixedReward("perception/accuracy", "perception", [1.0, 0.0, 0.0, 1.0]),
+               FixedReward("reasoning/accuracy", "reasoning", [1.0] * 4)]
+    return one_step(module, train_sample(synthetic_root), ids, rewards, monkeypatch)
 
 
 def _direction_holds(grad, perception, completion) -> bool:
@@ -160,7 +124,7 @@ def _learning_curve(synthetic_root, mode: str, sabotage=None, monkeypatch=None) 
     module = PAGRPOModule(_tiny(seed=1), rollout=RolloutSettings(group_size=8, max_completion_length=6, engine="eager"),
                           loss=LossSettings(mode=mode, beta=0.0, aggregation="process_mean"), lr=3e-2, schedule="constant",
                           warmup_ratio=0.0)
-    sample = _sample(synthetic_root)
+    sample = train_sample(synthetic_root)
     loader = torch.utils.data.DataLoader([[sample] * 4] * STEPS, batch_size=None, collate_fn=lambda b: b)
     recorder = Recorder()
     L.Trainer(accelerator="cpu", max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
