@@ -64,6 +64,7 @@ TESTBED: dict[str, Any] = {
     "n_val": 64,
     "n_test": 1000,
     "seed": 0,
+    "max_completion_length": 64,  # rollouts and held-out answers (the traces have 33 tokens)
 }
 SAMPLED_CLIPS = 250  # pass@G of RL runs on the first 250 held-out clips (the SFT starts: all of them)
 SFT_RECIPES = {"videop2r": "configs/sft.yaml", "video_r1": "configs/sft_video_r1.yaml"}  # keys: SFT_TARGETS
@@ -342,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     tiny_rl = yaml.safe_load((REPO / "configs/tiny_rl.yaml").read_text())
     steps = args.steps or tiny_rl["trainer"]["max_steps"]
-    group_size, max_new = 8, tiny_rl["model"]["init_args"]["rollout"]["max_completion_length"]
-    overrides = [f"--trainer.max_steps={steps}"]
+    group_size, max_new = 8, TESTBED["max_completion_length"]
+    overrides = [f"--trainer.max_steps={steps}", f"--model.init_args.rollout.max_completion_length={max_new}"]
     overrides += [f"--data.batch_size={args.batch_size}"] if args.batch_size else []
     overrides += [f"--model.init_args.lr={args.lr}"] if args.lr else []
 
