@@ -664,11 +664,13 @@ def generate_split(
 
     ``tasks`` limits the kinds of question; ``style`` picks full or terse traces; a share
     ``observation_noise`` of the records get a noisy teacher trace (a wrong observation and the
-    answer that follows from it; see :func:`make_record`). The noise has its own random stream, so
+    answer that follows from it; terse style only; see :func:`make_record`). The noise has its own random stream, so
     the clips and questions of a split are the same whatever the noise.
     """
     if not 0.0 <= observation_noise <= 1.0:
         raise ValueError(f"observation_noise must be in [0, 1], got {observation_noise}")
+    if observation_noise and style != "terse":
+        raise ValueError("observation_noise needs style='terse' (only terse traces can report a wrong value)")
     rng = random.Random(f"p2r-synthetic:{seed}:{split}")
     noise_rng = random.Random(f"p2r-synthetic-noise:{seed}:{split}")
     plan = task_plan(rng, n, tasks)

@@ -281,3 +281,5 @@ def test_terse_style_refuses_tasks_it_cannot_write_and_bad_noise():
         generate_split("train", 20, seed=0, spec=SPEC, tasks=("description",), style="terse")
     with pytest.raises(ValueError, match="observation_noise"):
         generate_split("train", 20, seed=0, spec=SPEC, observation_noise=1.5)
+    with pytest.raises(ValueError, match="needs style='terse'"):
+        generate_split("train", 20, seed=0, spec=SPEC, observation_noise=0.2)
