@@ -204,24 +204,25 @@ def train_curves(run_dir: Path) -> dict[str, list[float]]:
     return {k: [float(r[k]) if r[k] else math.nan for r in rows] for k in keys}
 
 
-def run_sft(out: Path, recipe: str, data: list[str], sft_steps: int) -> Path:
-    run_dir = out / "sft" / recipe
+def fit_once(run_dir: Path, source: str, windows: dict[str, list[int]] | None, args: list[str]) -> Path:
+    """``python -m p2r fit`` of config ``source`` (outputs under ``run_dir``) with ``args``, unless its
+    last.ckpt exists (a rerun into the same --out resumes); the checkpoint's path."""
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
-        job = job_config(REPO / SFT_RECIPES[recipe], run_dir, None)
-        p2r_main(["fit", "--config", str(job), *TINY, *data, f"--trainer.max_steps={sft_steps}", "--trainer.max_epochs=-1",
-                  "--trainer.limit_val_batches=0", "--seed_everything=0"])
+        p2r_main(["fit", "--config", str(job_config(REPO / source, run_dir, windows)), *args])
     return ckpt
+
+
+def run_sft(out: Path, recipe: str, data: list[str], sft_steps: int) -> Path:
+    return fit_once(out / "sft" / recipe, SFT_RECIPES[recipe], None,
+                    [*TINY, *data, f"--trainer.max_steps={sft_steps}", "--trainer.max_epochs=-1",
+                     "--trainer.limit_val_batches=0", "--seed_everything=0"])
 
 
 def run_rl(out: Path, method: str, seed: int, start: Path, data: list[str], windows, overrides: list[str]) -> Path:
-    run_dir = out / "runs" / method / f"seed{seed}"
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if not ckpt.is_file():
-        job = job_config(REPO / METHODS[method][0], run_dir, windows)
-        p2r_main(["fit", "--config", str(job), *TINY_RL, *data, f"--model.init_args.backbone.init_args.weights_from={start}",
-                  f"--seed_everything={seed}", f"--model.init_args.rollout.seed={seed}", *overrides])
-    return ckpt
+    return fit_once(out / "runs" / method / f"seed{seed}", METHODS[method][0], windows,
+                    [*TINY_RL, *data, f"--model.init_args.backbone.init_args.weights_from={start}",
+                     f"--seed_everything={seed}", f"--model.init_args.rollout.seed={seed}", *overrides])
 
 
 # ---- report --------------------------------------------------------------------------------------
