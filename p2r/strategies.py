@@ -17,6 +17,14 @@ it stops at once with a message that points at FSDP2.
 Rollouts under FSDP2 run inside :func:`gathered`: every layer is all-gathered once at the
 prefill and stays whole until the rollout ends, so the token-by-token decode does no collective
 and ranks may stop after different numbers of tokens.
+
+Evaluation under FSDP2 (``validate``, ``test``, ``predict``, fit's validation loop and the
+periodic evaluation) runs inside :func:`held_whole`: every unit is all-gathered once, in the same
+order on every rank, before the first batch, and stays whole until the pass ends. The forwards in
+between do no collective, so ranks may run different numbers of batches (evaluation streams give
+each sample to exactly one rank) and each sample is still generated and scored exactly once, with
+no padding work. The cost is the whole model's parameters in ``param_dtype`` on every rank for the
+pass, the same memory a rollout already takes.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from p2r.compat import set_data_parallel_size
 DType = Literal["bfloat16", "float16", "float32"]
 # Attribute of a sharded model: its units' reshard_after_forward setting outside gathered().
 RESHARD_SETTING = "_p2r_reshard_after_forward"
+# Attribute of a sharded model set while held_whole() keeps it gathered (gathered() is then a no-op).
+HELD = "_p2r_held_whole"
 
 
 def fsdp2_modules(model: nn.Module) -> list[nn.Module]:
@@ -60,15 +70,56 @@ def gathered(model: nn.Module) -> Iterator[None]:
     The first forward all-gathers each unit and nothing is resharded until the context exits, so
     the decode steps run without collectives. Costs the full parameters' memory meanwhile.
     """
+    if getattr(model, HELD, False):  # an evaluation pass holds it whole already
+        yield
+        return
     units = fsdp2_modules(model)
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
     try:
         yield
     finally:
-        for unit in units:
-            unit.reshard()
-            unit.set_reshard_after_forward(getattr(model, RESHARD_SETTING, True), recurse=False)
+        _reshard(model, units)
+
+
+@contextlib.contextmanager
+def held_whole(model: nn.Module | None) -> Iterator[None]:
+    """Keep an FSDP2 model whole for a whole evaluation pass; no-op for a model that is not sharded.
+
+    Each unit is all-gathered here, explicitly and in module order (a collective every rank makes
+    at the same point); the forwards inside then find their parameters gathered and make none, so
+    ranks may run different numbers of forwards. Calls to :func:`gathered` inside are no-ops.
+    """
+    if not is_sharded(model) or getattr(model, HELD, False):
+        yield
+        return
+    units = fsdp2_modules(model)
+    _lazy_init_root(model)
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    setattr(model, HELD, True)
+    try:
+        yield
+    finally:
+        setattr(model, HELD, False)
+        _reshard(model, units)
+
+
+def _lazy_init_root(model: nn.Module) -> None:
+    """Make ``model`` the FSDP2 root before any unit is gathered by hand: FSDP2 picks its root as the
+    first unit whose forward runs, and a unit gathered before the root's first forward (a test run
+    that has trained nothing) would otherwise be refused as "already lazily initialized"."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard.state(model)._lazy_init()  # no-op once the root has run a forward
+
+
+def _reshard(model: nn.Module, units: list[nn.Module]) -> None:
+    """Free the gathered parameters of ``units`` and restore their configured resharding."""
+    for unit in units:
+        unit.reshard()
+        unit.set_reshard_after_forward(getattr(model, RESHARD_SETTING, True), recurse=False)
 
 
 def shard(strategy: Any, model: nn.Module, block_classes: set[type[nn.Module]]) -> None:
@@ -84,20 +135,6 @@ def shard(strategy: Any, model: nn.Module, block_classes: set[type[nn.Module]]) 
         strategy.parallelize(model, block_classes)
 
 
-def refuse_sharded_evaluation(stage: str, world_size: int, model: nn.Module | None) -> None:
-    """Raise when ``stage`` (validation, test, predict) would run a sharded model on several ranks.
-
-    Evaluation streams give each sample to exactly one rank, so ranks get unequal numbers of
-    batches; a sharded model needs every rank in every forward (all-gathers): it would hang.
-    """
-    if world_size > 1 and is_sharded(model):
-        raise RuntimeError(
-            f"{stage} with an FSDP2-sharded model on {world_size} ranks would deadlock (ranks get "
-            "unequal numbers of evaluation batches). Evaluate with strategy ddp (configs/eval.yaml) on the "
-            "checkpoint or an exported folder (tools/export_hf.py); during fit set trainer.limit_val_batches=0."
-        )
-
-
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 (``fully_shard``) data parallelism over all ranks, bf16 compute with float32 master weights."""
 
@@ -108,6 +145,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         reshard_after_forward: bool = True,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
+        weights_from_rank0: bool = True,
     ) -> None:
         """
         Args:
@@ -120,6 +158,10 @@ class FSDP2Strategy(ModelParallelStrategy):
             save_distributed_checkpoint: Each rank writes its own shard (a checkpoint folder);
                 False gathers a single file on rank 0 (needs the whole model in its CPU memory).
             process_group_backend: "nccl" on GPUs, "gloo" on CPUs (default: chosen from the device).
+            weights_from_rank0: On several ranks, every rank builds the model on the meta device and
+                shards it; only rank 0 makes or loads the weights in host memory and sends each rank
+                its shard (one copy of the weights per job, not one per rank). False: every rank
+                builds the whole model in host memory, then keeps its shard.
         """
         super().__init__(
             data_parallel_size="auto",
@@ -131,11 +173,18 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.reduce_dtype = reduce_dtype
         self.reshard_after_forward = reshard_after_forward
         self.save_distributed = save_distributed_checkpoint
+        self.weights_from_rank0 = weights_from_rank0
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
         """The dtype the sharded layers compute in (``param_dtype``), or None for the parameters' own."""
         return getattr(torch, self.param_dtype) if self.param_dtype else None
+
+    @property
+    def builds_on_rank0(self) -> bool:
+        """Whether modules build empty (meta) models and take their weights from rank 0
+        (:func:`load_from_rank0`): ``weights_from_rank0`` on more than one rank."""
+        return self.weights_from_rank0 and self.world_size > 1
 
     def setup_environment(self) -> None:
         # One data-parallel dimension over every rank; Lightning's "auto" would make the devices
@@ -197,6 +246,33 @@ class FSDP2Strategy(ModelParallelStrategy):
                 fully_shard(module, **options)
         fully_shard(model, **options)
         setattr(model, RESHARD_SETTING, self.reshard_after_forward)  # what gathered() restores
+
+
+def load_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.device) -> None:
+    """Give a sharded model built on the meta device its weights: rank 0's ``source`` (the same model,
+    whole, in host memory; None on the other ranks) is sent tensor by tensor and each rank keeps
+    its shard. Every rank calls this (collectives).
+
+    Parameters take the sharded model's dtypes (a bfloat16 reference copy of a float32 source);
+    buffers that no state dict holds (rotary frequencies) are broadcast from the source as they are.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    saved = model.state_dict()
+    full = {}
+    if source is not None:
+        full = {k: v.detach().to(saved[k].dtype) for k, v in source.state_dict().items() if k in saved}
+        missing = sorted(set(saved) - set(full))
+        if missing:
+            raise RuntimeError(f"rank 0's model lacks {len(missing)} entries of the sharded one (e.g. {missing[:3]})")
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    source_buffers = dict(source.named_buffers()) if source is not None else {}
+    for name, buffer in model.named_buffers():
+        if name not in saved:  # non-persistent: not in any state dict
+            if source is not None:
+                buffer.copy_(source_buffers[name])
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def _fsync_files(folder: Path) -> None:

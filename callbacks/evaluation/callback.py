@@ -27,14 +27,17 @@ every rank appends to its own ``predictions.rank<r>.jsonl``, which rank 0 merges
 ``predictions.jsonl`` at the end. Resuming: a rerun into the same ``output_dir`` skips every
 (benchmark, id) already in the predictions files and counts their stored scores in the totals;
 ``run.json`` records the model and checkpoint so that a different model never resumes another's
-predictions, and predictions made under another protocol are refused. Periodic evaluation during fit splits ``max_samples`` evenly over ranks; with a
-sharded strategy (FSDP) every rank must then see the same number of batches.
+predictions, and predictions made under another protocol are refused. Periodic evaluation during fit splits ``max_samples`` evenly over ranks; it
+runs inside the module's ``evaluating()`` context when the module has one (p2r's holds a sharded
+model whole there, so ranks may run different numbers of batches), else in plain eval mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +85,23 @@ def model_name(pl_module: L.LightningModule) -> str:
     return str(name) if name else type(backbone if backbone is not None else pl_module).__name__
 
 
+@contextlib.contextmanager
+def _evaluating(pl_module: L.LightningModule) -> Iterator[None]:
+    """The module's ``evaluating()`` context where it has one (p2r's: eval mode, a sharded model held
+    whole so that ranks may run different numbers of batches), else plain eval mode."""
+    hook = getattr(pl_module, "evaluating", None)
+    if hook is not None:
+        with hook():
+            yield
+        return
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        yield
+    finally:
+        pl_module.train(was_training)
+
+
 class BenchmarkEvaluation(L.Callback):
     """Benchmark evaluation for ``test``, ``validate`` and periodic validation during ``fit``."""
 
@@ -105,7 +125,8 @@ class BenchmarkEvaluation(L.Callback):
             output_dir: Folder of predictions.jsonl, results.json and run.json in ``test``
                 (default: the trainer's default_root_dir). A rerun into it resumes.
             every_n_train_steps: During fit, evaluate the val dataloader every N optimizer steps
-                (None: only Lightning's own validation loop, if any).
+                (None: only Lightning's own validation loop, if any; nothing while the datamodule has
+                no validation data).
             max_samples: Samples per periodic evaluation over all ranks (None: the whole val set).
             table_columns: Columns of the printed table (default: the paper's Table 1 columns).
             progress_bar: Show a bar of answers with each benchmark's running score in test (rank 0).
@@ -159,20 +180,19 @@ class BenchmarkEvaluation(L.Callback):
         self._last_periodic_step = step
         if trainer.datamodule is None:
             raise RuntimeError("BenchmarkEvaluation.every_n_train_steps needs a LightningDataModule with val_dataloader()")
+        loader = trainer.datamodule.val_dataloader()
+        if isinstance(loader, (list, tuple)) and not loader:
+            return  # no validation data configured (a config may carry this callback switched off this way)
         run = self._begin("eval", trainer, pl_module)
         limit = math.ceil(self.max_samples / trainer.world_size) if self.max_samples else None
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with _evaluating(pl_module):
             seen = 0
-            for batch in trainer.datamodule.val_dataloader():
+            for batch in loader:
                 batch = batch if limit is None else batch[: limit - seen]
                 self._score_batch(run, batch, pl_module)
                 seen += len(batch)
                 if limit is not None and seen >= limit:
                     break
-        finally:
-            pl_module.train(was_training)
         self._end(run, trainer, pl_module)
 
     # --- one pass ------------------------------------------------------------------------------

@@ -3,10 +3,16 @@
 skipped samples, the lost-update check of the first step, answer generation and, without an
 evaluation callback, the plain held-out check of ``p2r validate`` / ``p2r test``
 (:mod:`p2r.evaluation.answer_check`: ``{stage}/accuracy``, ``{stage}/format``, ...).
+
+Evaluation on a model sharded over several ranks (FSDP2) holds the model whole for the pass
+(:func:`p2r.strategies.held_whole`), so ranks with unequal numbers of evaluation batches never
+wait on each other; evaluation callbacks get the same through :meth:`VideoLVLMModule.evaluating`.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning as L
@@ -23,7 +29,7 @@ from p2r.data.datamodule import Sample
 from p2r.data.prompts import PromptTemplate, build_prompt
 from p2r.evaluation.answer_check import PROGRESS_BAR_METRICS, answer_check
 from p2r.optim import adamw_with_schedule
-from p2r.strategies import refuse_sharded_evaluation, shard
+from p2r.strategies import held_whole, load_from_rank0, shard
 
 
 class VideoLVLMModule(L.LightningModule):
@@ -79,15 +85,27 @@ class VideoLVLMModule(L.LightningModule):
         self._backbone_ready = False
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self.update_check: FirstStepUpdateCheck | None = None
+        self._evaluation_hold: contextlib.ExitStack | None = None
 
     def configure_model(self) -> None:
-        self.backbone.build()
+        """Build the backbone (and, through :meth:`on_backbone_built`, any copy of it), then shard what
+        :meth:`models_to_shard` names. Under FSDP2 on several ranks the models are built empty (meta
+        device) and sharded, and rank 0 alone makes the weights and sends each rank its shard."""
+        trainer = attached_trainer(self)
+        strategy = trainer.strategy if trainer is not None else None
+        from_rank0 = (not self.backbone.is_built and getattr(strategy, "builds_on_rank0", False)
+                      and self.backbone.quantization is None)  # quantized: FSDP2 refuses it in shard()
+        self.backbone.build(empty=from_rank0)
         if not self._backbone_ready:
             self._backbone_ready = True
             self.on_backbone_built()
-        trainer = attached_trainer(self)
-        for model in self.models_to_shard():
-            shard(trainer.strategy if trainer is not None else None, model, self.backbone.fsdp_block_classes())
+        models = self.models_to_shard()
+        for model in models:
+            shard(strategy, model, self.backbone.fsdp_block_classes())
+        if from_rank0:
+            source = self.backbone.full_model() if strategy.global_rank == 0 else None
+            for model in models:
+                load_from_rank0(model, source, strategy.root_device)
 
     def on_backbone_built(self) -> None:
         """Runs once, at the first ``configure_model``: the weights exist, nothing is sharded or restored yet."""
@@ -183,14 +201,45 @@ class VideoLVLMModule(L.LightningModule):
         for name, (value, n) in answer_check(self.generate_answers(batch), [s.record for s in batch]).items():
             self.log(f"{stage}/{name}", value, batch_size=n, sync_dist=True, prog_bar=name in PROGRESS_BAR_METRICS)
 
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode, and a sharded model held whole, for an evaluation pass a callback runs itself
+        (its ranks may then run different numbers of batches). Documented hook for callbacks."""
+        was_training = self.training
+        self.eval()
+        try:
+            with held_whole(self.backbone.model):
+                yield
+        finally:
+            self.train(was_training)
+
+    def _hold_for_evaluation(self) -> None:
+        # Lightning's evaluation loops: held from the stage's start hook to its end hook.
+        self._evaluation_hold = contextlib.ExitStack()
+        self._evaluation_hold.enter_context(held_whole(self.backbone.model))
+
+    def _release_after_evaluation(self) -> None:
+        if self._evaluation_hold is not None:
+            self._evaluation_hold.close()
+            self._evaluation_hold = None
+
     def on_validation_start(self) -> None:
-        refuse_sharded_evaluation("validation", self.trainer.world_size, self.backbone.model)
+        self._hold_for_evaluation()
+
+    def on_validation_end(self) -> None:
+        self._release_after_evaluation()
 
     def on_test_start(self) -> None:
-        refuse_sharded_evaluation("test", self.trainer.world_size, self.backbone.model)
+        self._hold_for_evaluation()
+
+    def on_test_end(self) -> None:
+        self._release_after_evaluation()
 
     def on_predict_start(self) -> None:
-        refuse_sharded_evaluation("predict", self.trainer.world_size, self.backbone.model)
+        self._hold_for_evaluation()
+
+    def on_predict_end(self) -> None:
+        self._release_after_evaluation()
 
     def validation_step(self, batch: list[Sample], batch_idx: int) -> None:
         self._answer_check(batch, "val")

@@ -62,6 +62,20 @@ class HFBackbone(VideoBackbone):
                 proc.size = {"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * 16384}
         return processor
 
+    def _make_empty_model(self, torch_dtype: torch.dtype) -> nn.Module:
+        """The model of this folder's config.json on the meta device: no weight file is read."""
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        try:
+            config = AutoConfig.from_pretrained(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
+        except OSError as err:
+            raise self._missing(err) from err
+        with torch.device("meta"):
+            return AutoModelForImageTextToText.from_config(
+                config, dtype=torch_dtype, attn_implementation=self.attn_implementation,
+                trust_remote_code=self.trust_remote_code,
+            )
+
     def _make_model(self, torch_dtype: torch.dtype, quantization_config: Any) -> nn.Module:
         from transformers import AutoModelForImageTextToText
 

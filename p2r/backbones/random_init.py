@@ -77,13 +77,19 @@ class RandomInitQwen25VL(VideoBackbone):
             overrides["vision_config"] = {**vision, "depth": self.vision_depth, "fullatt_block_indexes": full}
         return architecture_config(self.architecture_name, **overrides)
 
-    def _make_model(self, torch_dtype: torch.dtype, quantization_config: Any) -> nn.Module:
+    def _unweighted(self, torch_dtype: torch.dtype) -> nn.Module:
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         config = self.config()
         set_attention_implementation(config, self.attn_implementation)
-        model = seeded_model(lambda: model_from_config(Qwen2_5_VLForConditionalGeneration, config, torch_dtype), self.seed,
-                             self.init_device)
+        return model_from_config(Qwen2_5_VLForConditionalGeneration, config, torch_dtype)
+
+    def _make_empty_model(self, torch_dtype: torch.dtype) -> nn.Module:
+        with torch.device("meta"):  # whatever init_device says
+            return self._unweighted(torch_dtype)
+
+    def _make_model(self, torch_dtype: torch.dtype, quantization_config: Any) -> nn.Module:
+        model = seeded_model(lambda: self._unweighted(torch_dtype), self.seed, self.init_device)
         if quantization_config is not None:
             model = requantize(model, quantization_config, torch_dtype)
         return model

@@ -357,6 +357,7 @@ class VideoDataModule(L.LightningDataModule):
         shuffle_buffer: int = 256,
         seed: int = 0,
         test_sets: dict[str, str] | None = None,
+        val_sets: dict[str, str] | None = None,
         media_root: str = ".",
         record_limits: RecordLimits | None = None,
         max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES,
@@ -379,7 +380,9 @@ class VideoDataModule(L.LightningDataModule):
             test_sets: Named evaluation sets for test/predict, e.g. {mvbench: data/eval/eval_mvbench.json,
                 synthetic: data/synthetic/shards/test-*.tar}: shards or Video-R1 eval records files.
                 Set this or test_shards, not both.
-            media_root: Folder that the ``path`` of records in test_sets' JSON files is relative to.
+            val_sets: Named validation sets, as test_sets (e.g. a benchmark to watch during RL:
+                {vsibench: data/eval/eval_vsibench.json}); set this or val_shards, not both.
+            media_root: Folder that the ``path`` of records in test_sets' and val_sets' JSON files is relative to.
             record_limits: Size caps on each record, checked before it is tokenized: its JSON bytes
                 (default 1,000,000), problem plus options (8,192 characters) and any other text field
                 (16,384 characters). A record over a cap is skipped and counted.
@@ -405,6 +408,7 @@ class VideoDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.test_sets = test_sets
+        self.val_sets = val_sets
         self.media_root = media_root
         self.limits = StreamLimits(record_limits or RecordLimits(), max_media_bytes, max_unusable_in_a_row)
         self._train_plan: tuple[list[str], int] | None = None  # (shard URLs, samples per epoch), from setup
@@ -416,12 +420,14 @@ class VideoDataModule(L.LightningDataModule):
         if stage == "fit":
             self._train_plan = self._plan_training()
             trainer = getattr(self, "trainer", None)
-            if self.val_shards and (trainer is None or trainer.limit_val_batches):  # 0: fit never validates
-                _expand(self.val_shards, "val_shards")
+            # limit_val_batches 0: Lightning's loop never validates, but named val_sets feed the periodic
+            # evaluation of callbacks (BenchmarkEvaluation.every_n_train_steps): check those anyway.
+            if self.val_sets or (self.val_shards and (trainer is None or trainer.limit_val_batches)):
+                self._eval_sets("val")
         elif stage == "validate":
-            _expand(self.val_shards, "val_shards")
+            self._eval_sets("val")
         else:
-            self._eval_sets()
+            self._eval_sets("test")
 
     def _plan_training(self) -> tuple[list[str], int]:
         urls = _expand(self.train_shards, "train_shards")
@@ -478,20 +484,22 @@ class VideoDataModule(L.LightningDataModule):
             self._train_loader.trained_on(batch)
         return batch
 
-    def _eval_sets(self) -> dict[str, list[str]]:
-        """The test/predict sets: name -> shard URLs, or a one-element list holding a records file."""
-        if self.test_sets and self.test_shards:
+    def _eval_sets(self, split: str) -> dict[str, list[str]]:
+        """The ``split`` ("val": validation, "test": test/predict) sets: name -> shard URLs, or a
+        one-element list holding a records file. Plain ``<split>_shards`` form one set named ``split``."""
+        named, shards = getattr(self, f"{split}_sets"), getattr(self, f"{split}_shards")
+        if named and shards:
             raise ValueError(
-                "data.test_sets and data.test_shards are both set: use one (test_sets names each set; "
-                f"e.g. --data.test_sets='{{\"mine\": \"{self.test_shards}\"}}')"
+                f"data.{split}_sets and data.{split}_shards are both set: use one ({split}_sets names each set; "
+                f"e.g. --data.{split}_sets='{{\"mine\": \"{shards}\"}}')"
             )
-        if not self.test_sets:
-            return {"test": _expand(self.test_shards, "test_shards")}
+        if not named:
+            return {split: _expand(shards, f"{split}_shards")}
         sets = {}
-        for name, loc in self.test_sets.items():
+        for name, loc in named.items():
             if _is_records_file(loc) and "://" not in loc and not Path(loc).is_file():
-                raise FileNotFoundError(f"data.test_sets.{name}: no records file at {loc!r}")
-            sets[name] = [loc] if _is_records_file(loc) else _expand(loc, f"test_sets.{name}")
+                raise FileNotFoundError(f"data.{split}_sets.{name}: no records file at {loc!r}")
+            sets[name] = [loc] if _is_records_file(loc) else _expand(loc, f"{split}_sets.{name}")
         return sets
 
     def _eval_loader(self, sets: dict[str, list[str]]) -> DataLoader:
@@ -506,15 +514,15 @@ class VideoDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader | list:
-        if not self.val_shards:
+        if not self.val_shards and not self.val_sets:
             return []  # no validation set configured: fit runs without a validation loop
-        return self._eval_loader({"val": _expand(self.val_shards, "val_shards")})
+        return self._eval_loader(self._eval_sets("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self._eval_sets())
+        return self._eval_loader(self._eval_sets("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self._eval_sets())
+        return self._eval_loader(self._eval_sets("test"))
 
 
 class SizedShardStream(ShardStream):
