@@ -39,9 +39,9 @@ Rules (read from p2r's code; change them here when the code changes):
     the policy under FSDP2 (``models_to_shard``), whole on every GPU otherwise (under
     FSDPStrategy it is not part of the wrapped module). LoRA/QLoRA: adapters off, no copy.
   - AdamW keeps two states per trainable parameter in that parameter's dtype.
-  - log-probs of the PA-GRPO passes run the LM head on LOGPROB_CHUNK_TOKENS positions at a time
-    (p2r.algorithms.rollout.token_logprobs), so one chunk of (tokens x vocabulary) logits exists at
-    a time; SFT's loss computes the logits of the whole sequence at once.
+  - log-probs of the PA-GRPO passes and SFT's loss run the LM head on LOGPROB_CHUNK_TOKENS
+    positions at a time (p2r.algorithms.rollout.token_logprobs; SFT's ``loss_chunk_tokens`` default),
+    so one chunk of (tokens x vocabulary) logits exists at a time.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class Setup:
     job: str  # "sft" | "pagrpo"
     strategy: str  # "single" | "ddp" | "fsdp2" | "fsdp1"
     world: int  # ranks in total (devices x nodes)
+    per_node: int  # ranks on one node (devices)
     shard: int  # ranks a parameter is sharded over (1: not sharded)
     shard_weights: bool  # False for FSDP1 SHARD_GRAD_OP: only gradients and optimizer state sharded
     stored: str  # dtype of the stored (master) parameters
@@ -93,6 +94,7 @@ class Setup:
     prompts_per_rank: int = 1
     vision_tokens: int = 1024  # per prompt, upper bound from the frame budget
     text_tokens: int = PROMPT_TEXT_TOKENS
+    weights_from_rank0: bool = True  # FSDP2Strategy: only rank 0 builds the weights in host memory
 
 
 @dataclass
@@ -192,7 +194,7 @@ def setup_from_config(cfg: dict[str, Any], devices: int | None = None) -> Setup:
     merged = 28 * 28  # pixels per vision token: patch 14 x spatial merge 2 (Qwen-VL)
     vision_tokens = math.ceil(int(frames.get("max_frames", 16)) / 2) * (int(frames.get("max_pixels", 128 * merged)) // merged)
     return Setup(
-        job=job, strategy=kind, world=world, shard=shard, shard_weights=shard_weights, stored=stored, compute=compute,
+        job=job, strategy=kind, world=world, per_node=_count(trainer.get("devices")) if devices is None else devices, shard=shard, shard_weights=shard_weights, stored=stored, compute=compute,
         autocast=autocast, precision=precision,
         lora_r=int(lora["r"]) if lora else 0, lora_targets=tuple(lora.get("target_modules") or ()) if lora else (),
         quantization=quantization, quant_compute=backbone_dtype, freeze_vision=bool(bargs.get("freeze_vision")),
@@ -202,6 +204,7 @@ def setup_from_config(cfg: dict[str, Any], devices: int | None = None) -> Setup:
         shared_prompt=bool(margs.get("shared_prompt", True)),
         rollout_engine=rollout.engine,
         prompts_per_rank=int((cfg.get("data") or {}).get("batch_size", 1)), vision_tokens=vision_tokens,
+        weights_from_rank0=bool(sargs.get("weights_from_rank0", True)),
     )
 
 
@@ -316,8 +319,8 @@ def activation_bytes(s: Setup, d: dict[str, int], rows: int, length: int, scored
     log-softmax and its gradient next to the compute-dtype logits: 12 bytes per logit in bf16),
     ``patches`` vision patches per forward, plus ``attention`` bytes (:func:`packed_attention_bytes`).
     With gradient checkpointing each block keeps only its input and one block's activations exist
-    at a time during the backward. PA-GRPO's passes turn at most LOGPROB_CHUNK_TOKENS positions
-    into logits at a time; SFT all of its ``scored`` ones.
+    at a time during the backward. Both jobs turn at most LOGPROB_CHUNK_TOKENS positions into
+    logits at a time (SFT at its default ``loss_chunk_tokens``).
     """
     b = _BYTES[s.compute]
     tokens = rows * length
@@ -326,7 +329,7 @@ def activation_bytes(s: Setup, d: dict[str, int], rows: int, length: int, scored
         lm = tokens * (d["layers"] * d["hidden"] * b + per_layer)
     else:
         lm = tokens * d["layers"] * per_layer
-    at_once = min(rows * scored, LOGPROB_CHUNK_TOKENS) if s.job == "pagrpo" else rows * scored
+    at_once = min(rows * scored, LOGPROB_CHUNK_TOKENS)
     logits = at_once * d["vocab"] * (2 * b + 8)
     vision = 0
     if vision_trains and d["vision_depth"]:
@@ -431,11 +434,44 @@ def format_plan(p: Plan, device_gib: float) -> str:
         lines += [f"  {name:<56}{_size(b):>12}  {kind}" for name, b, kind in rows]
         lines.append(f"  {'= phase total with persistent':<56}{_size(p.persistent_total + p.phase_total(phase)):>12}")
     lines += [f"note: {n}" for n in p.notes]
+    lines.append(host_memory_line(p))
     need = p.peak + RESERVE_BYTES
     verdict = "fits" if need <= device_gib * 2**30 else "does NOT fit"
     lines.append(f"peak {_size(p.peak).strip()} + reserve {RESERVE_BYTES / 2**30:.0f} GiB (CUDA context, NCCL, fragmentation; estimate) "
                  f"= {need / 2**30:.2f} GiB: {verdict} in {device_gib:g} GiB per GPU")
     return "\n".join(lines)
+
+
+def builds_on_rank0(s: Setup) -> bool:
+    """Whether only rank 0 builds the weights in host memory (FSDP2Strategy.builds_on_rank0)."""
+    return s.strategy == "fsdp2" and s.world > 1 and s.weights_from_rank0 and not s.quantization
+
+
+def host_weight_bytes(s: Setup, c: Counts) -> tuple[int, int]:
+    """Bytes of weights in host memory at start-up (rank 0's node, any other node), before they reach
+    the GPUs: p2r.algorithms.base.VideoLVLMModule.configure_model's rules.
+
+    FSDP2 on several ranks with ``weights_from_rank0``: only rank 0 builds the model (stored dtype);
+    the reference copy is filled from the same source block by block, so it adds nothing. Otherwise
+    every rank of a node builds the whole model and, for PA-GRPO, its reference (compute dtype).
+    """
+    whole = c.total_params * _BYTES[s.stored]
+    if builds_on_rank0(s):
+        return whole, 0
+    reference = c.total_params * _BYTES[s.compute] if s.job == "pagrpo" and s.beta > 0 and not s.lora_r else 0
+    per_node = min(s.per_node, s.world) * (whole + reference)
+    return per_node, per_node if s.world > s.per_node else 0
+
+
+def host_memory_line(p: Plan) -> str:
+    node0, other = host_weight_bytes(p.setup, p.counts)
+    text = f"host memory at start-up: weights {node0 / 2**30:.1f} GiB on rank 0's node"
+    if p.setup.world > p.setup.per_node:
+        text += f", {other / 2**30:.1f} GiB on each other node"
+    how = ("rank 0 builds them and sends each rank its shard (FSDP2Strategy.weights_from_rank0)" if builds_on_rank0(p.setup)
+           else "every rank builds the whole model")
+    return (f"{text} ({how}; measured by tools/bench_host_memory.py), plus about 1 GiB per process for Python, torch "
+            "and the data workers; weights_from and hub files are memory-mapped: their page cache is reclaimable")
 
 
 def plan_from_config(cfg: dict[str, Any], devices: int | None = None) -> Plan:

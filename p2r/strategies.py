@@ -30,6 +30,7 @@ pass, the same memory a rollout already takes.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -248,31 +249,54 @@ class FSDP2Strategy(ModelParallelStrategy):
         setattr(model, RESHARD_SETTING, self.reshard_after_forward)  # what gathered() restores
 
 
-def load_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.device) -> None:
-    """Give a sharded model built on the meta device its weights: rank 0's ``source`` (the same model,
-    whole, in host memory; None on the other ranks) is sent tensor by tensor and each rank keeps
-    its shard. Every rank calls this (collectives).
+# Bytes rank 0 sends per broadcast while loading: the only transient memory on the other ranks.
+LOAD_BLOCK_BYTES = 64 * 2**20
 
-    Parameters take the sharded model's dtypes (a bfloat16 reference copy of a float32 source);
-    buffers that no state dict holds (rotary frequencies) are broadcast from the source as they are.
+
+@torch.no_grad()
+def load_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.device,
+                    block_bytes: int = LOAD_BLOCK_BYTES) -> None:
+    """Give a sharded model built on the meta device its weights from rank 0's ``source`` (the same
+    model, whole, in host memory; None on the other ranks). Every rank calls this (collectives).
+
+    Each parameter and buffer is broadcast in blocks of rows (at most ``block_bytes``, cast to the
+    sharded model's dtype block by block: a bfloat16 reference copy of a float32 source never
+    exists whole) and each rank copies the rows of its own shard. So no rank but 0 ever holds more
+    than its shards plus one block, and rank 0 holds the source plus its shards plus one block.
+    Buffers that no state dict holds (rotary frequencies) come along, as every parameter does.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor, Shard
 
     model.to_empty(device=device)
-    saved = model.state_dict()
-    full = {}
-    if source is not None:
-        full = {k: v.detach().to(saved[k].dtype) for k, v in source.state_dict().items() if k in saved}
-        missing = sorted(set(saved) - set(full))
-        if missing:
-            raise RuntimeError(f"rank 0's model lacks {len(missing)} entries of the sharded one (e.g. {missing[:3]})")
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    source_buffers = dict(source.named_buffers()) if source is not None else {}
-    for name, buffer in model.named_buffers():
-        if name not in saved:  # non-persistent: not in any state dict
-            if source is not None:
-                buffer.copy_(source_buffers[name])
-            torch.distributed.broadcast(buffer, src=0)
+    sources = {**dict(source.named_parameters()), **dict(source.named_buffers())} if source is not None else {}
+    targets = [*model.named_parameters(), *model.named_buffers()]
+    if source is not None and (missing := [name for name, _ in targets if name not in sources]):
+        raise RuntimeError(f"rank 0's model lacks {len(missing)} tensors of the sharded one (e.g. {missing[:3]})")
+    for name, target in targets:
+        full_shape = tuple(target.shape) or (1,)
+        if isinstance(target, DTensor):
+            if tuple(target.placements) != (Shard(0),):
+                raise NotImplementedError(f"{name}: only row-sharded (Shard(0)) parameters load from rank 0, not {target.placements}")
+            local = target.to_local()
+            chunk = -(-full_shape[0] // target.device_mesh.size())  # torch.chunk's rows per rank
+            first = min(target.device_mesh.get_local_rank() * chunk, full_shape[0])
+            if local.shape[0] != min(chunk, full_shape[0] - first):
+                raise RuntimeError(f"{name}: unexpected shard of {tuple(local.shape)} rows at {first} of {full_shape}")
+        else:
+            local, first = target.view(full_shape), 0
+        whole = sources[name].detach().reshape(full_shape) if source is not None else None
+        # The same blocks on every rank (each broadcast is matched by shape): sized from the full shape.
+        rows = max(1, block_bytes // (math.prod(full_shape[1:]) * target.element_size()))
+        for start in range(0, full_shape[0], rows):
+            stop = min(start + rows, full_shape[0])
+            if whole is not None:
+                block = whole[start:stop].to(device=device, dtype=target.dtype).contiguous()
+            else:
+                block = torch.empty((stop - start, *full_shape[1:]), dtype=target.dtype, device=device)
+            torch.distributed.broadcast(block, src=0)
+            lo, hi = max(start, first), min(stop, first + local.shape[0])
+            if lo < hi:
+                local[lo - first : hi - first].copy_(block[lo - start : hi - start])
 
 
 def _fsync_files(folder: Path) -> None:

@@ -149,13 +149,13 @@ def test_last_holds_the_final_step_when_it_is_not_a_multiple_of_the_interval(tmp
 
 @pytest.mark.slow
 def test_last_holds_the_final_state_when_non_finite_losses_stop_the_run(tmp_path, synthetic_root, monkeypatch):
-    real_loss = sft.masked_lm_loss
+    real_loss = sft.answer_loss
     calls = []
     final: dict[str, torch.Tensor] = {}
 
-    def loss_going_bad(logits, labels):  # finite for 4 steps, then NaN: 3 NaN steps stop the run
+    def loss_going_bad(*args):  # finite for 4 steps, then NaN: 3 NaN steps stop the run
         calls.append(1)
-        loss = real_loss(logits, labels)
+        loss = real_loss(*args)
         return loss if len(calls) <= 4 else loss * float("nan")
 
     real_end = sft.SFTModule.on_train_end
@@ -164,7 +164,7 @@ def test_last_holds_the_final_state_when_non_finite_losses_stop_the_run(tmp_path
         final.update({k: v.clone() for k, v in self.state_dict().items()})
         real_end(self)
 
-    monkeypatch.setattr(sft, "masked_lm_loss", loss_going_bad)
+    monkeypatch.setattr(sft, "answer_loss", loss_going_bad)
     monkeypatch.setattr(sft.SFTModule, "on_train_end", remember_then_end)
     with pytest.raises(FloatingPointError, match="non-finite loss at 3 optimizer steps in a row"):
         cli(overlay(tmp_path, synthetic_root, steps=20, every=3))

@@ -69,7 +69,7 @@ from bench_common import bench_parser, peak_rss_mib, synchronize, timed
 from bench_step import StepSettings, fixed_length, one_step, rollout_engines
 
 from p2r.algorithms.rollout import generate_groups
-from p2r.algorithms.sft import masked_lm_loss, sft_batch
+from p2r.algorithms.sft import answer_loss, sft_batch
 from p2r.backbones import TinyQwen25VL
 from p2r.backbones.batching import move_to
 from p2r.backbones.random_init import RandomInitQwen25VL
@@ -267,7 +267,7 @@ def section_sft(args) -> dict:
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = masked_lm_loss(backbone(**batch), labels)
+            loss = answer_loss(backbone, batch, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -86,6 +86,7 @@ class VideoLVLMModule(L.LightningModule):
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self.update_check: FirstStepUpdateCheck | None = None
         self._evaluation_hold: contextlib.ExitStack | None = None
+        self._answer_totals: dict[str, list[float]] = {}  # metric name -> [sum, samples] of the current pass, this rank
 
     def configure_model(self) -> None:
         """Build the backbone (and, through :meth:`on_backbone_built`, any copy of it), then shard what
@@ -199,7 +200,34 @@ class VideoLVLMModule(L.LightningModule):
         if self._evaluation_callback_present():
             return  # the evaluation callback generates and scores this batch itself
         for name, (value, n) in answer_check(self.generate_answers(batch), [s.record for s in batch]).items():
-            self.log(f"{stage}/{name}", value, batch_size=n, sync_dist=True, prog_bar=name in PROGRESS_BAR_METRICS)
+            total = self._answer_totals.setdefault(name, [0.0, 0])
+            total[0] += value * n
+            total[1] += n
+
+    def _log_answer_totals(self, stage: str) -> None:
+        """Log the pass's answer-check means, summed over the ranks.
+
+        Summed here rather than by ``self.log(sync_dist=True)``: ranks see different problem types,
+        and a rank may have had no batch at all, so each would log other names and Lightning's
+        per-name reductions would not pair up across ranks (a hang, or a crash at the first rank
+        that finished). Every rank takes part in the same two collectives over the union of names.
+        """
+        totals, self._answer_totals = self._answer_totals, {}
+        if self._evaluation_callback_present():
+            return
+        names = set(totals)
+        if self.trainer.world_size > 1:
+            every: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(every, sorted(names))
+            names = set().union(*every)
+        names = sorted(names)
+        sums = torch.tensor([totals.get(name, [0.0, 0]) for name in names], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1 and names:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        for name, (total, n) in zip(names, sums.tolist()):
+            if n:
+                # Equal on every rank already: sync_dist only keeps Lightning from warning (a mean of equal values).
+                self.log(f"{stage}/{name}", total / n, batch_size=int(n), prog_bar=name in PROGRESS_BAR_METRICS, sync_dist=True)
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
@@ -244,8 +272,14 @@ class VideoLVLMModule(L.LightningModule):
     def validation_step(self, batch: list[Sample], batch_idx: int) -> None:
         self._answer_check(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_answer_totals("val")
+
     def test_step(self, batch: list[Sample], batch_idx: int) -> None:
         self._answer_check(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_answer_totals("test")
 
     def predict_step(self, batch: list[Sample], batch_idx: int) -> list[dict[str, Any]]:
         texts = self.generate_answers(batch)

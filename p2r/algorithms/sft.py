@@ -4,8 +4,10 @@ Implements the SFT stage of VideoP2R (METHOD.md): one epoch over the process-awa
 target = ``<observation>...</observation> <think>...</think> <answer>...</answer>`` followed by
 the end-of-turn token. The loss is the token-mean cross-entropy over the assistant's answer
 only: the prompt, the video/image placeholder tokens and padding are masked (Video-R1 computed
-the loss over the prompt too). Paper scale: batch 8 x accumulation 2, Qwen2.5-VL-7B-Instruct,
-16 frames at 128*28*28 pixels, bf16.
+the loss over the prompt too). The (batch x length x vocabulary) logits never exist: the LM head
+runs on the answer positions only, ``loss_chunk_tokens`` at a time, each chunk's logits recomputed
+in the backward (:func:`answer_loss`), as the RL log-probs do. Paper scale: batch 8 x
+accumulation 2, Qwen2.5-VL-7B-Instruct, 16 frames at 128*28*28 pixels, bf16.
 
 ``target_template: video_r1`` trains Video-R1's think/answer target instead
 (:func:`p2r.data.records.think_answer_target`): the SFT stage of the T-GRPO baseline
@@ -25,12 +27,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from p2r.algorithms.base import VideoLVLMModule
+from p2r.algorithms.rollout import LOGPROB_CHUNK_TOKENS, token_logprobs
 from p2r.algorithms.settings import require
 from p2r.backbones.base import TARGET_MASK, VideoBackbone
 from p2r.backbones.batching import move_to
@@ -56,29 +61,78 @@ def sft_batch(backbone: VideoBackbone, prompts: list[str], clips: list[Clip], ta
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is not IGNORE_INDEX.
+    """Mean next-token cross-entropy over positions whose label is not IGNORE_INDEX, from full logits.
 
     logits (B, L, V) predict token t+1 at position t; labels (B, L) hold the target ids at
-    their own positions, so both are shifted by one before comparing.
+    their own positions, so both are shifted by one before comparing. The plain definition of the
+    SFT loss; training computes the same value without the logits (:func:`answer_loss`).
     """
     pred = logits[:, :-1].flatten(0, 1).float()  # (B*(L-1), V)
     gold = labels[:, 1:].flatten()  # (B*(L-1),)
     return F.cross_entropy(pred, gold, ignore_index=IGNORE_INDEX)
 
 
+def answer_span(labels: torch.Tensor) -> int:
+    """How many final positions of the rows the loss reads (the model's ``logits_to_keep``): from the
+    first position that predicts a labelled token, in any row, to the end. labels (B, L); 1 if none is labelled."""
+    scored = (labels[:, 1:] != IGNORE_INDEX).any(0)  # (L-1,): position t predicts label t+1
+    if not scored.any():
+        return 1
+    return labels.shape[1] - int(scored.nonzero()[0])
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """:func:`masked_lm_loss` of ``head(hidden)`` without those logits: from the final hidden states
+    (B, K, H) of the rows' last K positions, the LM ``head`` (hidden -> logits) and labels (B, L), K <= L
+    (at least :func:`answer_span`).
+
+    Only the M positions that predict a labelled token go through the head, ``chunk_tokens`` at a
+    time in float32, each chunk's logits recomputed in the backward
+    (:func:`p2r.algorithms.rollout.token_logprobs`): at most (chunk_tokens x V) logits exist at once,
+    in either pass, instead of (B x L x V).
+    """
+    gold = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, -hidden.shape[1] :]  # (B, K): position t's next token
+    scored = gold != IGNORE_INDEX  # (B, K)
+    return -token_logprobs(hidden[scored], head, gold[scored], chunk_tokens=chunk_tokens).mean()  # over the M of (M, H)
+
+
+def answer_loss(
+    backbone: VideoBackbone, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk_tokens: int = LOGPROB_CHUNK_TOKENS
+) -> torch.Tensor:
+    """``masked_lm_loss(backbone(**inputs), labels)`` computed inside the model's forward by
+    :func:`chunked_lm_loss` on the hidden states of the answer span (:func:`answer_span`), through
+    :meth:`VideoBackbone.apply_head` (so FSDP2, LoRA and checkpointing hooks apply as usual)."""
+    loss_of = partial(chunked_lm_loss, labels=labels, chunk_tokens=chunk_tokens)
+    return backbone.apply_head(loss_of, answer_span(labels), **inputs)
+
+
 class SFTModule(VideoLVLMModule):
     """Supervised fine-tuning on chain-of-thought targets, process-aware by default (answer tokens only)."""
 
-    def __init__(self, *args: Any, target_template: TargetTemplate = "videop2r", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        target_template: TargetTemplate = "videop2r",
+        loss_chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
+        **kwargs: Any,
+    ) -> None:
         """
         Args:
             target_template: Assistant text trained on: videop2r (observation/think/answer, METHOD.md),
                 video_r1 (Video-R1's <think>...</think> then <answer>...</answer>, the T-GRPO baseline's SFT).
+            loss_chunk_tokens: Answer tokens whose logits the loss computes at once (fewer: less memory, more head calls).
             *args, **kwargs: The arguments of :class:`p2r.algorithms.base.VideoLVLMModule` (backbone, lr, schedule, ...).
         """
         require("target_template", target_template, target_template in SFT_TARGETS, f"one of {', '.join(SFT_TARGETS)}")
+        require("loss_chunk_tokens", loss_chunk_tokens, loss_chunk_tokens >= 1, ">= 1")
         super().__init__(*args, **kwargs)
         self.target_template = target_template
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.save_hyperparameters(ignore=["backbone"])
         self.skip_log = SkipLog(logging.getLogger(__name__), "training records")
         self._step_start = 0.0
@@ -101,7 +155,7 @@ class SFTModule(VideoLVLMModule):
             return None
         inputs, labels = sft_batch(self.backbone, self.prompts_of(batch), [s.clip for s in batch], targets)
         inputs, labels = move_to(inputs, self.device, self.backbone.torch_dtype), labels.to(self.device)
-        loss = masked_lm_loss(self.backbone(**inputs), labels)
+        loss = answer_loss(self.backbone, inputs, labels, self.loss_chunk_tokens)
         n = len(batch)
         if self.nonfinite.skip_loss(self, loss):
             return None  # no backward for this batch and no update for this step, on every rank

@@ -78,7 +78,7 @@ def make(kind: str, **kwargs):
 
 def poison(monkeypatch, kind: str, bad_calls: set[int]) -> None:
     """Make the loss NaN on the given calls (0-based) of the module's loss function."""
-    target, name = (sft_module, "masked_lm_loss") if kind == "sft" else (pagrpo_module, "pagrpo_loss")
+    target, name = (sft_module, "answer_loss") if kind == "sft" else (pagrpo_module, "pagrpo_loss")
     real, calls = getattr(target, name), []
 
     def loss_fn(*args, **kwargs):

@@ -1,4 +1,5 @@
-"""Process-aware SFT: answer-only labels, the masked loss on worked numbers, and the real CLI fitting and testing the tiny model;
+"""Process-aware SFT: answer-only labels, the masked loss on worked numbers, the chunked loss training uses (worked numbers,
+and equal loss and gradients to the full-logits loss on the tiny model), and the real CLI fitting and testing the tiny model;
 Video-R1's think/answer SFT (configs/sft_video_r1.yaml): its labels and a tiny fit through the CLI."""
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import p2r.algorithms.sft as sft_module
 from callbacks.rewards.format import think_answer_format
-from p2r.algorithms.sft import IGNORE_INDEX, masked_lm_loss, sft_batch
+from p2r.algorithms.sft import IGNORE_INDEX, answer_loss, answer_span, chunked_lm_loss, masked_lm_loss, sft_batch
 from p2r.backbones import TinyQwen25VL
 from p2r.cli import main
 from p2r.data.prompts import VIDEO_R1_QUESTION_TEMPLATE, build_prompt
@@ -54,6 +56,90 @@ def test_masked_lm_loss_is_a_mean_over_answer_tokens_of_the_whole_batch():
     assert loss.item() == pytest.approx((2 * LN3 + LN2) / 3, abs=1e-6)
     loss.backward()
     assert logits.grad[:, [1, 3]].abs().sum() == 0 and logits.grad[1, 2].abs().sum() == 0
+
+
+def test_answer_span_starts_at_the_first_position_that_predicts_a_label_in_any_row():
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 7, 8]])
+    assert answer_span(labels) == 4  # position 1 predicts row 0's label 5: positions 1..4
+    assert answer_span(labels[1:]) == 3
+    assert answer_span(torch.tensor([[4, IGNORE_INDEX, IGNORE_INDEX]])) == 1  # nothing predicts position 0's label
+    assert answer_span(torch.full((2, 3), IGNORE_INDEX)) == 1
+
+
+class RecordingHead(nn.Linear):
+    """The hand-worked head: logits (0, h0, h1) for hidden h (3 words, width 2); records the rows of each call."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 3, bias=False)
+        with torch.no_grad():
+            self.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+        self.rows: list[int] = []
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.rows.append(hidden.shape[0])
+        return super().forward(hidden)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 100])
+def test_chunked_lm_loss_hand_worked(chunk):
+    # Labels [-, -, -, 2, -, 1] over 6 positions: position 2 predicts 2, position 4 predicts 1, so the
+    # loss reads the last 4 positions' hidden states. Position 2's hidden (0, 0) gives uniform logits
+    # (CE ln 3); position 4's (ln 2, 0) gives logits (0, ln 2, 0) = probabilities 1/4, 1/2, 1/4 (CE ln 2).
+    # Token mean: ln 6 / 2. Gradients (token mean of (p - onehot) h^T, and W^T (p - onehot) / 2):
+    # position 2 has h = 0, so only position 4 moves W: p - e1 = (1/4, -1/2, 1/4) times (ln 2, 0) / 2;
+    # d loss / d h at position 2 = W^T (1/3, 1/3, -2/3) / 2 = (1/6, -1/3); unscored positions get 0.
+    labels = torch.tensor([[IGNORE_INDEX] * 3 + [2, IGNORE_INDEX, 1]])
+    assert answer_span(labels) == 4
+    hidden = torch.tensor([[[0.0, 0.0], [100.0, -100.0], [LN2, 0.0], [5.0, 5.0]]], requires_grad=True)  # (1, 4, 2)
+    head = RecordingHead()
+    loss = chunked_lm_loss(hidden, head, labels, chunk)
+    assert loss.item() == pytest.approx(math.log(6.0) / 2, abs=1e-6)
+    assert head.rows == ([1, 1] if chunk == 1 else [2])  # the two scored positions only, at most `chunk` at a time
+    loss.backward()
+    assert head.rows == ([1, 1] * 2 if chunk == 1 else [2, 2])  # every chunk's logits recomputed in the backward
+    expected_w = torch.tensor([[LN2 / 8, 0.0], [-LN2 / 4, 0.0], [LN2 / 8, 0.0]])
+    torch.testing.assert_close(head.weight.grad, expected_w, rtol=0, atol=1e-6)
+    torch.testing.assert_close(hidden.grad[0, 0], torch.tensor([1 / 6, -1 / 3]), rtol=0, atol=1e-6)
+    assert hidden.grad[0, [1, 3]].abs().sum() == 0
+    # Hidden states of all 6 positions (the full sequence) give the same loss.
+    full = torch.cat([torch.full((1, 2, 2), 7.0), hidden.detach()], dim=1)  # (1, 6, 2)
+    assert chunked_lm_loss(full, RecordingHead(), labels, chunk).item() == pytest.approx(math.log(6.0) / 2, abs=1e-6)
+
+
+def parameter_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients(tiny_sizes):
+    """The tiny Qwen2.5-VL on a video row and an image row whose prompts and answers differ in length (one
+    row padded): answer_loss (what training_step computes) gives the loss and every parameter gradient of
+    masked_lm_loss on the full logits, for chunks of 1 token, a few tokens, and more than the answers."""
+    backbone = TinyQwen25VL(**tiny_sizes, seed=0)
+    backbone.build()
+    backbone.train()
+    rendered = [backbone.render_prompt("Which way does it move?", "video"), backbone.render_prompt("How many?", "image")]
+    inputs, labels = sft_batch(backbone, rendered, [VIDEO, IMAGE], TARGETS)
+    answers = (labels != IGNORE_INDEX).sum(1)  # (B,)
+    assert answers[0] != answers[1] and labels[1, -1] == IGNORE_INDEX and inputs["attention_mask"][1, -1] == 0
+    assert answer_span(labels) < labels.shape[1]  # the prompt's hidden states never reach the head
+
+    full = masked_lm_loss(backbone(**inputs), labels)
+    full.backward()
+    expected = parameter_grads(backbone.model)
+    assert sum(g is not None for g in expected.values()) == len(expected)  # every parameter, the vision tower too
+    for chunk in (1, 5, int(answers.sum()) + 1, 10_000):
+        backbone.model.zero_grad(set_to_none=True)
+        loss = answer_loss(backbone, inputs, labels, chunk)
+        torch.testing.assert_close(loss, full, rtol=1e-6, atol=1e-6)
+        loss.backward()
+        grads = parameter_grads(backbone.model)
+        for name, grad in expected.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name, c=chunk: f"{n} (chunk {c}): {m}")
+
+
+def test_a_loss_chunk_below_one_token_is_refused_naming_the_setting(tiny25):
+    with pytest.raises(ValueError, match=r"model.init_args.loss_chunk_tokens must be >= 1, got 0"):
+        sft_module.SFTModule(tiny25, loss_chunk_tokens=0)
 
 
 def overlay(tmp: Path, data: Path, sizes: dict) -> Path:

@@ -176,11 +176,23 @@ def test_named_test_sets_from_records_files_and_shards(synthetic_root, tmp_path,
     assert sorted(got) == sorted((name, i) for name in sets for i in ids)
 
 
-def test_test_sets_and_test_shards_together_are_refused(synthetic_root, monkeypatch):
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_named_sets_and_plain_shards_together_are_refused(synthetic_root, monkeypatch, split):
     pattern = str(synthetic_root / "shards" / "test-*.tar")
-    dm = make_dm(monkeypatch, test_sets={"synthetic": pattern}, test_shards=pattern)
-    with pytest.raises(ValueError, match="test_sets and data.test_shards are both set"):
-        dm.test_dataloader()
+    dm = make_dm(monkeypatch, **{f"{split}_sets": {"synthetic": pattern}, f"{split}_shards": pattern})
+    with pytest.raises(ValueError, match=f"{split}_sets and data.{split}_shards are both set"):
+        getattr(dm, f"{split}_dataloader")()
+
+
+def test_named_val_sets_feed_validation_under_their_names(synthetic_root, monkeypatch):
+    # A benchmark to watch during RL: a records file (paths relative to media_root) and shards, by name.
+    sets = {"bench": str(synthetic_root / "val.json"), "val": str(synthetic_root / "shards" / "val-*.tar")}
+    dm = make_dm(monkeypatch, val_sets=sets, media_root=str(synthetic_root), eval_batch_size=4, num_workers=0)
+    got = sorted((s.benchmark, s.record.id) for b in dm.val_dataloader() for s in b)
+    ids = [r["id"] for r in json.loads((synthetic_root / "val.json").read_text())]
+    assert got == sorted((name, i) for name in sets for i in ids)
+    with pytest.raises(FileNotFoundError, match="data.val_sets.bench: no records file"):
+        make_dm(monkeypatch, val_sets={"bench": str(synthetic_root / "missing.json")}).setup("validate")
 
 
 def test_records_file_with_missing_media_skips_and_counts(synthetic_root, tmp_path, monkeypatch):
