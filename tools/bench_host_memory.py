@@ -87,7 +87,8 @@ def measure(script: Path, result: Path, args: argparse.Namespace, ranks: int, mo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--architecture", default="qwen2_5_vl_3b", choices=["qwen2_5_vl_3b", "qwen2_5_vl_7b"])
     parser.add_argument("--num-layers", type=int, default=2, help="decoder layers kept (the vision tower keeps 2 blocks)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="gloo ranks per run")

@@ -221,7 +221,9 @@ def run_sft(out: Path, recipe: str, data: list[str], sft_steps: int) -> Path:
 
 def run_rl(out: Path, method: str, seed: int, start: Path, data: list[str], windows, overrides: list[str]) -> Path:
     return fit_once(out / "runs" / method / f"seed{seed}", METHODS[method][0], windows,
-                    [*TINY_RL, *data, f"--model.init_args.backbone.init_args.weights_from={start}",
+                    # No val set: the RL configs' benchmark watch would evaluate it every 100 steps; the
+                    # testbed scores its held-out clips itself.
+                    [*TINY_RL, *data, "--data.val_shards=null", f"--model.init_args.backbone.init_args.weights_from={start}",
                      f"--seed_everything={seed}", f"--model.init_args.rollout.seed={seed}", *overrides])
 
 

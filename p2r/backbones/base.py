@@ -93,12 +93,34 @@ class VideoBackbone(nn.Module):
     def is_built(self) -> bool:
         return self.model is not None
 
-    def build(self) -> None:
+    def _make_empty_model(self, torch_dtype: torch.dtype) -> nn.Module:
+        """The plain model's structure on the meta device: shapes and dtypes, no weights, nothing read.
+        Subclasses that load weights (a hub folder) or create them on a set device override this."""
+        with torch.device("meta"):
+            return self._make_model(torch_dtype, None)
+
+    def build(self, empty: bool = False) -> None:
         """Create the weights and apply the options (:func:`p2r.backbones.building.build_model`);
-        a second call does nothing."""
+        a second call does nothing.
+
+        ``empty``: build the structure only, on the meta device (LoRA adapters, frozen vision tower
+        and checkpointing included; ``weights_from`` is not read): what a sharded run's ranks shard
+        before rank 0 sends each its part of :meth:`full_model` (:func:`p2r.strategies.load_from_rank0`).
+        """
         if self.is_built:
             return
-        self.model = build_model(
+        if empty:
+            if self.quantization is not None:
+                raise ValueError("an empty (meta-device) build cannot hold 4/8-bit quantized weights")
+            self.model = build_model(lambda dtype, _: self._make_empty_model(dtype), self.torch_dtype, None, self.lora,
+                                     None, self.freeze_vision, self.gradient_checkpointing)
+        else:
+            self.model = self.full_model()
+
+    def full_model(self) -> nn.Module:
+        """A new model with every option applied and its weights made or loaded (``weights_from``
+        included), in host memory: what :meth:`build` holds, or, in a sharded run, rank 0's source."""
+        return build_model(
             self._make_model, self.torch_dtype, self.quantization, self.lora, self.weights_from, self.freeze_vision,
             self.gradient_checkpointing,
         )
@@ -228,6 +250,10 @@ class VideoBackbone(nn.Module):
                 eos_token_id=self.eos_token_ids,
                 pad_token_id=self.pad_token_id,
                 suppress_tokens=self.media_token_ids,
+                # transformers turns this on for FSDP models on several ranks: an all-reduce per token so
+                # that ranks decode in lock-step. The parameters stay gathered for the whole call
+                # (gathered / held_whole), so the decode needs no collective and ranks may stop apart.
+                synced_gpus=False,
                 **kwargs,
             )
         new = out[:, batch["input_ids"].shape[1] :].tolist()
@@ -236,7 +262,11 @@ class VideoBackbone(nn.Module):
     def forward(self, **inputs: Any) -> torch.Tensor:
         """Logits (B, L, V) for a batch from :meth:`encode`."""
         inputs = {k: v for k, v in inputs.items() if k != TARGET_MASK}
-        return self.model(**inputs, use_cache=False).logits
+        handle = self.model.register_forward_hook(_logits_only, prepend=True)
+        try:
+            return self.model(**inputs, use_cache=False).logits
+        finally:
+            handle.remove()
 
     def position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Explicit positions for a padded batch: (3, B, L) for mrope models, else (B, L).
@@ -326,7 +356,8 @@ class VideoBackbone(nn.Module):
             return fn(full.pop(), module.forward)  # forward, not __call__: these hooks must not run again
 
         head = model.get_output_embeddings()
-        handles = [head.register_forward_pre_hook(keep_last_column), head.register_forward_hook(apply_fn)]
+        handles = [head.register_forward_pre_hook(keep_last_column), head.register_forward_hook(apply_fn),
+                   model.register_forward_hook(_logits_only, prepend=True)]
         try:
             return model(**inputs, use_cache=False, logits_to_keep=logits_to_keep).logits
         finally:
@@ -355,6 +386,14 @@ class VideoBackbone(nn.Module):
     def fsdp_block_classes(self) -> set[type[nn.Module]]:
         """Module classes to shard one by one: decoder layers and vision blocks."""
         return block_classes(self.model)
+
+
+def _logits_only(module: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook on the whole model, run before FSDP2's own (``prepend``): its output reduced to
+    the logits. Qwen-VL models also return their vision encoder's outputs, whose per-clip features
+    are ``torch.split`` views that require grad; FSDP2 warns about every view a unit returns
+    ("returned a view tensor"), and nothing reads those features after the forward."""
+    return type(output)(logits=output.logits)
 
 
 def trim_completion(ids: list[int], eos_ids: list[int], pad_id: int) -> list[int]:
