@@ -99,11 +99,15 @@ class RolloutTableWriter(L.Callback):
     def on_rollouts_scored(self, trainer: L.Trainer, pl_module: L.LightningModule, rollouts: Rollouts) -> None:
         step = trainer.global_step
         # With gradient accumulation several rollout batches share one global step: write the first.
-        if step % self.every_n_steps or step == self._last_step or not trainer.is_global_zero:
+        if step % self.every_n_steps or step == self._last_step:
             return
         self._last_step = step
-        rows = rollout_rows(rollouts, self.max_samples, step)
+        # On every rank: under a distributed strategy Trainer.log_dir is a broadcast from rank 0, and
+        # rank 0 alone asking for it would wait there while the others went on to the loss (a hang).
         out = self.directory(trainer)
+        if not trainer.is_global_zero:
+            return
+        rows = rollout_rows(rollouts, self.max_samples, step)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "rollouts.jsonl"), "a", encoding="utf-8") as f:
             for row in rows:

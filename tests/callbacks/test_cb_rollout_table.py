@@ -48,3 +48,20 @@ def test_out_dir_and_max_samples(tmp_path):
 def test_render_html_columns():
     page = render_html([], "empty")
     assert page.startswith("<!DOCTYPE html>") and "<th>observation</th>" in page
+
+
+def test_every_rank_asks_for_the_log_dir_at_a_writing_step(tmp_path):
+    # Under a distributed strategy Trainer.log_dir is a broadcast: rank 0 alone asking hung PA-GRPO on
+    # several ranks at step 0. Every rank asks at the steps that write; only rank 0 writes.
+    asked = []
+
+    class Trainer(SimpleNamespace):
+        @property
+        def log_dir(self):
+            asked.append((self.global_step, self.is_global_zero))
+            return None
+
+    writer = RolloutTableWriter(every_n_steps=2)
+    for step in (0, 1, 2):
+        writer.on_rollouts_scored(Trainer(global_step=step, default_root_dir=str(tmp_path), is_global_zero=False), None, scored())
+    assert asked == [(0, False), (2, False)] and not (tmp_path / "rollouts").exists()

@@ -118,3 +118,28 @@ data:
     assert len(periodic) == 2 and len(validation) == 2, rows
     assert all(0.0 <= float(r["eval/val/accuracy"]) <= 1.0 for r in periodic)
     assert [r for r in rows if r.get("train/loss")], "training went on after the evaluation passes"
+
+
+def test_pagrpo_watches_a_benchmark_on_two_sharded_ranks(data, tmp_path):
+    # configs/pagrpo.yaml's way of watching a benchmark (a named val set from a records file), on 2
+    # FSDP2 ranks between PA-GRPO steps; every step here instead of every 100: 5 questions, 3 + 2.
+    sizes = [f"--model.init_args.backbone.init_args.{k}={v}" for k, v in SIZES.items()]
+    cmd = [sys.executable, "-m", "p2r", "fit", *[a for c in ("configs/pagrpo.yaml", "configs/tiny.yaml", "configs/tiny_rl.yaml",
+                                                        "configs/strategy/fsdp2.yaml") for a in ("--config", str(REPO / c))],
+           "--trainer.devices=2", "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", *sizes,
+           "--model.init_args.backbone.init_args.weights_from=null", "--model.init_args.rollout.group_size=2",
+           "--model.init_args.rollout.max_completion_length=8", "--model.init_args.micro_batch_size=4",
+           "--model.init_args.eval_max_new_tokens=6", f"--data.train_shards={data}/shards/train-*.tar", "--data.val_shards=null",
+           "--data.val_sets=" + json.dumps({"bench": str(data / "val.json")}), f"--data.media_root={data}",
+           "--data.batch_size=1", "--data.eval_batch_size=1", "--data.num_workers=0",
+           "--trainer.callbacks+=callbacks.evaluation.BenchmarkEvaluation",
+           "--trainer.callbacks.benchmarks=" + json.dumps({"bench": {"class_path": "p2r.evaluation.Synthetic"}}),
+           "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.max_samples=5",
+           "--trainer.callbacks+=varied_rewards.TokenSumReward"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-5000:]
+    with next((tmp_path / "runs/pagrpo/logs").glob("version_*/metrics.csv")).open() as f:
+        rows = list(csv.DictReader(f))
+    watched = [r for r in rows if r.get("eval/bench/accuracy")]
+    assert len(watched) == 2 and all(0.0 <= float(r["eval/bench/accuracy"]) <= 1.0 for r in watched), rows
+    assert len([r for r in rows if r.get("train/loss")]) == 2
