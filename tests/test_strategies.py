@@ -12,7 +12,8 @@ prompt, seeded by the prompt's global index, so both layouts sample the same com
 Parameters are compared by the direction of the whole update (cosine) and its size: AdamW turns
 float noise on near-zero gradients into full-size steps for those few entries, so an exact
 comparison would test the noise; a rank that trained on its own data (no gradient averaging)
-moves the weights elsewhere and fails both checks.
+moves the weights elsewhere and fails both checks. The gradients themselves (before the optimizer
+step) are compared exactly in tests/algorithms/test_fsdp2_gradients.py.
 """
 
 from __future__ import annotations
