@@ -11,7 +11,8 @@ import torch
 from p2r.backbones import LoraOptions, TinyQwen25VL
 from p2r.cli import main
 from p2r.data.video import Clip
-from p2r.memory_plan import format_plan, meta_model_from_config, plan_from_config, setup_from_config
+from p2r.memory_plan import (format_plan, host_memory_line, host_weight_bytes, meta_model_from_config, plan_from_config,
+                             setup_from_config)
 
 N_7B = 8_292_166_656
 SIZES = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, vision_hidden_size=16, vision_depth=2, vocab_size=512)
@@ -141,6 +142,23 @@ def test_7b_pagrpo_under_ddp_bf16_true_equals_hand_worked_bytes_and_does_not_fit
     # 2 + 4 + 2 + 2 bytes per parameter, and the compiled engine's static KV cache, before any activation
     assert p.persistent_total == 10 * N_7B + 425_721_856
     assert "does NOT fit in 80 GiB" in format_plan(p, 80)
+
+
+@pytest.mark.parametrize(("job", "from_rank0", "expected"), [
+    ("sft", True, N_7B * 4),  # rank 0's float32 copy, once per job
+    ("pagrpo", True, N_7B * 4),  # the bf16 reference is filled from the same copy
+    ("sft", False, 8 * N_7B * 4),  # every rank of the node builds the whole model
+    ("pagrpo", False, 8 * N_7B * (4 + 2)),  # ... and its bf16 reference
+])
+def test_host_memory_at_start_up_is_one_copy_when_rank0_builds(job, from_rank0, expected):
+    strategy = {"class_path": "p2r.strategies.FSDP2Strategy", "init_args": {"weights_from_rank0": from_rank0}}
+    cfg = config(job, strategy=strategy, devices=8, backbone={"class_path": "p2r.backbones.HFBackbone",
+                                                              "init_args": {"model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"}})
+    cfg["trainer"]["num_nodes"] = 2
+    p = plan_from_config(cfg)
+    assert host_weight_bytes(p.setup, p.counts) == ((expected, 0) if from_rank0 else (expected, expected))
+    line = host_memory_line(p)
+    assert f"{expected / 2**30:.1f} GiB on rank 0's node" in line and ("sends each rank its shard" in line) == from_rank0
 
 
 def test_activation_estimate_equals_its_hand_worked_formula():

@@ -33,7 +33,7 @@ from p2r.strategies import is_sharded, shard
 
 REPO = Path(__file__).resolve().parents[1]
 # Set by a launcher: a child that inherits LOCAL_RANK believes it was launched and never starts rank 1.
-LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK")
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK")
 
 
 def child_env() -> dict[str, str]:

@@ -26,7 +26,6 @@ warning (the Qwen-VL output's vision features, dropped by VideoBackbone.forward 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +34,9 @@ import pytest
 import torch
 
 from p2r.data.synthetic import make_synthetic
+from test_strategies import child_env  # tests/ is on sys.path (pytest rootdir import)
 
 REPO = Path(__file__).resolve().parents[2]
-# Set by a launcher: a child that inherits LOCAL_RANK believes it was launched and never starts rank 1.
-LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK")
 VIEW_WARNING = "returned a view tensor"
 
 SCRIPT = r'''
@@ -164,11 +162,6 @@ if devices > 1:
 if trainer.global_rank == 0:
     torch.save({"grads": recorder.grads, "losses": losses.reshape(-1).tolist()}, out / "grads.pt")
 '''
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    return {**env, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
