@@ -72,7 +72,6 @@ class Setup:
     job: str  # "sft" | "pagrpo"
     strategy: str  # "single" | "ddp" | "fsdp2" | "fsdp1"
     world: int  # ranks in total (devices x nodes)
-    per_node: int  # ranks on one node (devices)
     shard: int  # ranks a parameter is sharded over (1: not sharded)
     shard_weights: bool  # False for FSDP1 SHARD_GRAD_OP: only gradients and optimizer state sharded
     stored: str  # dtype of the stored (master) parameters
@@ -94,6 +93,7 @@ class Setup:
     prompts_per_rank: int = 1
     vision_tokens: int = 1024  # per prompt, upper bound from the frame budget
     text_tokens: int = PROMPT_TEXT_TOKENS
+    per_node: int = 1  # ranks on one node (devices)
     weights_from_rank0: bool = True  # FSDP2Strategy: only rank 0 builds the weights in host memory
 
 
@@ -194,7 +194,7 @@ def setup_from_config(cfg: dict[str, Any], devices: int | None = None) -> Setup:
     merged = 28 * 28  # pixels per vision token: patch 14 x spatial merge 2 (Qwen-VL)
     vision_tokens = math.ceil(int(frames.get("max_frames", 16)) / 2) * (int(frames.get("max_pixels", 128 * merged)) // merged)
     return Setup(
-        job=job, strategy=kind, world=world, per_node=_count(trainer.get("devices")) if devices is None else devices, shard=shard, shard_weights=shard_weights, stored=stored, compute=compute,
+        job=job, strategy=kind, world=world, shard=shard, shard_weights=shard_weights, stored=stored, compute=compute,
         autocast=autocast, precision=precision,
         lora_r=int(lora["r"]) if lora else 0, lora_targets=tuple(lora.get("target_modules") or ()) if lora else (),
         quantization=quantization, quant_compute=backbone_dtype, freeze_vision=bool(bargs.get("freeze_vision")),
@@ -204,6 +204,7 @@ def setup_from_config(cfg: dict[str, Any], devices: int | None = None) -> Setup:
         shared_prompt=bool(margs.get("shared_prompt", True)),
         rollout_engine=rollout.engine,
         prompts_per_rank=int((cfg.get("data") or {}).get("batch_size", 1)), vision_tokens=vision_tokens,
+        per_node=_count(trainer.get("devices")) if devices is None else devices,
         weights_from_rank0=bool(sargs.get("weights_from_rank0", True)),
     )
 
