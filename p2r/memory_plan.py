@@ -472,7 +472,8 @@ def host_memory_line(p: Plan) -> str:
     how = ("rank 0 builds them and sends each rank its shard (FSDP2Strategy.weights_from_rank0)" if builds_on_rank0(p.setup)
            else "every rank builds the whole model")
     return (f"{text} ({how}; measured by tools/bench_host_memory.py), plus about 1 GiB per process for Python, torch "
-            "and the data workers; weights_from and hub files are memory-mapped: their page cache is reclaimable")
+            "and the data workers; hub files and single-file weights_from checkpoints are memory-mapped (reclaimable page "
+            "cache), a weights_from FSDP2 folder is read whole on rank 0 (a second copy while it loads)")
 
 
 def plan_from_config(cfg: dict[str, Any], devices: int | None = None) -> Plan:

@@ -50,7 +50,7 @@ class Scored(NamedTuple):
     """
 
     parsed: str | float | None  # what the scorer read from the output (None: nothing readable)
-    score: float  # in [0, 1]
+    score: float | None  # in [0, 1]; None: the protocol's aggregation leaves this answer out (counted as excluded)
     metric: str = "accuracy"  # the family this score is averaged in
     truth: Any = None  # the ground truth as the scorer read it, for the predictions file
     details: dict[str, Any] | None = None  # what the benchmark's aggregation needs besides the score (JSON values)

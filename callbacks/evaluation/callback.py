@@ -85,6 +85,11 @@ def model_name(pl_module: L.LightningModule) -> str:
     return str(name) if name else type(backbone if backbone is not None else pl_module).__name__
 
 
+def _key(benchmark: str, category: str, metric: str, score: float | None) -> Key:
+    """The metric key of one answer; an answer the protocol leaves out (score None) counts as excluded."""
+    return (benchmark, "", EXCLUDED) if score is None else (benchmark, category, metric)
+
+
 @contextlib.contextmanager
 def _evaluating(pl_module: L.LightningModule) -> Iterator[None]:
     """The module's ``evaluating()`` context where it has one (p2r's: eval mode, a sharded model held
@@ -237,7 +242,8 @@ class BenchmarkEvaluation(L.Callback):
         run.done = set(done)
         if trainer.is_global_zero:  # earlier predictions count once, on rank 0
             kept = [row for row in done.values() if row["benchmark"] in self.benchmarks]
-            run.metric.update([(r["benchmark"], r["category"], r["metric"]) for r in kept], [float(r["score"]) for r in kept])
+            run.metric.update([_key(r["benchmark"], r["category"], r["metric"], r["score"]) for r in kept],
+                              [float(r["score"] or 0.0) for r in kept])
         part = PREDICTIONS if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}.jsonl"
         run.part = out / part
         run.bar = tqdm(desc="answers", unit="answer", dynamic_ncols=True,
@@ -265,7 +271,7 @@ class BenchmarkEvaluation(L.Callback):
         for sample, adapter, prompt, output in zip(todo, adapters, prompts, outputs):
             scored = adapter.score(sample, output)
             category = adapter.category(sample)
-            keys.append((sample.benchmark, category, scored.metric))
+            keys.append(_key(sample.benchmark, category, scored.metric, scored.score))
             row = {
                 "id": str(sample.record.id), "benchmark": sample.benchmark, "protocol": getattr(adapter, "protocol", None),
                 "category": category, "metric": scored.metric, "score": scored.score, "parsed": scored.parsed,
@@ -275,11 +281,13 @@ class BenchmarkEvaluation(L.Callback):
             if to_dict is not None:  # the record as it came in: what tools can rescore under another protocol
                 row["record"] = to_dict()
             rows.append(row)
-        run.metric.update(keys, [row["score"] for row in rows])
+        run.metric.update(keys, [row["score"] or 0.0 for row in rows])
         if run.part is not None:
             append_jsonl(run.part, rows)
         if run.bar is not None:
             for row in rows:
+                if row["score"] is None:
+                    continue
                 total = run.running.setdefault(row["benchmark"], [0.0, 0.0])
                 total[0] += row["score"]
                 total[1] += 1

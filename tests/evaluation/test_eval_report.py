@@ -132,3 +132,35 @@ def test_write_json_leaves_the_old_file_whole_when_the_write_fails(tmp_path, mon
     with pytest.raises(TypeError):  # not JSON: nothing is written at all
         write_json(tmp_path / "results.json", {"x": object()})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+def test_an_answer_the_protocol_leaves_out_is_written_with_a_null_score_and_counted_as_excluded(tmp_path):
+    # e.g. lmms-eval's VideoMMMU drops "API Error" lines from its figure: score None, not a wrong 0.0.
+    from types import SimpleNamespace
+
+    from callbacks.evaluation import BenchmarkEvaluation, Scored
+    from callbacks.evaluation.callback import _Pass
+
+    class Adapter:
+        protocol = "lmms_eval"
+
+        def includes(self, sample):
+            return True
+
+        def prompt(self, sample):
+            return "Q?"
+
+        def category(self, sample):
+            return "Math"
+
+        def score(self, sample, output):
+            return Scored("API Error" if not output else output, None if not output else 1.0, "accuracy", "5")
+
+    module = SimpleNamespace(generate_answers=lambda batch, prompts: ["5", ""])
+    batch = [SimpleNamespace(benchmark="videommmu", record=SimpleNamespace(id=i)) for i in ("a", "b")]
+    run = _Pass("test", BenchmarkScores(), part=tmp_path / "predictions.jsonl")
+    BenchmarkEvaluation({"videommmu": Adapter()})._score_batch(run, batch, module)
+    rows = [json.loads(line) for line in run.part.read_text().splitlines()]
+    assert [(r["id"], r["score"]) for r in rows] == [("a", 1.0), ("b", None)]
+    block = summarize(run.metric.compute())["videommmu"]
+    assert (block["n"], block["excluded"], block["score"]) == (1, 1, 1.0)

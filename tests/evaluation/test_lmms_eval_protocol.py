@@ -170,6 +170,8 @@ def test_videommmu_prompts_per_track():
     (mmmu_open("DFS"), "I think it is DFS", ["dfs"], 1.0),
     (mmmu_open("x"), "the answer is x", [" x", "x "], 1.0),        # one letter on both sides is padded alike
     (mmmu_open("x"), "the answer is xylophone", ["xylophone"], 0.0),  # " x" / "x " never match inside a word
+    (mmmu_open("5"), "", "API Error", None),               # lmms-eval's aggregation drops these lines: no score
+    (mmmu_open("5"), "API Error", "API Error", None),      # ... and the literal text its API models return on failure
 ])
 def test_videommmu_readers(row, output, parsed, score):
     scored = LmmsEvalRules("videommmu").score(NativeRow(row, "video_mmmu_adaptation"), output)

@@ -135,3 +135,16 @@ def test_p2r_test_under_lmms_eval_then_rescored_under_every_protocol(tmp_path, r
                                          "--out", str(tmp_path / protocol)], capsys)
         assert other["protocol"] == protocol and other["n"] == 2 and last == f"figure: {other['figure']}"
         assert {r["metric"] for r in rows} == {"accuracy", "mra"}
+
+
+def test_videommmu_lines_lmms_eval_drops_have_no_score_and_count_as_left_out(tmp_path, capsys):
+    # lmms-eval's videommmu_aggregate_results filters parsed_pred == "API Error": an empty open answer,
+    # or that literal text. They are not wrong answers: the track figure is 1/1 here, not 1/3.
+    row = {"question": "Q?", "options": [], "answer": "5", "question_type": "open", "task": "video_mmmu_adaptation"}
+    rows = [{**row, "id": f"validation_Math_{i}", "output": o} for i, o in enumerate(("The answer is 5.", "", "API Error"))]
+    results, predictions, last = run_rescore(["--protocol", "lmms_eval", "--benchmark", "videommmu",
+                                              str(write_jsonl(tmp_path / "in.jsonl", rows)), "--out", str(tmp_path / "out")], capsys)
+    assert [p["score"] for p in predictions] == [1.0, None, None]
+    assert '"score": null' in (tmp_path / "out/predictions.jsonl").read_text()
+    assert (results["figure"], results["n"], results["excluded"], results["n_api_error"]) == (1.0, 1, 2, 2)
+    assert last == "figure: 1.0"

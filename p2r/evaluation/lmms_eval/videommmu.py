@@ -183,7 +183,9 @@ def score(row: dict[str, Any], output: str, track: str) -> Scored:
     else:
         correct = open_correct(answer, parsed)
     details = {"track": track, "subject": subject(str(row["id"])), "api_error": parsed == API_ERROR}
-    return Scored(parsed, 1.0 if correct else 0.0, "accuracy", answer, details)
+    # lmms-eval's aggregation drops "API Error" lines (an empty open answer, or that literal text):
+    # no score, so they are counted as left out, not as wrong answers.
+    return Scored(parsed, None if parsed == API_ERROR else 1.0 if correct else 0.0, "accuracy", answer, details)
 
 
 def track_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
