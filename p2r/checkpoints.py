@@ -79,11 +79,14 @@ def read_backbone_options(path: str | Path, what: str = "checkpoint") -> dict[st
     return torch.load(source, map_location="cpu", weights_only=True, mmap=True).get(BACKBONE_OPTIONS)
 
 
-def _read_distributed(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """The model entries of a Lightning distributed checkpoint, read in this one process."""
+def distributed_backbone_entries(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """The ``backbone.*`` tensors of a Lightning distributed checkpoint folder, as DCP metadata
+    (``.size``, ``.properties.dtype``; keys with the ``backbone.`` prefix): nothing is read but the
+    metadata."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    path = Path(path)
     if not (path / _META).is_file():
         raise FileNotFoundError(
             f"{what}: {str(path)!r} is a folder without {_META}: not a Lightning distributed checkpoint "
@@ -93,16 +96,25 @@ def _read_distributed(path: Path, what: str) -> dict[str, torch.Tensor]:
         entries = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{what}: {str(path)!r} has {_META} but no torch.distributed.checkpoint files: {err}") from err
-    model = {
-        k[len(_DCP_MODEL) :]: torch.empty(m.size, dtype=m.properties.dtype)
-        for k, m in entries.items()
-        if k.startswith(_DCP_MODEL + BACKBONE_PREFIX) and isinstance(m, TensorStorageMetadata)
-    }
-    request = {"state_dict": model}
+    return {k[len(_DCP_MODEL) :]: m for k, m in entries.items()
+            if k.startswith(_DCP_MODEL + BACKBONE_PREFIX) and isinstance(m, TensorStorageMetadata)}
+
+
+def load_distributed_into(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Read the entries ``tensors`` names (``backbone.*`` keys) of a distributed checkpoint folder
+    straight into those tensors, in this one process: no second copy of the weights exists."""
+    import torch.distributed.checkpoint as dcp
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(request, checkpoint_id=path, no_dist=True)
-    return request["state_dict"]
+        dcp.load({"state_dict": tensors}, checkpoint_id=Path(path), no_dist=True)
+
+
+def _read_distributed(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The model entries of a Lightning distributed checkpoint, read in this one process."""
+    model = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in distributed_backbone_entries(path, what).items()}
+    load_distributed_into(model, path)
+    return model
 
 
 # ---- writing ---------------------------------------------------------------------------------

@@ -473,7 +473,7 @@ def host_memory_line(p: Plan) -> str:
            else "every rank builds the whole model")
     return (f"{text} ({how}; measured by tools/bench_host_memory.py), plus about 1 GiB per process for Python, torch "
             "and the data workers; hub files and single-file weights_from checkpoints are memory-mapped (reclaimable page "
-            "cache), a weights_from FSDP2 folder is read whole on rank 0 (a second copy while it loads)")
+            "cache), a weights_from FSDP2 folder is read straight into the model")
 
 
 def plan_from_config(cfg: dict[str, Any], devices: int | None = None) -> Plan:

@@ -15,12 +15,14 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from p2r.checkpoints import read_backbone_options, read_backbone_state
+from p2r.checkpoints import (BACKBONE_PREFIX, distributed_backbone_entries, load_distributed_into, read_backbone_options,
+                             read_backbone_state)
 
 # Names Hugging Face VLMs give their vision encoder.
 VISUAL_NAMES = ("visual", "vision_tower", "vision_model")
@@ -64,9 +66,16 @@ def build_model(
         adapters are merged into the quantized layers (peft re-quantizes them, so the merged
         model equals the SFT model within the quantization error).
     """
-    state = read_backbone_state(weights_from, "weights_from") if weights_from else None
+    # A full checkpoint folder (FSDP2's) is read straight into the model below; the rest is read first.
+    in_place = bool(weights_from) and _is_full_distributed_checkpoint(weights_from)
+    state = read_backbone_state(weights_from, "weights_from") if weights_from and not in_place else None
     config = quantization_config(quantization, dtype)
-    if state is None:
+    if in_place:
+        model = make_model(dtype, None)
+        _load_distributed_checked(model, weights_from)
+        if config is not None:
+            model = requantize(model, config, dtype)
+    elif state is None:
         model = make_model(dtype, config)
     elif any("lora_" in k for k in state):
         model = _merged_adapter_checkpoint(make_model, state, weights_from, dtype, quantization, config, lora)
@@ -240,13 +249,11 @@ def _model_entries(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
 
 
-def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], path: str, ignore: set[str] = frozenset()) -> None:
-    """``module.load_state_dict(state)`` after checking that every key and shape matches (keys in
-    ``ignore`` were loaded otherwise)."""
-    own = {k: v for k, v in module.state_dict().items() if k not in ignore}
-    resized = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+def _check_shapes(own: dict[str, tuple[int, ...]], theirs: dict[str, tuple[int, ...]], path: str) -> None:
+    """Refuse a checkpoint whose keys or shapes (``theirs``) differ from the module's (``own``)."""
+    resized = [k for k, shape in theirs.items() if k in own and tuple(own[k]) != tuple(shape)]
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
     if missing or unexpected or resized:
         raise ValueError(
             f"weights_from: {path!r} does not match this backbone: {len(missing)} missing keys "
@@ -254,7 +261,27 @@ def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], path: str, 
             f"{len(resized)} of another shape (e.g. {resized[:3]}); "
             "was it trained with the same backbone config (size, LoRA)?"
         )
+
+
+def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], path: str, ignore: set[str] = frozenset()) -> None:
+    """``module.load_state_dict(state)`` after checking that every key and shape matches (keys in
+    ``ignore`` were loaded otherwise)."""
+    own = {k: v.shape for k, v in module.state_dict().items() if k not in ignore}
+    _check_shapes(own, {k: v.shape for k, v in state.items()}, path)
     module.load_state_dict(state, strict=not ignore)
+
+
+def _is_full_distributed_checkpoint(path: str) -> bool:
+    """A distributed checkpoint folder without LoRA adapters (those are merged from a state dict)."""
+    return Path(path).is_dir() and not any("lora_" in k for k in distributed_backbone_entries(path, "weights_from"))
+
+
+def _load_distributed_checked(model: nn.Module, path: str) -> None:
+    """Load a full distributed checkpoint folder into ``model`` in place, after the key and shape check."""
+    entries = _model_entries({k[len(BACKBONE_PREFIX) :]: m for k, m in distributed_backbone_entries(path, "weights_from").items()})
+    own = model.state_dict()
+    _check_shapes({k: v.shape for k, v in own.items()}, {k: tuple(m.size) for k, m in entries.items()}, path)
+    load_distributed_into({f"{BACKBONE_PREFIX}model.{k}": v for k, v in own.items()}, path)
 
 
 def _load_quantized(module: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:

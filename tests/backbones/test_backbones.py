@@ -245,6 +245,29 @@ def test_weights_from_refuses_a_checkpoint_of_another_size(tiny_sizes, tmp_path)
         small.build()
 
 
+def test_weights_from_an_fsdp2_folder_is_read_straight_into_the_model(tiny_sizes, tmp_path, monkeypatch):
+    # The folder an FSDP2 run writes (DCP files + meta.pt), here written by one process. Its tensors go
+    # straight into the built model: the whole-state reader (a second copy of the weights) is never used.
+    import torch.distributed.checkpoint as dcp
+
+    from p2r.backbones import building
+
+    source = TinyQwen25VL(**tiny_sizes)
+    source.build()
+    state = {f"backbone.model.{k}": v + 0.01 if v.is_floating_point() else v for k, v in source.model.state_dict().items()}
+    folder = tmp_path / "last.ckpt"
+    dcp.save({"state_dict": state}, checkpoint_id=folder, no_dist=True)
+    torch.save({"global_step": 3}, folder / "meta.pt")
+    monkeypatch.setattr(building, "read_backbone_state", lambda *a: pytest.fail("read the whole state first"))
+    loaded = TinyQwen25VL(**tiny_sizes, weights_from=str(folder))
+    loaded.build()
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(value, state[f"backbone.model.{key}"]), key
+    wider = TinyQwen25VL(**{**tiny_sizes, "hidden_size": 2 * tiny_sizes["hidden_size"]}, weights_from=str(folder))
+    with pytest.raises(ValueError, match="does not match this backbone.*of another shape"):
+        wider.build()
+
+
 def test_weights_from_missing_or_foreign_file_is_a_clear_error(tiny_sizes, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"weights_from: no checkpoint file or folder at '.*nope\.ckpt'"):
         TinyQwen25VL(**tiny_sizes, weights_from=str(tmp_path / "nope.ckpt")).build()
