@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pickle
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -198,6 +199,38 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_write(str(path).removeprefix("file://"), lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loading (``--ckpt_path``), with a file that is not a readable checkpoint reported
+        as such: torch's own message for it advises loading with ``weights_only=False``, which would run
+        any code the file carries. p2r never does that."""
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except pickle.UnpicklingError as err:
+            raise UnreadableCheckpoint(path, _unpickling_cause(str(err))) from None
+        except (EOFError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
+                raise
+            raise UnreadableCheckpoint(path, str(err).splitlines()[0]) from None
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that cannot be read with weights-only loading: corrupt, truncated or not a checkpoint."""
+
+    def __init__(self, path: Any, cause: str) -> None:
+        super().__init__(
+            f"--ckpt_path: {str(path)!r} is not a readable checkpoint ({cause}). The file is corrupt, truncated, "
+            "or not a PyTorch Lightning checkpoint; p2r reads checkpoints with weights-only loading and never "
+            "unpickles code from them. Resume from another checkpoint (e.g. a periodic one in the same folder)."
+        )
+
+
+def _unpickling_cause(message: str) -> str:
+    """The part of torch's weights-only error that says what was wrong, without its advice."""
+    marker = "WeightsUnpickler error:"
+    if marker in message:
+        return message.split(marker, 1)[1].strip().splitlines()[0]
+    return message.splitlines()[0]
 
 
 def install_atomic_checkpoint_io(trainer: L.Trainer) -> None:

@@ -264,3 +264,20 @@ def test_no_source_file_evaluates_code_runs_a_shell_or_unpickles():
     assert len(files) > 20
     problems = {str(p.relative_to(REPO)): found for p in files if (found := unsafe_calls(p.read_text()))}
     assert not problems, problems
+
+
+@pytest.mark.parametrize("content", ["payload", b"garbage bytes, not a checkpoint", b"PK\x03\x04 a truncated zip"])
+def test_ckpt_path_that_is_not_a_readable_checkpoint_says_so_without_advising_unsafe_loading(tmp_path, content):
+    # --ckpt_path goes through the CLI's checkpoint IO. torch's own message for these files advises
+    # weights_only=False, which would run the payload's code; p2r names the file and the cause instead.
+    from p2r.checkpoints import AtomicCheckpointIO, UnreadableCheckpoint
+
+    marker, path = tmp_path / "executed", tmp_path / "bad.ckpt"
+    if content == "payload":
+        torch.save({"state_dict": {}, "hyper_parameters": {"x": _Payload(marker)}}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UnreadableCheckpoint, match=r"'.*bad\.ckpt' is not a readable checkpoint \(.+\)") as caught:
+        AtomicCheckpointIO().load_checkpoint(path)
+    assert "weights_only=False" not in str(caught.value) and "never unpickles code" in str(caught.value)
+    assert not marker.exists()
