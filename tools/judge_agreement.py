@@ -316,12 +316,12 @@ def requests_of(labels: list[Label]) -> list[Any]:
     """The JudgeRequests PerceptionJudgeReward would send for these lines (same question and answer text)."""
     from callbacks.reward_callbacks import judge_answer_text
     from callbacks.rewards.judges import JudgeRequest
-    from p2r.data.prompts import format_options
+    from p2r.data.prompts import question_with_options  # what build_question gives PerceptionJudgeReward in training
 
     requests = []
     for label in labels:
         kind = "multiple choice" if label.options else "free-form"
-        question = label.question.strip() + ("\n" + format_options(label.options) if label.options else "")
+        question = question_with_options(label.question, label.options)
         answer = judge_answer_text({"answer": label.answer, "options": label.options, "problem_type": kind})
         requests.append(JudgeRequest(question=question, answer=answer, observation=label.observation, facts=label.facts))
     return requests

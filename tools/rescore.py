@@ -114,15 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         row = {**line, "parsed": scored.parsed, "score": scored.score, "metric": scored.metric, "category": category,
                "details": scored.details}
         out_rows.append(row)
-        scored_rows.append(row)  # a line the protocol's aggregation drops (score None) too: the figure counts it
+        scored_rows.append(row)  # also a line the aggregation drops (score None): it counts those itself
     dropped = sum(1 for row in scored_rows if row["score"] is None)
+    n_scored, excluded = len(scored_rows) - dropped, excluded + dropped
     results = {"benchmark": args.benchmark, "protocol": args.protocol, **rules.aggregate(scored_rows),
-               "n": len(scored_rows) - dropped, "excluded": excluded + dropped, "skipped_other_benchmarks": skipped}
+               "n": n_scored, "excluded": excluded, "skipped_other_benchmarks": skipped}
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "predictions.jsonl").open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in out_rows)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    print(f"{args.benchmark} under {args.protocol}: {len(scored_rows) - dropped} scored, {excluded + dropped} left out by the protocol"
+    print(f"{args.benchmark} under {args.protocol}: {n_scored} scored, {excluded} left out by the protocol"
           + (f", {skipped} lines of other benchmarks skipped" if skipped else ""))
     for name, value in results["categories"].items():
         print(f"  {name}: {value}")

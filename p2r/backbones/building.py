@@ -67,21 +67,20 @@ def build_model(
         model equals the SFT model within the quantization error).
     """
     # A full checkpoint folder (FSDP2's) is read straight into the model below; the rest is read first.
-    in_place = bool(weights_from) and _is_full_distributed_checkpoint(weights_from)
+    folder = _distributed_entries(weights_from) if weights_from else None
+    in_place = folder is not None and not any("lora_" in k for k in folder)
     state = read_backbone_state(weights_from, "weights_from") if weights_from and not in_place else None
     config = quantization_config(quantization, dtype)
-    if in_place:
-        model = make_model(dtype, None)
-        _load_distributed_checked(model, weights_from)
-        if config is not None:
-            model = requantize(model, config, dtype)
-    elif state is None:
+    if not weights_from:
         model = make_model(dtype, config)
-    elif any("lora_" in k for k in state):
+    elif state is not None and any("lora_" in k for k in state):
         model = _merged_adapter_checkpoint(make_model, state, weights_from, dtype, quantization, config, lora)
     else:
         model = make_model(dtype, None)
-        _load_checked(model, _model_entries(state), weights_from)
+        if in_place:
+            _load_distributed_checked(model, folder, weights_from)
+        else:
+            _load_checked(model, _model_entries(state), weights_from)
         if config is not None:
             model = requantize(model, config, dtype)
     if freeze_vision:
@@ -271,16 +270,17 @@ def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], path: str, 
     module.load_state_dict(state, strict=not ignore)
 
 
-def _is_full_distributed_checkpoint(path: str) -> bool:
-    """A distributed checkpoint folder without LoRA adapters (those are merged from a state dict)."""
-    return Path(path).is_dir() and not any("lora_" in k for k in distributed_backbone_entries(path, "weights_from"))
+def _distributed_entries(path: str) -> dict[str, Any] | None:
+    """The ``backbone.*`` metadata of a distributed checkpoint folder; None for a file."""
+    return distributed_backbone_entries(path, "weights_from") if Path(path).is_dir() else None
 
 
-def _load_distributed_checked(model: nn.Module, path: str) -> None:
-    """Load a full distributed checkpoint folder into ``model`` in place, after the key and shape check."""
-    entries = _model_entries({k[len(BACKBONE_PREFIX) :]: m for k, m in distributed_backbone_entries(path, "weights_from").items()})
+def _load_distributed_checked(model: nn.Module, entries: dict[str, Any], path: str) -> None:
+    """Load a full distributed checkpoint folder (its ``entries``' metadata) into ``model`` in place,
+    after the key and shape check."""
+    theirs = _model_entries({k[len(BACKBONE_PREFIX) :]: tuple(m.size) for k, m in entries.items()})
     own = model.state_dict()
-    _check_shapes({k: v.shape for k, v in own.items()}, {k: tuple(m.size) for k, m in entries.items()}, path)
+    _check_shapes({k: v.shape for k, v in own.items()}, theirs, path)
     load_distributed_into({f"{BACKBONE_PREFIX}model.{k}": v for k, v in own.items()}, path)
 
 

@@ -85,10 +85,12 @@ def format_options(options: list[str]) -> str:
 
 def build_question(record: VideoRecord) -> str:
     """The question with its options (multiple choice), as the videop2r and none templates show it."""
-    question = record.problem.strip()
-    if record.problem_type == "multiple choice" and record.options:
-        question += "\n" + format_options(record.options)
-    return question
+    return question_with_options(record.problem, record.options if record.problem_type == "multiple choice" else [])
+
+
+def question_with_options(problem: str, options: list[str]) -> str:
+    """``problem`` stripped, then :func:`format_options` when there are options."""
+    return problem.strip() + ("\n" + format_options(options) if options else "")
 
 
 def video_r1_question(record: VideoRecord) -> str:
