@@ -35,6 +35,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,6 +198,13 @@ class ChatCompletionsClient:
                 break
             return ChatReply(text=text, finish_reason=finish_reason, latency_s=time.monotonic() - start)
         return ChatReply(text=None, error=error, latency_s=time.monotonic() - start)
+
+    def complete_all(self, bodies: list[dict[str, Any]], max_concurrency: int = 8) -> list[ChatReply]:
+        """:meth:`complete` for each body, at most ``max_concurrency`` in flight; replies in body order."""
+        if not bodies:
+            return []
+        with ThreadPoolExecutor(max_workers=max(1, min(max_concurrency, len(bodies)))) as pool:
+            return list(pool.map(self.complete, bodies))
 
     def _connection(self, deadline: _Deadline) -> tuple[http.client.HTTPConnection, str]:
         """A connection to the server (through the environment's proxy, if one applies) and the request target."""

@@ -14,7 +14,8 @@ mvbench, tempcompass, videomme) or an lmms-eval task name (``mmvu_val``, ``video
 ``mvbench_action_count``, ``tempcompass_yes_no``, ...).
 
 Writes ``OUT/predictions.jsonl`` (every input line in order, with ``parsed``, ``score``, ``metric``,
-``category`` and ``details``; a question the protocol leaves out has ``score`` null) and
+``category`` and ``details``; a question the protocol leaves out has ``score`` null; the text-only
+answers of a line's ``analyses`` scored again the same way) and
 ``OUT/results.json`` (``figure`` exactly as the reference prints it, in its ``units``,
 ``categories``, counts); the last line printed is ``figure: <x>``.
 """
@@ -79,6 +80,22 @@ def document(line: dict[str, Any], protocol: str, benchmark: str, task: str | No
         raise ValueError(f"{err} (protocol {protocol} reads Video-R1's record layout)") from err
 
 
+def rescore_analyses(analyses: dict[str, Any], rules: Any, doc: Any) -> dict[str, Any]:
+    """A predictions line's analyses with the text-only answers scored again under ``rules`` (the
+    think-answer readings do not depend on the protocol and are kept as they are)."""
+    text_only = analyses.get("text_only")
+    if not isinstance(text_only, dict):
+        return analyses
+    again = dict(text_only)
+    for condition in ("observation_only", "question_only"):
+        answer = text_only.get(condition)
+        if isinstance(answer, dict) and isinstance(answer.get("output"), str):
+            scored = rules.score(doc, answer["output"])
+            again[condition] = {**answer, "parsed": scored.parsed, "score": scored.score, "metric": scored.metric,
+                                "details": scored.details}
+    return {**analyses, "text_only": again}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     benchmark, task = resolve_benchmark(args.benchmark)
@@ -113,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         category = rules.category(doc) or OTHER
         row = {**line, "parsed": scored.parsed, "score": scored.score, "metric": scored.metric, "category": category,
                "details": scored.details}
+        if isinstance(line.get("analyses"), dict):
+            row["analyses"] = rescore_analyses(line["analyses"], rules, doc)
         out_rows.append(row)
         scored_rows.append(row)  # also a line the aggregation drops (score None): it counts those itself
     dropped = sum(1 for row in scored_rows if row["score"] is None)

@@ -22,6 +22,10 @@ settings the adapter's protocol prescribes, if any). Because the callback has
 - ``fit`` with ``every_n_train_steps``: every N optimizer steps the callback itself runs over the
   datamodule's ``val_dataloader()`` (at most ``max_samples``) and logs under ``eval/``.
 
+Analyses (``analyses``, test only; ``callbacks.evaluation.analysis``) read each answer as it is
+scored: their per-answer readings go into its predictions line, their summaries into results.json
+under ``analyses``, their tables after the benchmark table.
+
 Totals are right across DDP ranks: scores go through a torchmetrics Metric (``metric.py``), and
 every rank appends to its own ``predictions.rank<r>.jsonl``, which rank 0 merges into
 ``predictions.jsonl`` at the end. Resuming: a rerun into the same ``output_dir`` skips every
@@ -46,6 +50,7 @@ import lightning as L
 from tqdm import tqdm
 
 from callbacks.evaluation.adapter import BenchmarkAdapter
+from callbacks.evaluation.analysis import Analysis, Item, reading_of
 from callbacks.evaluation.metric import BenchmarkScores, Key
 from callbacks.evaluation.report import (
     EXCLUDED,
@@ -121,6 +126,7 @@ class BenchmarkEvaluation(L.Callback):
         table_columns: list[str] | None = None,
         progress_bar: bool = True,
         protocol: str | None = None,
+        analyses: list[Analysis] | None = None,
     ) -> None:
         """
         Args:
@@ -137,6 +143,9 @@ class BenchmarkEvaluation(L.Callback):
             progress_bar: Show a bar of answers with each benchmark's running score in test (rank 0).
             protocol: Scoring protocol of every adapter that does not set its own (an adapter's
                 ``protocol`` left at None), e.g. video_r1, lmms_eval or p2r for p2r's adapters.
+            analyses: Analyses of every answer in ``test`` (``callbacks.evaluation.analysis``), e.g.
+                ``[{class_path: callbacks.evaluation.ThinkAnswerMismatch}]``: per-answer readings go to
+                predictions.jsonl, their summaries to results.json under ``analyses``.
         """
         if every_n_train_steps is not None and every_n_train_steps < 1:
             raise ValueError("every_n_train_steps must be at least 1 (or None)")
@@ -147,6 +156,10 @@ class BenchmarkEvaluation(L.Callback):
         self.table_columns = list(table_columns) if table_columns is not None else list(PAPER_COLUMNS)
         self.progress_bar = progress_bar
         self.protocol = protocol
+        self.analyses = list(analyses or [])
+        names = [a.name for a in self.analyses]
+        if len(set(names)) != len(names):
+            raise ValueError(f"BenchmarkEvaluation.analyses: two analyses share a name ({names}); each needs its own")
         if protocol is not None:
             for adapter in benchmarks.values():
                 if hasattr(adapter, "protocol") and adapter.protocol is None:
@@ -267,9 +280,10 @@ class BenchmarkEvaluation(L.Callback):
         prompts = [a.prompt(s) for a, s in zip(adapters, todo)]
         outputs = self._generate(pl_module, todo, adapters, prompts)
         keys: list[Key] = []
-        rows = []
+        rows, items = [], []
         for sample, adapter, prompt, output in zip(todo, adapters, prompts, outputs):
             scored = adapter.score(sample, output)
+            items.append(Item(sample, adapter, prompt, output, scored))
             category = adapter.category(sample)
             keys.append(_key(sample.benchmark, category, scored.metric, scored.score))
             row = {
@@ -281,6 +295,10 @@ class BenchmarkEvaluation(L.Callback):
             if to_dict is not None:  # the record as it came in: what tools can rescore under another protocol
                 row["record"] = to_dict()
             rows.append(row)
+        if run.stage == "test":
+            for analysis in self.analyses:
+                for row, reading in zip(rows, analysis.analyse(items, pl_module)):
+                    row.setdefault("analyses", {})[analysis.name] = reading
         run.metric.update(keys, [row["score"] or 0.0 for row in rows])
         if run.part is not None:
             append_jsonl(run.part, rows)
@@ -309,11 +327,12 @@ class BenchmarkEvaluation(L.Callback):
                 outputs[i] = text
         return outputs
 
-    def _aggregate(self, benchmark: str, rows: list[dict[str, Any]], block: dict[str, Any]) -> dict[str, Any]:
+    def _aggregate(self, benchmark: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """The adapter's figure from its predictions lines, else the mean over metric families."""
         adapter = self._adapter(benchmark)
         if hasattr(adapter, "aggregate"):
             return adapter.aggregate(rows)
+        block = summarize([(_key(benchmark, r["category"], r["metric"], r["score"]), r["score"] or 0.0) for r in rows])[benchmark]
         return {"protocol": getattr(adapter, "protocol", None), "figure": block["score"], "units": "fraction",
                 "metric": "mean over metric families",
                 "categories": {c: v["score"] for c, v in block["categories"].items()}}
@@ -337,15 +356,20 @@ class BenchmarkEvaluation(L.Callback):
         trainer.strategy.barrier()  # every rank has flushed its predictions file
         out = self._directory(trainer)
         figures: dict[str, dict[str, Any]] | None = None
+        analyses: dict[str, dict[str, Any]] | None = None
         if trainer.is_global_zero:
             self._merge_predictions(out)
             # Sorted by id: the same order whatever the number of ranks (float32 means depend on it).
             predictions = [row for _, row in sorted(read_predictions([out / PREDICTIONS]).items())]
-            figures = {b: self._aggregate(b, [r for r in predictions if r["benchmark"] == b], block)
-                       for b, block in summary.items() if block["n"]}
-        figures = trainer.strategy.broadcast(figures, src=0)
+            by_benchmark = {b: [r for r in predictions if r["benchmark"] == b] for b, block in summary.items() if block["n"]}
+            figures = {b: self._aggregate(b, rows) for b, rows in by_benchmark.items()}
+            analyses = {a.name: self._summarize_analysis(a, by_benchmark) for a in self.analyses}
+        figures, analyses = trainer.strategy.broadcast((figures, analyses), src=0)
         for benchmark, figure in figures.items():
             pl_module.log(f"test/{benchmark}/accuracy", as_percent(figure) / 100.0, batch_size=summary[benchmark]["n"])
+        for analysis in self.analyses:
+            for name, value in analysis.scalars(analyses[analysis.name]).items():
+                pl_module.log(f"test/analysis/{analysis.name}/{name}", value)
         columns = {name: getattr(adapter, "column", "") for name, adapter in self.benchmarks.items()}
         values = table_values(figures, columns)
         config = {
@@ -357,9 +381,21 @@ class BenchmarkEvaluation(L.Callback):
             "world_size": trainer.world_size,
         }
         self.results = results_document(summary, figures, values, model_name(pl_module), config)
+        if analyses:
+            self.results["analyses"] = analyses
         if trainer.is_global_zero:
             write_json(out / RESULTS, self.results)
             print("\n" + markdown_table(model_name(pl_module), values, self.table_columns) + "\n")
+            for analysis in self.analyses:
+                print(analysis.markdown(analyses[analysis.name]) + "\n")
+
+    def _summarize_analysis(self, analysis: Analysis, by_benchmark: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        """An analysis's results block from the lines holding its reading; lines without one (made
+        by an earlier run without the analysis, then resumed) are counted in ``not_analysed``."""
+        read = {b: [r for r in rows if reading_of(r, analysis.name) is not None] for b, rows in by_benchmark.items()}
+        block = analysis.summarize(read, self._aggregate)
+        block["not_analysed"] = {b: len(rows) - len(read[b]) for b, rows in by_benchmark.items() if len(rows) > len(read[b])}
+        return block
 
     @staticmethod
     def _merge_predictions(out: Path) -> None:

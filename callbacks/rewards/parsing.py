@@ -330,3 +330,74 @@ def parse_number(text: str) -> float | None:
     if digit_match:
         return _digits_value(digit_match)
     return None
+
+
+# --- what a reasoning trace concludes (the think-answer mismatch analysis) ----------------------
+# "B is correct", "(C) is the right one", "D seems the best": a letter followed by a verdict.
+_LETTER_VERDICT = re.compile(
+    r"(?<![A-Za-z0-9'])[(\[]?([A-Z])[)\]]?\s+(?:is|seems|appears|would be|must be)\s+(?:to be\s+)?(?:the\s+)?"
+    r"(?:correct|right|best|most\b|answer)"
+)
+# A capital letter in brackets: "(B)", "[C]".
+_BRACKETED = re.compile(r"[(\[]([A-Z])[)\]]")
+
+
+def last_committed_letter(text: str, num_options: int | None = None) -> str | None:
+    """The option letter a reasoning text finally commits to, upper-case; ``None`` when it commits to none.
+
+    Two tiers, and within a tier the match that ENDS LAST in the text wins (a trace that weighs
+    options ends with its choice):
+
+    1. explicit commitments: an answer phrase (``"the answer is B"``, ``"answer: (c)"``, read as
+       :func:`parse_option_letter` reads them) or a letter with a verdict (``"B is correct"``,
+       ``"(C) seems the best"``);
+    2. mentions: an option phrase (``"option B"``, ``"choice (d)"``) or a capital in brackets
+       (``"(B)"``).
+
+    A bare capital (``"A man walks"``) and an option's text are never read: in a reasoning trace
+    they are too often articles, enumerations or descriptions. Letters beyond ``num_options``
+    never count.
+
+    >>> last_committed_letter("Option A is red, option C is blue. The ball is blue, so the answer is C. Not (A).")
+    'C'
+    >>> last_committed_letter("(A) red and (B) blue: the ball looks blue")
+    'B'
+    >>> last_committed_letter("A man walks to the left.") is None
+    True
+    """
+    allowed = _allowed(num_options)
+    tiers: list[list[tuple[int, str]]] = [[], []]
+    for m in _ANSWER_PHRASE.finditer(text):
+        if _plain_letter_ok(text, m, 2, m.group(1) is not None):
+            tiers[0].append((m.end(2), m.group(2).upper()))
+    tiers[0] += [(m.end(1), m.group(1)) for m in _LETTER_VERDICT.finditer(text)]
+    for m in _OPTION_PHRASE.finditer(text):
+        if _plain_letter_ok(text, m, 2, m.group(1) is not None):
+            tiers[1].append((m.end(2), m.group(2).upper()))
+    tiers[1] += [(m.end(1), m.group(1)) for m in _BRACKETED.finditer(text)]
+    for found in tiers:
+        found = [(end, letter) for end, letter in found if letter in allowed]
+        if found:
+            return max(found)[1]
+    return None
+
+
+def last_number(text: str) -> float | None:
+    """The last number in ``text`` (digits or a run of number words, as :func:`parse_number` reads
+    them), by where it ends; the word ``one`` alone is skipped (it is mostly a pronoun: "the red
+    one"). ``None`` if there is none.
+
+    >>> last_number("3 chairs and 2 tables, so 5 pieces of furniture")
+    5.0
+    >>> last_number("There are twenty-one cars; the red one is first")
+    21.0
+    """
+    found: list[tuple[int, float]] = []
+    for m in _DIGITS.finditer(text):
+        value = _digits_value(m)
+        if value is not None:
+            found.append((m.end(), value))
+    for m in _WORD_RUN.finditer(text):
+        if m.group(0).lower() != "one":
+            found.append((m.end(), _words_value(m.group(0))))
+    return max(found)[1] if found else None

@@ -27,6 +27,7 @@ from p2r.checkpoints import BACKBONE_OPTIONS
 from p2r.compat import attached_trainer
 from p2r.data.datamodule import Sample
 from p2r.data.prompts import PromptTemplate, build_prompt
+from p2r.data.video import Clip
 from p2r.evaluation.answer_check import PROGRESS_BAR_METRICS, answer_check
 from p2r.optim import adamw_with_schedule
 from p2r.strategies import held_whole, load_from_rank0, shard
@@ -185,10 +186,19 @@ class VideoLVLMModule(L.LightningModule):
         top_p; temperature 0 is greedy) replaces the module's ``eval_*`` settings, for protocols
         that prescribe their own. Documented hook for callbacks.
         """
+        return self._decode(self.prompts_of(batch, prompts), [s.clip for s in batch], generation)
+
+    def generate_text(self, prompts: list[str], generation: Generation | None = None) -> list[str]:
+        """Decoded answers to text-only user turns: the backbone with no video (what an analysis asks
+        when a text model answers from a description). ``generation`` as in :meth:`generate_answers`.
+        Documented hook for callbacks."""
+        return self._decode([self.backbone.render_prompt(p, None) for p in prompts], [None] * len(prompts), generation)
+
+    def _decode(self, rendered: list[str], clips: list[Clip | None], generation: Generation | None) -> list[str]:
         if generation is None:
             generation = Generation(self.eval_max_new_tokens, self.eval_temperature, self.eval_top_p)
         ids = self.backbone.generate(
-            self.prompts_of(batch, prompts), [s.clip for s in batch], generation.max_new_tokens,
+            rendered, clips, generation.max_new_tokens,
             do_sample=generation.temperature > 0, temperature=generation.temperature or 1.0, top_p=generation.top_p,
         )
         return self.backbone.tokenizer.batch_decode(ids, skip_special_tokens=True)

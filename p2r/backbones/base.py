@@ -174,16 +174,22 @@ class VideoBackbone(nn.Module):
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.eos_token_ids[0]
 
-    def render_prompt(self, user_text: str, data_type: str) -> str:
-        """The chat-formatted prompt (with the media placeholder) that generation continues."""
-        content = [{"type": "image" if data_type == "image" else "video"}, {"type": "text", "text": user_text}]
+    def render_prompt(self, user_text: str, data_type: str | None) -> str:
+        """The chat-formatted prompt (with the media placeholder; none for ``data_type=None``, a text-only
+        turn) that generation continues."""
+        content = [{"type": "text", "text": user_text}]
+        if data_type is not None:
+            content.insert(0, {"type": "image" if data_type == "image" else "video"})
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
 
-    def process_one(self, prompt: str, clip: Clip) -> dict[str, torch.Tensor]:
-        """Processor outputs for one rendered prompt and its clip (batch dimension 1)."""
-        if clip.is_image:
+    def process_one(self, prompt: str, clip: Clip | None) -> dict[str, torch.Tensor]:
+        """Processor outputs for one rendered prompt and its clip (batch dimension 1); ``clip=None``
+        for a text-only prompt."""
+        if clip is None:
+            out = self.processor(text=[prompt], return_tensors="pt")
+        elif clip.is_image:
             out = self.processor(text=[prompt], images=[clip.frames[0]], return_tensors="pt")
         else:
             from transformers.video_utils import VideoMetadata
@@ -203,7 +209,7 @@ class VideoBackbone(nn.Module):
             )
         return dict(out)
 
-    def encode(self, prompts: list[str], clips: list[Clip], targets: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: list[str], clips: list[Clip | None], targets: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Batch model inputs for rendered prompts (+ optional target completions), right-padded.
 
         With ``targets`` the target text and an end-of-turn token follow each prompt, and
@@ -230,7 +236,7 @@ class VideoBackbone(nn.Module):
     def generate(
         self,
         prompts: list[str],
-        clips: list[Clip],
+        clips: list[Clip | None],
         max_new_tokens: int,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -238,7 +244,7 @@ class VideoBackbone(nn.Module):
     ) -> list[list[int]]:
         """Completions (token ids, up to and including the end-of-turn token) for a batch of prompts.
 
-        Prompts are left-padded so that every completion starts right after its own prompt.
+        A ``None`` clip is a text-only prompt (rendered with ``data_type=None``). Prompts are left-padded so that every completion starts right after its own prompt.
         """
         batch = self.encode(prompts, clips)
         batch = self.move(left_align(batch))

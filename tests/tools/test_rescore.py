@@ -148,3 +148,22 @@ def test_videommmu_lines_lmms_eval_drops_have_no_score_and_count_as_left_out(tmp
     assert '"score": null' in (tmp_path / "out/predictions.jsonl").read_text()
     assert (results["figure"], results["n"], results["excluded"], results["n_api_error"]) == (1.0, 1, 2, 2)
     assert last == "figure: 1.0"
+
+
+def test_text_only_answers_of_a_predictions_line_are_scored_again(tmp_path, capsys):
+    """A ``p2r test`` line with analyses: the stored text-only answers get the new protocol's scores;
+    a failed answer and the think-answer reading stay as they were."""
+    reading = {"think": "B", "answer": "B", "mismatch": False, "method": "rule", "kind": "letter"}
+    line = {**video_r1_record("multiple choice", "B", "<think>so B</think><answer>B</answer>"),
+            "analyses": {"text_only": {"observation": "a boy jumps",
+                                       "observation_only": {"output": "<answer>B</answer>", "score": 0.0, "parsed": "x"},
+                                       "question_only": {"error": "HTTP 500"}},
+                         "think_answer_mismatch": reading}}
+    source = write_jsonl(tmp_path / "in.jsonl", [line])
+    _, predictions, _ = run_rescore(["--protocol", "video_r1", "--benchmark", "mvbench", str(source),
+                                     "--out", str(tmp_path / "out")], capsys)
+    analyses = predictions[0]["analyses"]
+    assert analyses["text_only"]["observation_only"] == {"output": "<answer>B</answer>", "score": 1.0, "parsed": "B",
+                                                         "metric": "accuracy", "details": {"problem_type": "multiple choice"}}
+    assert analyses["text_only"]["question_only"] == {"error": "HTTP 500"}
+    assert analyses["think_answer_mismatch"] == reading and analyses["text_only"]["observation"] == "a boy jumps"
