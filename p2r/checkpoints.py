@@ -36,10 +36,11 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from p2r.compat import last_saved_step, uses_default_checkpoint_io
+from p2r.compat import last_saved_step, save_last_checkpoint, uses_default_checkpoint_io
 
 BACKBONE_PREFIX = "backbone."
 # The checkpoint entry where p2r's modules record the backbone's LoRA options and quantization.
@@ -270,6 +271,40 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path:
     return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
 
 
+def check_last_destination(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
+    """Before a fit builds anything: refuse a ``last.ckpt`` in the destination that this run would
+    write over or could not write, instead of finding out at the first save or at the end.
+
+    - a fresh run (no ``--ckpt_path``) into a folder that holds another run's ``last.ckpt``: its
+      saves would go to ``last-v1.ckpt`` beside the old file, and ``--ckpt_path last`` would
+      then pick either;
+    - a run resuming from another checkpoint into such a folder: the same;
+    - a ``last.ckpt`` folder (a sharded FSDP2 or FSDP checkpoint) where this run writes single files
+      (no sharded strategy): its final save would fail with "Is a directory" after every step.
+    """
+    callback = trainer.checkpoint_callback
+    if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
+        return
+    last = last_checkpoint_path(trainer)
+    if not last.exists():
+        return
+    if last.is_dir() and not isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
+        raise FileExistsError(
+            f"{last} is a sharded checkpoint folder (written by an FSDP2/FSDP run) but this run "
+            f"({type(trainer.strategy).__name__}) writes single-file checkpoints there. Write this run "
+            "elsewhere (--trainer.default_root_dir=...), run it with the strategy that wrote the folder, "
+            "or move the folder away (its weights load with weights_from)"
+        )
+    resuming = ckpt_path is not None and (str(ckpt_path) == "last" or Path(ckpt_path).resolve() == last.resolve())
+    if not resuming:
+        what = "starts from scratch" if ckpt_path is None else f"resumes from {ckpt_path}"
+        raise FileExistsError(
+            f"{last} is an earlier run's checkpoint, and this run {what} into the same folder (its saves "
+            "would go beside it as last-v1.ckpt). Resume that run with --ckpt_path last, write this one "
+            "elsewhere with --trainer.default_root_dir=..., or delete the old checkpoints"
+        )
+
+
 class FinalCheckpoint(L.Callback):
     """``last.ckpt`` holds the final state of every run that ends or is stopped.
 
@@ -301,6 +336,13 @@ class FinalCheckpoint(L.Callback):
 
     @staticmethod
     def _save(trainer: L.Trainer, why: str) -> None:
-        path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.save_last:
+            # Through the callback, so that it knows last.ckpt is current and its own on_train_end does
+            # not save it again as last-v1.ckpt (which --ckpt_path last would then resume from).
+            save_last_checkpoint(callback, trainer)
+            path = Path(callback.last_model_path)
+        else:
+            path = last_checkpoint_path(trainer)
+            trainer.save_checkpoint(path)
         rank_zero_info(f"{why}: saved {path} at global step {trainer.global_step}; resume with --ckpt_path last")

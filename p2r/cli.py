@@ -11,14 +11,17 @@ inside it by ``model.init_args.backbone.class_path``; every typed ``__init__`` a
 documented option in ``--help``.
 
 Flags are matched exactly (argparse would otherwise take ``--trainer.max_step`` for
-``--trainer.max_steps`` without a word). Before ``fit`` builds anything, the folders checkpoints
-and logs go to must be writable. Every run writes single-file checkpoints atomically
+``--trainer.max_steps`` without a word). Outputs the config leaves unplaced follow
+``trainer.default_root_dir`` (:func:`follow_root_dir`). Before ``fit`` builds anything, the folders
+checkpoints and logs go to must be writable, and a ``last.ckpt`` already there must be the one this
+run resumes. Every run writes single-file checkpoints atomically
 (:class:`p2r.checkpoints.AtomicCheckpointIO`). When stderr is not a terminal (SLURM, ``nohup``)
 and no progress bar is configured, progress is printed as plain lines (:mod:`p2r.progress`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -27,7 +30,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from p2r.algorithms.base import VideoLVLMModule
 from p2r.algorithms.settings import SettingError
-from p2r.checkpoints import check_writable, install_atomic_checkpoint_io
+from p2r.checkpoints import check_last_destination, check_writable, install_atomic_checkpoint_io
 from p2r.compat import CheckpointSuppliesWeightsOnly, configure_cli_process
 from p2r.data.datamodule import VideoDataModule
 from p2r.progress import LineProgressBar, wants_line_progress
@@ -58,7 +61,9 @@ class P2RCLI(CheckpointSuppliesWeightsOnly, LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        """Refuse output folders that cannot be written, before the model is built."""
+        """Refuse output folders that cannot be written, and a ``last.ckpt`` there that this run
+        would write beside or could not replace (:func:`p2r.checkpoints.check_last_destination`),
+        before the model is built."""
         trainer = self.trainer
         folders = {"trainer.default_root_dir": trainer.default_root_dir}
         for logger in trainer.loggers:
@@ -68,6 +73,7 @@ class P2RCLI(CheckpointSuppliesWeightsOnly, LightningCLI):
             if isinstance(callback, ModelCheckpoint) and callback.dirpath:
                 folders["ModelCheckpoint.dirpath"] = callback.dirpath
         check_writable(folders)
+        check_last_destination(trainer, self.config[self.subcommand].get("ckpt_path"))
 
     def instantiate_classes(self) -> None:
         """As LightningCLI, but a setting refused by its range check (p2r.algorithms.settings) is
@@ -92,6 +98,7 @@ class P2RCLI(CheckpointSuppliesWeightsOnly, LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        follow_root_dir(config)
         if not config.get("print_memory"):
             return
         if self.subcommand != "fit":
@@ -100,6 +107,34 @@ class P2RCLI(CheckpointSuppliesWeightsOnly, LightningCLI):
 
         print(format_plan(plan_from_config(config.as_dict()), config.device_memory_gb))
         raise SystemExit(0)
+
+
+def _entries(value: Any) -> list[Any]:
+    """A config value that may be one class entry, a list of them, a bool or None, as a list of entries."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if hasattr(v, "get") and v.get("class_path")]
+
+
+def follow_root_dir(config: Any) -> None:
+    """Place every output the config leaves unplaced under ``trainer.default_root_dir``: a logger's
+    ``save_dir`` left null goes there, a ModelCheckpoint's ``dirpath`` left null goes to
+    ``<default_root_dir>/checkpoints``. The shipped configs leave both null, so
+    ``--trainer.default_root_dir=runs/try2`` moves a whole run (checkpoints, logs, rollout tables,
+    predictions) and never writes over another run's checkpoints; a folder set explicitly stays.
+    (Lightning's own ModelCheckpoint default would be the first logger's version folder, which
+    ``--ckpt_path last`` of a new run does not look in.)"""
+    trainer = config.get("trainer")
+    root = trainer.get("default_root_dir") if trainer is not None else None
+    if not root:
+        return
+    for logger in _entries(trainer.get("logger")):
+        args = logger.get("init_args")
+        if args is not None and "save_dir" in args and args.get("save_dir") is None:
+            args["save_dir"] = str(root)
+    for callback in _entries(trainer.get("callbacks")):
+        args = callback.get("init_args")
+        if str(callback.get("class_path")).endswith("ModelCheckpoint") and args is not None and args.get("dirpath") is None:
+            args["dirpath"] = str(Path(root) / "checkpoints")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

@@ -15,6 +15,10 @@ Lightning
     none); :func:`attached_trainer`.
   - ``ModelCheckpoint._last_global_step_saved``: the step of its latest save; :func:`last_saved_step`
     (``p2r.checkpoints.FinalCheckpoint``).
+  - ``ModelCheckpoint._save_last_checkpoint(trainer, monitor_candidates)`` and
+    ``ModelCheckpoint._monitor_candidates(trainer)``: its own save of ``last.ckpt``, which records the
+    file as its last one; :func:`save_last_checkpoint` (``FinalCheckpoint``: a save made any other
+    way makes the callback's ``on_train_end`` save again under a versioned name, ``last-v1.ckpt``).
   - Lightning's default checkpoint writer is ``TorchCheckpointIO`` and ``strategy.checkpoint_io`` may be
     replaced before the run starts: :func:`uses_default_checkpoint_io` (``p2r.checkpoints``).
 transformers
@@ -91,6 +95,11 @@ def attached_trainer(module: Any) -> Any:
 def last_saved_step(callback: Any) -> int:
     """The global step of a ModelCheckpoint's latest save (0 before any)."""
     return callback._last_global_step_saved
+
+
+def save_last_checkpoint(callback: Any, trainer: Any) -> None:
+    """Save ``last.ckpt`` through a ModelCheckpoint exactly as its periodic saves do."""
+    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
 
 def uses_default_checkpoint_io(strategy: Any) -> bool:

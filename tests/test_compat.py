@@ -64,6 +64,28 @@ def test_last_saved_step_follows_model_checkpoint_saves(tmp_path):
     assert trainer.global_step == 3 and compat.last_saved_step(callback) == 2  # saved at 2, not at the end
 
 
+def test_a_last_save_through_model_checkpoint_is_not_saved_again_at_the_end(tmp_path):
+    """Saved any other way, ModelCheckpoint.on_train_end saves again as last-v1.ckpt (what FinalCheckpoint avoids)."""
+    class SaveLastAtEnd(L.Callback):
+        def __init__(self, through: bool) -> None:
+            self.through = through
+
+        def on_train_end(self, trainer, pl_module):
+            if self.through:
+                compat.save_last_checkpoint(trainer.checkpoint_callback, trainer)
+            else:
+                trainer.save_checkpoint(tmp_path / str(self.through) / "last.ckpt")
+
+    for through in (False, True):
+        callback = ModelCheckpoint(dirpath=tmp_path / str(through), every_n_train_steps=10, save_last=True)
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, callbacks=[SaveLastAtEnd(through), callback],
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(BoringModel())
+        names = sorted(p.name for p in (tmp_path / str(through)).iterdir())
+        assert names == (["last.ckpt"] if through else ["last-v1.ckpt", "last.ckpt"])
+        assert through is False or callback.last_model_path == str(tmp_path / "True" / "last.ckpt")
+
+
 def test_default_checkpoint_io_is_torch_checkpoint_io_and_can_be_replaced(tmp_path):
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)

@@ -3,6 +3,7 @@ on every job config. New files are picked up by the glob, no list to update."""
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from unittest import mock
 import pytest
 import yaml
 
-from p2r.cli import main
+from p2r.cli import follow_root_dir, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -140,13 +141,11 @@ def differences(a: Any, b: Any, prefix: tuple = ()) -> set[tuple]:
 
 
 def _run_paths(config: dict) -> set[tuple]:
-    """Where a run writes: the paths of two jobs' configs that may differ besides the method."""
-    return {
-        ("trainer", "default_root_dir"),
-        ("trainer", "logger", 0, "init_args", "save_dir"),
-        *{("trainer", "callbacks", i, "init_args", "dirpath") for i, cb in enumerate(config["trainer"]["callbacks"])
-          if cb["class_path"].endswith("ModelCheckpoint")},
-    }
+    """Where a run writes: the one path of two jobs' configs that may differ besides the method
+    (logs and checkpoints follow it: their folders are left null)."""
+    assert lookup(config, ("trainer", "logger", 0, "init_args")) == {"name": "logs"}
+    assert [cb["init_args"]["dirpath"] for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")] == [None]
+    return {("trainer", "default_root_dir")}
 
 
 def _perception_rewards(config: dict) -> list[dict]:
@@ -178,6 +177,9 @@ def test_grpo_is_pagrpo_with_the_reasoning_rewards_only_one_advantage_and_the_pe
 
 
 def checkpoint_dir(config: dict) -> str:
+    """Where the job's ModelCheckpoint writes, as the CLI places it (p2r.cli.follow_root_dir)."""
+    config = copy.deepcopy(config)
+    follow_root_dir(config)
     [dirpath] = [cb["init_args"]["dirpath"] for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
     return dirpath
 
@@ -193,8 +195,8 @@ def test_tgrpo_starts_from_video_r1s_own_think_answer_sft_with_the_same_prompt()
     assert lookup(sft_r1, prompt) == lookup(tgrpo, prompt) == "video_r1"
     assert lookup(sft_r1, ("model", "init_args", "target_template")) == "video_r1"
     assert "target_template" not in sft["model"]["init_args"]  # the process-aware default
-    runs = {lookup(sft_r1, ("trainer", "default_root_dir")), lookup(sft_r1, ("trainer", "logger", 0, "init_args", "save_dir"))}
-    assert runs == {"runs/sft_video_r1"} and checkpoint_dir(sft_r1) == "runs/sft_video_r1/checkpoints"
+    assert lookup(sft_r1, ("trainer", "default_root_dir")) == "runs/sft_video_r1"
+    assert checkpoint_dir(sft_r1) == "runs/sft_video_r1/checkpoints"
 
 
 def test_video_r1_sft_takes_video_r1s_hyperparameters():

@@ -171,3 +171,47 @@ def test_last_holds_the_final_state_when_non_finite_losses_stop_the_run(tmp_path
     last = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert last["global_step"] == 7 and len(calls) == 7  # 4 good steps, 3 skipped ones (no update), then the stop
     assert final and all(torch.equal(last["state_dict"][k], v) for k, v in final.items())
+
+
+@pytest.mark.slow
+def test_a_run_ending_before_its_first_periodic_save_leaves_one_last_ckpt_and_resumes_from_it(tmp_path, synthetic_root):
+    """FinalCheckpoint saves through the ModelCheckpoint, which then does not save again as last-v1.ckpt."""
+    cli(overlay(tmp_path, synthetic_root, steps=3, every=10))
+    folder = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 3
+    cli([*overlay(tmp_path, synthetic_root, steps=5, every=10), "--ckpt_path", "last"])
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_an_earlier_runs_last_ckpt_in_the_destination_is_refused_before_the_model_is_built(tmp_path, synthetic_root, builds):
+    folder = tmp_path / "run/checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(b"an earlier run's checkpoint")
+    with pytest.raises(FileExistsError, match=r"last.ckpt is an earlier run's checkpoint, and this run starts from scratch"):
+        cli(overlay(tmp_path, synthetic_root, steps=3, every=2))
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(b"x")
+    with pytest.raises(FileExistsError, match=f"this run resumes from {other} into the same folder"):
+        cli([*overlay(tmp_path, synthetic_root, steps=3, every=2), "--ckpt_path", str(other)])
+    (folder / "last.ckpt").unlink()
+    (folder / "last.ckpt").mkdir()  # what a sharded FSDP2 run leaves
+    (folder / "last.ckpt" / "meta.pt").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match=r"is a sharded checkpoint folder .* this run \(SingleDeviceStrategy\) writes single-file"):
+        cli([*overlay(tmp_path, synthetic_root, steps=3, every=2), "--ckpt_path", "last"])
+    assert not builds
+
+
+@pytest.mark.slow
+def test_every_output_of_a_shipped_config_follows_default_root_dir(tmp_path, synthetic_root):
+    """configs/sft.yaml leaves the logger's and the checkpoints' folders to default_root_dir."""
+    moved = tmp_path / "moved"
+    run = cli(["fit", *JOB, f"--trainer.default_root_dir={moved}", "--trainer.max_steps=2", "--trainer.max_epochs=-1", "--trainer.log_every_n_steps=1",
+               "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+               f"--data.train_shards={synthetic_root}/shards/train-*.tar", "--data.val_shards=null", "--data.batch_size=2",
+               "--data.num_workers=0", *(f"--model.init_args.backbone.init_args.{k}={v}" for k, v in
+                                         {"hidden_size": 32, "num_layers": 1, "vision_hidden_size": 16, "vision_depth": 1}.items())])
+    assert run.trainer.checkpoint_callback.dirpath == str(moved / "checkpoints")
+    assert (moved / "checkpoints/last.ckpt").is_file() and (moved / "logs/version_0/metrics.csv").is_file()
+    assert [logger.save_dir for logger in run.trainer.loggers] == [str(moved)]
