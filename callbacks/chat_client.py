@@ -234,6 +234,9 @@ class ChatCompletionsClient:
             deadline.check()
             chunk = response.read1(65536)
             if not chunk:
+                # The deadline's socket shutdown can end a blocked read as a clean end of file (a body
+                # with no Content-Length, a TLS socket): a cut body is a timeout, not a malformed reply.
+                deadline.check()
                 return b"".join(chunks)
             size += len(chunk)
             if size > self.max_response_bytes:

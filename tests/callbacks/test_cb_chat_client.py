@@ -135,6 +135,39 @@ def test_a_trickling_body_is_cut_at_the_deadline(serve, trickle):
     assert len(server.requests) == 2 and len(retries) == 2  # on_retry hears of every failed attempt
 
 
+def test_a_body_stalled_past_the_deadline_is_reported_as_a_timeout_not_as_malformed(serve, trickle):
+    # One byte, then nothing for 3 s: the deadline shuts the socket while the client waits in a read,
+    # which then returns end-of-file with a cut body.
+    for length in (f"Content-Length: {len(ok('yes'))}\r\n".encode(), b""):  # without one the body ends at the close
+        raw = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n" + length + b"\r\n" + ok("yes")
+        server = serve([(200, trickle(raw, every_s=3.0, raw=True, piece=len(raw) - len(ok("yes")) + 1), 0.0)])
+        reply = client_for(server, timeout_s=0.5, max_retries=0).complete(BODY)
+        assert reply.text is None and reply.error.startswith("timed out") and "malformed" not in reply.error, reply.error
+
+
+def test_a_read_ended_by_the_deadline_as_end_of_file_is_a_timeout():
+    """Where the deadline's socket shutdown makes the blocked read return end-of-file instead of
+    raising, the cut body must still count as a timeout (a trickling judge was reported as malformed)."""
+    from callbacks.chat_client import _Deadline
+
+    deadline = _Deadline(60.0)
+    pieces = [b'{"choices": [', b""]
+
+    class Response:
+        def getheader(self, name):
+            return None
+
+        def read1(self, n):
+            piece = pieces.pop(0)
+            if not piece:
+                deadline.passed = True  # what _Deadline._expire sets before shutting the socket down
+            return piece
+
+    with pytest.raises(TimeoutError):
+        ChatCompletionsClient("http://127.0.0.1:9/v1", KEY_ENV)._read_body(Response(), deadline)
+    deadline.cancel()
+
+
 def test_trickling_status_and_headers_are_cut_at_the_deadline(serve, trickle):
     raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
     server = serve([(200, trickle(raw, every_s=0.2, raw=True), 0.0)])
