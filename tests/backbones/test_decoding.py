@@ -20,6 +20,7 @@ from torch._dynamo.utils import counters
 from p2r.algorithms.rollout import generate_groups, prepare_prompts
 from p2r.backbones import LoraOptions, TinyQwen2VL, TinyQwen3VL, TinyQwen25VL
 from p2r.backbones.attention import cascade_attention
+from p2r.backbones.decoding import COMPILING
 
 SIZES = dict(hidden_size=32, num_layers=2, vision_hidden_size=32, seed=3)
 NEW_TOKENS = 24
@@ -140,6 +141,18 @@ def test_static_cache_grows_only_and_spare_rows_do_not_disturb(monkeypatch):
     # (prompt slots, group slots, prompt columns, completion columns): a smaller batch or group fits
     # the buffers it finds; prompt columns are a multiple of 256; every size grows, never shrinks
     assert sizes == [(2, 4, 256, 20), (2, 4, 256, 20), (2, 4, 512, 150), (2, 4, 512, 150)]
+
+
+def test_the_first_compiled_step_says_it_is_compiling_and_how_long_it_took(monkeypatch, caplog):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the notice, not the compile, is under test
+    backbone = _built(TinyQwen25VL)
+    texts, clips = _two_prompts(backbone)
+    with caplog.at_level(logging.INFO):
+        generate_groups(backbone, texts, clips, 2, 4, temperature=0, engine="compiled")
+        generate_groups(backbone, texts, clips, 2, 4, temperature=0, engine="compiled")  # the same buffers: compiled already
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count(COMPILING) == 1 and "rollout.engine=eager" in COMPILING
+    assert sum(m.startswith("rollout decode step compiled in ") for m in messages) == 1
 
 
 def test_compiled_engine_falls_back_to_eager_where_the_mask_would_be_wrong(monkeypatch, caplog):
