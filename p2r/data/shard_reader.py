@@ -37,7 +37,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RECORD_EXT = "json"
-VIDEO_EXTENSIONS = ("mp4", "avi", "webm", "mkv", "mov")
+# A video's extension only says "this is a video": its container is found from its bytes (see
+# p2r.data.video), so an MPEG-TS named .mp4 and an MP4 named .ts both decode. These are the names
+# videos commonly come under, each decoded in tests/data/test_video_files.py.
+VIDEO_EXTENSIONS = ("mp4", "m4v", "mov", "mkv", "webm", "avi", "ts", "mts", "m2ts", "mpg", "mpeg", "vob",
+                    "flv", "3gp", "3g2", "wmv", "asf", "ogv")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
 # Media bigger than this is skipped unread: an hour of 720p video is well under it.

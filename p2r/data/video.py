@@ -20,10 +20,13 @@ Decoders, tried in order for each file (``FrameSampling.decoders``):
 
 - PyAV (FFmpeg 7, bundled in its wheel): every codec FFmpeg decodes (H.264, HEVC incl. 10-bit,
   VP8/9, AV1 via dav1d, MPEG-4, MJPEG, ...) in any container it reads (MP4/MOV, MKV/WebM, AVI,
-  MPEG-TS, whatever the file is named). It seeks to the keyframe before each needed group of
-  frames, lets the decoder drop non-reference frames that are not sampled (``skip_frame``), and
-  converts and resizes each sampled frame in one swscale pass as it comes out, so no
-  full-resolution RGB frame is ever held. It applies the display rotation (display matrix).
+  MPEG-TS/PS, FLV, ASF, Ogg, ...). The container is found from the bytes alone, never from the
+  file's name, so a file on disk opens exactly as its bytes in a shard do. It seeks to the
+  keyframe before each needed group of frames, lets the decoder drop non-reference frames that
+  are not sampled (``skip_frame``, where the decoder honours it per packet), and converts and
+  resizes each sampled frame in one swscale pass as it comes out, so no full-resolution RGB frame
+  is ever held. It applies the display rotation (display matrix). Cover art (an attached picture)
+  is not a video stream; of several video streams the first is used, with a warning.
 - decord (FFmpeg 4.1): the fallback. It has no AV1 decoder, fails on MPEG-TS named .mp4 and
   ignores display rotation (measured: 90-degree clips come back as 4-channel garbage), and it
   copies bytes input twice; it decodes the sampled frames in chunks of ``chunk_frames`` and
@@ -41,15 +44,19 @@ from __future__ import annotations
 
 import bisect
 import io
+import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 class MediaError(ValueError):
@@ -96,6 +103,7 @@ class Clip:
     total_frames: int = 1
     is_image: bool = False
     timestamps: list[float] = field(default_factory=list)  # seconds from the first frame; default index / fps
+    notes: list[str] = field(default_factory=list)  # how it was read, worth a warning (which of several streams)
 
     def __post_init__(self) -> None:
         if not self.timestamps:
@@ -302,7 +310,11 @@ class _PyAVFrames:
                 sought.add(key)
                 self.container.seek(key, stream=self.stream, backward=True, any_frame=False)
                 continue
-            if skip:
+            # Only once the decoder is open: libdav1d (AV1) reads skip_frame when it opens and then drops
+            # every non-reference frame for good, wanted or not (an SVT-AV1 clip lost 38 of its 60
+            # frames, and no retry on that decoder gets them back). FFmpeg's own decoders read it per
+            # packet and lose nothing by starting one packet late; libdav1d simply never skips.
+            if skip and codec.is_open:
                 codec.skip_frame = "DEFAULT" if packet.pts in self.slots else "NONREF"
             try:
                 for frame in codec.decode(packet):
@@ -316,10 +328,64 @@ class _PyAVFrames:
         return [self.table.times[self.table.pts.index(p)] for p in sorted(self.slots) if p not in self.done]
 
 
-def _decode_pyav(source: str | io.BytesIO, cfg: FrameSampling, seek: bool = True, skip: bool = True) -> Clip:
+def _is_cover(stream) -> bool:
+    """Whether a video stream is an attached picture (cover art, a thumbnail), not moving video."""
+    import av
+
+    return bool(stream.disposition & av.stream.Disposition.attached_pic)
+
+
+def _describe_stream(stream) -> str:
+    """``audio (aac)``, ``video (mjpeg, cover picture)``: a stream as an error lists it."""
+    codec = stream.codec_context.name if stream.codec_context else "?"
+    return f"{stream.type} ({codec}{', cover picture' if stream.type == 'video' and _is_cover(stream) else ''})"
+
+
+def pick_video_stream(streams: Sequence) -> tuple[object | None, str]:
+    """The video stream to decode among a container's ``streams`` (None if there is none), and a note
+    for a warning when there was a choice ("" when there was not).
+
+    Cover art is not video (yt-dlp's --embed-thumbnail adds one to MP4 as a one-frame video stream),
+    so a file with only cover art has no video stream. Of several real video streams (two camera
+    angles, picture-in-picture) the first is taken, as FFmpeg lists them: the note names them all
+    and the one used, since nothing in the file says which one the question is about.
+    """
+    videos = [s for s in streams if s.type == "video" and not _is_cover(s)]
+    if len(videos) < 2:
+        return (videos[0] if videos else None), ""
+    listed = ", ".join(f"#{s.index} {s.codec_context.name} {s.codec_context.width}x{s.codec_context.height}"
+                       if s.codec_context else f"#{s.index} (no decoder)" for s in videos)
+    return videos[0], f"{len(videos)} video streams ({listed}); using #{videos[0].index}, the first"
+
+
+def _by_content(path: str) -> BinaryIO:
+    """``path`` opened so that FFmpeg finds its format from the bytes alone, as for a shard's bytes.
+
+    Given a file name FFmpeg also scores formats by its extension, so a raw-stream demuxer can claim
+    a file by name alone (a text file named .m4v opened as an MPEG-4 elementary stream and failed
+    with "Operation not permitted"), and a file could decode from disk (make_shards --verify) but
+    not from its shard, which has no name. A file opened from its descriptor is named by the
+    descriptor's number, which matches no extension.
+    """
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        return open(descriptor, "rb")
+    except OSError:  # a directory: open() leaves a descriptor it was given open
+        os.close(descriptor)
+        raise
+
+
+def _decode_pyav(source: str | BinaryIO, cfg: FrameSampling, seek: bool = True, skip: bool = True) -> Clip:
     """PyAV's decode; ``seek``/``skip`` off only to measure what they bring (tools/bench_decode.py)."""
     import av  # imported here: only the data path needs it
 
+    if isinstance(source, str):
+        try:
+            file = _by_content(source)
+        except OSError as err:
+            raise BrokenMedia(f"cannot read the file ({type(err).__name__}: {err.strerror})") from err
+        with file:
+            return _decode_pyav(file, cfg, seek, skip)
     try:
         container = av.open(source, metadata_errors="ignore")
     except Exception as err:  # av.FFmpegError and OSError subclasses
@@ -329,10 +395,10 @@ def _decode_pyav(source: str | io.BytesIO, cfg: FrameSampling, seek: bool = True
         kind = container.format.name
         if kind.endswith("_pipe") or kind == "image2":
             raise BrokenMedia(f"an image ({kind}), not a video")
-        if not container.streams.video:
-            found = ", ".join(f"{s.type} ({s.codec_context.name if s.codec_context else '?'})" for s in container.streams)
+        stream, note = pick_video_stream(container.streams)
+        if stream is None:
+            found = ", ".join(_describe_stream(s) for s in container.streams)
             raise BrokenMedia(f"no video stream in the {kind} container (streams: {found or 'none'})")
-        stream = container.streams.video[0]
         if stream.codec_context is None:
             raise MediaError(f"no decoder for the video codec (id {stream.codec_tag or '?'}) in {kind}")
         codec_name = stream.codec_context.name
@@ -355,18 +421,13 @@ def _decode_pyav(source: str | io.BytesIO, cfg: FrameSampling, seek: bool = True
             )
     fps = len(table.times) / table.duration
     return Clip(frames.out, fps=fps, frame_indices=picks, total_frames=len(table.times),
-                timestamps=[table.times[i] for i in picks])
+                timestamps=[table.times[i] for i in picks], notes=[note] if note else [])
 
 
-def _head(source: str | io.BytesIO) -> bytes:
-    """The first bytes of a path or buffer (to name the cause of an open failure)."""
-    if isinstance(source, io.BytesIO):
-        return source.getvalue()[:16]  # getvalue shares the bytes it was made from (no copy)
-    try:
-        with open(source, "rb") as f:
-            return f.read(16)
-    except OSError:
-        return b""
+def _head(source: BinaryIO) -> bytes:
+    """The first bytes of an open file or buffer (to name the cause of an open failure)."""
+    source.seek(0)
+    return source.read(16)
 
 
 # ---- decord -----------------------------------------------------------------------------------
@@ -417,24 +478,39 @@ def _scale_rgb(frames: np.ndarray, h: int, w: int) -> np.ndarray:
 _DECODERS: dict[str, Callable[[str | io.BytesIO, FrameSampling], Clip]] = {"pyav": _decode_pyav, "decord": _decode_decord}
 
 
+_WARNED: set[str] = set()  # "name: note" warnings this process has logged
+
+
+def _warn_once(name: str, notes: list[str]) -> None:
+    """Log each note on how ``name`` was read once per process, not again every epoch it is decoded."""
+    for note in notes:
+        if f"{name}: {note}" not in _WARNED:
+            _WARNED.add(f"{name}: {note}")
+            log.warning("%s: %s", name, note)
+
+
 def decode_video(data: bytes | str | Path, cfg: FrameSampling, name: str = "video") -> Clip:
     """Decode a video from bytes or a path, sample its frames by time and resize them.
 
     The decoders in ``cfg.decoders`` are tried in order; a file found broken (:class:`BrokenMedia`:
     truncated, no video stream, ...) is not handed to the next one, so a truncated clip is never
     half-used. Raises :class:`MediaError` naming ``name`` and the first decoder's reason, e.g.
-    ``shard-000003.tar:clip-9: cannot decode video: pyav: truncated matroska,webm: ...``.
+    ``shard-000003.tar:clip-9: cannot decode video: pyav: truncated matroska,webm: ...``. What the
+    decoder noted about the file (several video streams) is logged as a warning, once per ``name``.
     """
     reasons = []
     for decoder in cfg.decoders:
         # BytesIO over bytes shares the buffer (no copy); each decoder gets its own read position.
         source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else str(data)
         try:
-            return _DECODERS[decoder](source, cfg)
+            clip = _DECODERS[decoder](source, cfg)
         except BrokenMedia as err:
             raise MediaError(f"{name}: cannot decode video: {decoder}: {err}") from err
         except MediaError as err:
             reasons.append(f"{decoder}: {err}")
+            continue
+        _warn_once(name, clip.notes)
+        return clip
     # The first decoder's reason names the cause; the others' (decord's internal asserts) add noise.
     raise MediaError(f"{name}: cannot decode video: {reasons[0] if reasons else 'no decoder configured'}")
 
