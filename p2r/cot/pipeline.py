@@ -59,6 +59,7 @@ from p2r.data.shard_reader import (
     Unusable,
     count_samples,
     expand_shards,
+    media_bytes,
     shard_items,
 )
 from p2r.data.shards import load_raw_records, media_extension, validate_records, write_shards
@@ -141,7 +142,7 @@ class ShardSource:
             else:
                 seen.add(record.id)
                 data = raw[ext]
-                yield InputItem(record, ext, lambda data=data: data)
+                yield InputItem(record, ext, lambda data=data: media_bytes(data))
 
 
 def decode_media(item: InputItem, frames: FrameSampling) -> Clip:

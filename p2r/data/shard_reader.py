@@ -4,7 +4,7 @@ A shard is a tar file whose members are grouped into samples by key: ``KEY.json`
 and ``KEY.<ext>`` (the media), consecutive members sharing the text before the first dot of
 their file name (webdataset's convention, so any shard webdataset reads is read the same way).
 :func:`shard_items` yields, in shard order, each sample as a dict (``__key__``, ``__url__`` and
-one entry of bytes per extension) and an :class:`Unusable` for everything that cannot be used:
+one entry per extension) and an :class:`Unusable` for everything that cannot be used:
 
 - a shard that cannot be opened, is not a tar, or is damaged part-way (the samples before the
   damage are kept; the rest counts once);
@@ -13,7 +13,13 @@ one entry of bytes per extension) and an :class:`Unusable` for everything that c
   followed), a member name used twice, or a member over its size cap (never read into memory).
 
 Only members the loader uses (``.json`` and the media extensions) are read; others are passed over
-without reading. Every shard therefore yields at least one item, which is what lets a training
+without reading. In a local, uncompressed ``.tar`` shard a media member is not read at all here:
+its entry is a :class:`TarMember` (where its bytes lie in the file), which the decoder reads from
+in place when the sample is decoded. A shuffle buffer of 256 samples then holds 256 records and
+file positions, not 256 videos, and a 3.5 GiB video is never copied into a worker's memory
+(PyAV reads the member through a window on the shard file). Other shards (``pipe:``, ``http://``,
+``.tar.gz``) are streams: their media entries are bytes, read whole (:func:`media_bytes` gives the
+bytes of either). Every shard therefore yields at least one item, which is what lets a training
 stream over resampled shards count every failure towards its stop instead of looping silently.
 :class:`SkipLog` keeps the warnings about skipped items readable when there are millions of them.
 
@@ -25,14 +31,16 @@ media, :func:`expand_shards` (patterns to shard URLs) and :func:`count_samples`.
 from __future__ import annotations
 
 import glob
+import io
 import logging
+import os
 import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,77 @@ MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
 # Media bigger than this is skipped unread: an hour of 720p video is well under it.
 DEFAULT_MAX_MEDIA_BYTES = 4 * 1024**3
 _MAX_NAME = 512  # longer member names are cut in messages
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A media member of a local tar shard, by position: its bytes stay in the file until decoded."""
+
+    path: str  # the shard file
+    offset: int  # where the member's data start in it
+    size: int  # bytes
+
+    def open(self) -> BinaryIO:
+        """A read-only, seekable file over the member's bytes only (what PyAV and PIL read from)."""
+        return io.BufferedReader(_Window(self.path, self.offset, self.size))
+
+    def bytes(self) -> bytes:
+        """The member's bytes, read whole (for a decoder or writer that needs them in memory)."""
+        with self.open() as f:
+            return f.read()
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``[offset, offset + size)`` of a file as a file of their own. A shard cut short since it
+    was indexed reads as a short member, which the decoder reports as truncated."""
+
+    def __init__(self, path: str, offset: int, size: int) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDONLY)
+        self._offset, self._size, self._pos = offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self._size - self._pos)
+        if want <= 0:
+            return 0
+        data = os.pread(self._fd, want, self._offset + self._pos)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise OSError(f"seek to {base + offset} before the start of a tar member")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+def media_bytes(value: bytes | TarMember) -> bytes:
+    """A sample's media entry as bytes, whether it was read (bytes) or left in its shard (TarMember)."""
+    return value.bytes() if isinstance(value, TarMember) else value
+
+
+def _local_tar(url: str) -> str | None:
+    """The path of ``url`` when it is a plain, uncompressed local tar file (read in place), else None."""
+    path = url.removeprefix("file://") if url.startswith("file://") else url
+    if "://" in path or path.startswith("pipe:") or not path.endswith(".tar"):
+        return None
+    return path if os.path.isfile(path) else None
 
 
 @dataclass(frozen=True)
@@ -98,6 +177,7 @@ def shard_items(url: str, max_record_bytes: int, max_media_bytes: int) -> Iterat
     """
     from webdataset.gopen import gopen  # here: modules that only need Sample run without webdataset
 
+    local = _local_tar(url)
     try:
         stream = gopen(url, "rb")
     except Exception as err:  # a missing file, a refused URL: whatever the opener raises
@@ -109,7 +189,15 @@ def shard_items(url: str, max_record_bytes: int, max_media_bytes: int) -> Iterat
     reading = False  # inside a member's data (a failure there leaves the current sample incomplete)
     try:
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|*")
+            # A local file is read with seeks, so the media members it leaves in place are passed over
+            # without reading them; a stream (or a compressed file named .tar) has to be read through.
+            try:
+                tar = tarfile.open(fileobj=stream, mode="r:" if local else "r|*")
+            except tarfile.ReadError:
+                if not local:
+                    raise
+                stream.seek(0)
+                local, tar = None, tarfile.open(fileobj=stream, mode="r|*")
         except Exception as err:
             yield Unusable(url, "not a tar file", f"{type(err).__name__}: {err}")
             return
@@ -135,7 +223,9 @@ def shard_items(url: str, max_record_bytes: int, max_media_bytes: int) -> Iterat
                         cap_name = "max_record_bytes" if ext == RECORD_EXT else "max_media_bytes"
                         detail += f": {member.size:,} bytes, {cap_name}={cap:,}"
                     bad = Unusable(f"{url}:{_short(key)}", problem, detail)
-                if bad is None:
+                if bad is None and local and ext != RECORD_EXT:
+                    sample[ext] = TarMember(local, member.offset_data, member.size)
+                elif bad is None:
                     reading = True
                     sample[ext] = tar.extractfile(member).read()
                     reading = False

@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 from PIL import Image
@@ -489,8 +489,25 @@ def _warn_once(name: str, notes: list[str]) -> None:
             log.warning("%s: %s", name, note)
 
 
-def decode_video(data: bytes | str | Path, cfg: FrameSampling, name: str = "video") -> Clip:
-    """Decode a video from bytes or a path, sample its frames by time and resize them.
+def _source(data: Any, decoder: str) -> Any:
+    """What ``decoder`` reads ``data`` from: bytes through a BytesIO (which shares the buffer, no copy;
+    each decoder gets its own read position), a path as text, and a shard member
+    (:class:`p2r.data.shard_reader.TarMember`) in place for PyAV, whole for decord (which reads
+    whole anyway)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return io.BytesIO(data)
+    if _is_member(data):
+        return data.open() if decoder == "pyav" else io.BytesIO(data.bytes())
+    return str(data)
+
+
+def _is_member(data: Any) -> bool:
+    """Whether ``data`` is a shard member left in its file (duck-typed: video.py never imports the reader)."""
+    return hasattr(data, "open") and hasattr(data, "bytes")
+
+
+def decode_video(data: bytes | str | Path | Any, cfg: FrameSampling, name: str = "video") -> Clip:
+    """Decode a video from bytes, a path or a shard member, sample its frames by time and resize them.
 
     The decoders in ``cfg.decoders`` are tried in order; a file found broken (:class:`BrokenMedia`:
     truncated, no video stream, ...) is not handed to the next one, so a truncated clip is never
@@ -500,8 +517,7 @@ def decode_video(data: bytes | str | Path, cfg: FrameSampling, name: str = "vide
     """
     reasons = []
     for decoder in cfg.decoders:
-        # BytesIO over bytes shares the buffer (no copy); each decoder gets its own read position.
-        source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else str(data)
+        source = _source(data, decoder)
         try:
             clip = _DECODERS[decoder](source, cfg)
         except BrokenMedia as err:
@@ -509,16 +525,19 @@ def decode_video(data: bytes | str | Path, cfg: FrameSampling, name: str = "vide
         except MediaError as err:
             reasons.append(f"{decoder}: {err}")
             continue
+        finally:
+            if not isinstance(source, str):
+                source.close()
         _warn_once(name, clip.notes)
         return clip
     # The first decoder's reason names the cause; the others' (decord's internal asserts) add noise.
     raise MediaError(f"{name}: cannot decode video: {reasons[0] if reasons else 'no decoder configured'}")
 
 
-def decode_image(data: bytes | str, cfg: FrameSampling, name: str = "image") -> Clip:
-    """Decode an image into a one-frame clip, resized to the pixel budget."""
+def decode_image(data: bytes | str | Any, cfg: FrameSampling, name: str = "image") -> Clip:
+    """Decode an image (bytes, a path or a shard member) into a one-frame clip, resized to the pixel budget."""
     try:
-        source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+        source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data.open() if _is_member(data) else data
         with Image.open(source) as img:
             frame = np.asarray(img.convert("RGB"))
     except Exception as err:  # PIL raises UnidentifiedImageError, OSError, ...
