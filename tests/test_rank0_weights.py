@@ -4,7 +4,7 @@ loads the weights (``weights_from`` included) and sends each rank its shard
 then hold exactly the weights one process builds, buffers that no state dict holds (rotary
 frequencies) included, and rank 1 never builds a whole model nor reads the checkpoint.
 
-The host-memory figures this buys are measured by tools/bench_host_memory.py (README "Scale").
+The host-memory figures this buys are measured by tools/bench_host_memory.py (docs/scale.md).
 """
 
 from __future__ import annotations
