@@ -282,3 +282,35 @@ class ChatCompletionsClient:
         if content is not None and not isinstance(content, str):
             raise RuntimeError(f"malformed chat-completions response: content is {type(content).__name__}, not text")
         return content or "", finish_reason if isinstance(finish_reason, str) else None
+
+
+class ChatModel:
+    """A model behind an OpenAI-compatible endpoint that a tool asks many prompts at once (the
+    evaluation analyses' text answerer and mismatch judge build on it)."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str, max_tokens: int, max_concurrency: int = 8,
+                 timeout_s: float = 60.0, max_retries: int = 3) -> None:
+        """
+        Args:
+            base_url: Server root up to the API version, e.g. http://127.0.0.1:8000/v1.
+            model: Model name the server expects.
+            api_key_env: NAME of the environment variable holding the API key (unset: no key sent).
+            max_tokens: Reply length limit (where the caller prescribes none).
+            max_concurrency: Requests in flight at once.
+            timeout_s: Deadline on each whole attempt, in seconds.
+            max_retries: Extra attempts after a timeout, a connection error or HTTP 408/429/5xx.
+        """
+        self.client = ChatCompletionsClient(base_url, api_key_env, timeout_s, max_retries)
+        self.model = model
+        self.max_tokens = max_tokens
+        self.max_concurrency = max_concurrency
+
+    def __repr__(self) -> str:
+        return self.client.describe(self, self.model)
+
+    def ask(self, conversations: list[list[dict[str, str]]], settings: list[dict[str, Any]] | None = None) -> list[ChatReply]:
+        """One reply per conversation (its messages), with per-request sampling ``settings``
+        (default: greedy, ``max_tokens``); failures come back as replies with an error, never raised."""
+        settings = settings or [{"temperature": 0.0, "max_tokens": self.max_tokens}] * len(conversations)
+        bodies = [{"model": self.model, "messages": messages, **extra} for messages, extra in zip(conversations, settings)]
+        return self.client.complete_all(bodies, self.max_concurrency)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from callbacks.chat_client import ChatCompletionsClient
+from callbacks.chat_client import ChatModel
 from callbacks.evaluation.adapter import Generation
 from callbacks.evaluation.analysis import Figure, Item, mean_se, reading_of
 from callbacks.evaluation.report import as_percent
@@ -83,7 +83,7 @@ class ModuleTextAnswerer:
         return replies
 
 
-class OpenAIChatAnswerer:
+class OpenAIChatAnswerer(ChatModel):
     """A text model behind an OpenAI-compatible ``/chat/completions`` endpoint.
 
     Each prompt is one user turn; temperature, top_p and max_tokens are the protocol's decoding
@@ -93,31 +93,15 @@ class OpenAIChatAnswerer:
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "P2R_ANSWERER_API_KEY", max_tokens: int = 1024,
                  max_concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 3) -> None:
-        """
-        Args:
-            base_url: Server root up to the API version, e.g. http://127.0.0.1:8000/v1.
-            model: Model name the server expects (the paper's Table 5: Qwen-7B).
-            api_key_env: NAME of the environment variable holding the API key (unset: no key sent).
-            max_tokens: Reply length when the protocol prescribes none.
-            max_concurrency: Requests in flight at once.
-            timeout_s: Deadline on each whole attempt, in seconds.
-            max_retries: Extra attempts after a timeout, a connection error or HTTP 408/429/5xx.
-        """
-        self.client = ChatCompletionsClient(base_url, api_key_env, timeout_s, max_retries)
-        self.model = model
-        self.max_tokens = max_tokens
-        self.max_concurrency = max_concurrency
-
-    def __repr__(self) -> str:
-        return self.client.describe(self, self.model)
+        """Arguments as :class:`callbacks.chat_client.ChatModel`'s (``model``: the paper's Table 5 used
+        Qwen-7B; ``max_tokens``: the reply length when the protocol prescribes none)."""
+        super().__init__(base_url, model, api_key_env, max_tokens, max_concurrency, timeout_s, max_retries)
 
     def answer(self, prompts: list[str], generations: list[Generation | None], pl_module: Any) -> list[Reply]:
-        bodies = []
-        for prompt, setting in zip(prompts, generations):
-            setting = setting or Generation(self.max_tokens)
-            bodies.append({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "max_tokens": setting.max_new_tokens, "temperature": setting.temperature, "top_p": setting.top_p})
-        return [(r.text, r.error) for r in self.client.complete_all(bodies, self.max_concurrency)]
+        settings = [s or Generation(self.max_tokens) for s in generations]
+        replies = self.ask([[{"role": "user", "content": p}] for p in prompts],
+                           [{"max_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p} for s in settings])
+        return [(r.text, r.error) for r in replies]
 
 
 class TextOnlyAnswering:

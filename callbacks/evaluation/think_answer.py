@@ -34,7 +34,7 @@ import re
 from collections import Counter
 from typing import Any, NamedTuple
 
-from callbacks.chat_client import ChatCompletionsClient
+from callbacks.chat_client import ChatModel
 from callbacks.evaluation.analysis import Figure, Item, reading_of
 from callbacks.rewards.judges import parse_verdict
 from callbacks.rewards.parsing import (
@@ -132,42 +132,30 @@ class RuleMismatchJudge:
         return out
 
 
-class OpenAIMismatchJudge:
+class OpenAIMismatchJudge(ChatModel):
     """An LLM behind an OpenAI-compatible endpoint decides whether free-text answers follow their reasoning."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "P2R_JUDGE_API_KEY", max_tokens: int = 256,
                  max_concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 3) -> None:
-        """
-        Args:
-            base_url: Server root up to the API version, e.g. http://127.0.0.1:8000/v1.
-            model: Model name the server expects.
-            api_key_env: NAME of the environment variable holding the API key (unset: no key sent).
-            max_tokens: Reply length limit; leave room when the judge model thinks before answering.
-            max_concurrency: Requests in flight at once.
-            timeout_s: Deadline on each whole attempt, in seconds.
-            max_retries: Extra attempts after a timeout, a connection error or HTTP 408/429/5xx.
-        """
-        self.client = ChatCompletionsClient(base_url, api_key_env, timeout_s, max_retries)
-        self.model = model
-        self.max_tokens = max_tokens
-        self.max_concurrency = max_concurrency
-
-    def __repr__(self) -> str:
-        return self.client.describe(self, self.model)
+        """Arguments as :class:`callbacks.chat_client.ChatModel`'s (``max_tokens``: leave room when the
+        judge model thinks before answering)."""
+        super().__init__(base_url, model, api_key_env, max_tokens, max_concurrency, timeout_s, max_retries)
 
     def agree(self, cases: list[Case]) -> list[Verdict]:
-        bodies = [{"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens, "messages": [
-            {"role": "system", "content": MISMATCH_SYSTEM_PROMPT},
-            {"role": "user", "content": MISMATCH_USER_TEMPLATE.format(question=c.question.strip(), think=c.think, answer=c.answer)},
-        ]} for c in cases]
         out: list[Verdict] = []
-        for reply in self.client.complete_all(bodies, self.max_concurrency):
+        for reply in self.ask([mismatch_messages(c) for c in cases]):
             if reply.text is None:
                 out.append((None, reply.error))
                 continue
             verdict = parse_verdict(reply.text)
             out.append((verdict, None if verdict is not None else f"no yes/no verdict in reply: {self.client.excerpt(reply.text)!r}"))
         return out
+
+
+def mismatch_messages(case: Case) -> list[dict[str, str]]:
+    """The chat messages the LLM judge is sent for one free-text answer."""
+    user = MISMATCH_USER_TEMPLATE.format(question=case.question.strip(), think=case.think, answer=case.answer)
+    return [{"role": "system", "content": MISMATCH_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
 def rate_block(readings: list[dict[str, Any]]) -> dict[str, Any]:
