@@ -3,6 +3,7 @@
     python -m p2r fit  --config configs/sft.yaml [--config configs/tiny.yaml] [--print_config]
     python -m p2r fit  --config configs/pagrpo.yaml --print_memory [--device_memory_gb 80]
     python -m p2r test --config configs/eval.yaml --ckpt_path CKPT
+    python -m p2r predict --config configs/predict.yaml --ckpt_path CKPT --data.predict_file questions.jsonl
     p2r --help
 
 ``main(args)`` runs the same thing in-process (tests call ``main(["fit", "--config", ...])``).

@@ -1,8 +1,9 @@
 """What every p2r LightningModule shares: the injected backbone, AdamW + schedule, sharding in
 ``configure_model``, skipped non-finite steps (:mod:`p2r.algorithms.nonfinite`), the count of
-skipped samples, the lost-update check of the first step, answer generation and, without an
-evaluation callback, the plain held-out check of ``p2r validate`` / ``p2r test``
-(:mod:`p2r.evaluation.answer_check`: ``{stage}/accuracy``, ``{stage}/format``, ...).
+skipped samples, the lost-update check of the first step, answer generation, the rows that
+``p2r predict`` writes (:mod:`p2r.predictions`) and, without an evaluation callback, the plain
+held-out check of ``p2r validate`` / ``p2r test`` (:mod:`p2r.evaluation.answer_check`:
+``{stage}/accuracy``, ``{stage}/format``, ...).
 
 Evaluation on a model sharded over several ranks (FSDP2) holds the model whole for the pass
 (:func:`p2r.strategies.held_whole`), so ranks with unequal numbers of evaluation batches never
@@ -30,6 +31,7 @@ from p2r.data.prompts import PromptTemplate, build_prompt
 from p2r.data.video import Clip
 from p2r.evaluation.answer_check import PROGRESS_BAR_METRICS, answer_check
 from p2r.optim import adamw_with_schedule
+from p2r.predictions import prediction_row
 from p2r.strategies import held_whole, load_from_rank0, shard
 
 
@@ -292,5 +294,10 @@ class VideoLVLMModule(L.LightningModule):
         self._log_answer_totals("test")
 
     def predict_step(self, batch: list[Sample], batch_idx: int) -> list[dict[str, Any]]:
-        texts = self.generate_answers(batch)
-        return [{"id": s.record.id, "output": t} for s, t in zip(batch, texts)]
+        """One predictions.jsonl row per sample (:func:`p2r.predictions.prediction_row`): the process-aware
+        prompt, the generated output and its parsed parts; a sample whose media failed is not generated
+        for and keeps its error."""
+        answerable = [s for s in batch if not s.error]
+        outputs = iter(self.generate_answers(answerable) if answerable else [])
+        return [prediction_row(s, build_prompt(s.record, self.prompt_template), None if s.error else next(outputs))
+                for s in batch]

@@ -7,7 +7,9 @@ frames sampled and resized by the split's :class:`~p2r.data.video.FrameSampling`
 a :class:`Sample`; batches are plain lists of samples, because the backbone builds tensors itself.
 
 Splitting: training streams resampled shards and every rank yields exactly the same number of
-batches per epoch (so DDP/FSDP never waits on a rank that ran dry). Evaluation reads every shard
+batches per epoch (so DDP/FSDP never waits on a rank that ran dry): ``ceil(samples / (batch x
+ranks))``, whatever the number of workers, shared among them round robin
+(:func:`batches_per_epoch`, :func:`worker_batches`). Evaluation reads every shard
 in every worker and keeps sample ``i`` when ``i % (ranks x workers)`` is its slot, so each
 sample is seen exactly once across ranks and workers, whatever the shard count.
 
@@ -20,6 +22,11 @@ it happened (``Sample.skipped`` of its first sample), so the module logs ``data/
 at that step. ``max_unusable_in_a_row`` unusable items in a row (samples or whole shards) stop a
 training stream with an error: resampled shards never run out, so a shard set without a usable
 sample would otherwise loop forever.
+
+``predict`` with ``predict_file`` (or ``predict_video`` + ``predict_question``) answers questions
+about the user's own media (:mod:`p2r.data.questions`) instead of the test sets, split over ranks
+and workers as evaluation is. There nothing is skipped: a question whose video cannot be read or
+decoded is yielded as a :class:`Sample` without a clip that carries its ``error``.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from p2r.data.questions import Question, command_line_question, load_media, read_questions
 from p2r.data.records import RecordError, RecordLimits, VideoRecord, parse_record
 from p2r.data.shard_reader import (
     DEFAULT_MAX_MEDIA_BYTES,
@@ -61,10 +69,12 @@ class Sample:
     """One decoded record: what every p2r module consumes."""
 
     record: VideoRecord
-    clip: Clip
+    clip: Clip | None  # None only for a predict question whose media failed (see ``error``)
     skipped: int = 0  # on a batch's first sample: what its worker skipped while assembling that batch
     benchmark: str = ""  # the evaluation set it came from (data.test_sets key), "" in training
     position: int = 0  # raw samples this worker had read when it yielded this one (the resume point)
+    question: Question | None = None  # the questions-file line it answers (predict on data.predict_file)
+    error: str = ""  # why a question's media gave no clip: its prediction reports it instead of an answer
 
 
 def decode_sample(raw: dict[str, Any], frames: FrameSampling, limits: RecordLimits | None = None) -> Sample:
@@ -104,6 +114,33 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def batches_per_epoch(samples: int, batch_size: int, world: int) -> int:
+    """Training batches per rank in one epoch: ``ceil(samples / (batch_size x world))``, at least 1.
+
+    Rounded once over all ranks, never per worker, so that the epoch (and with it ``max_epochs``,
+    the schedule and the step count) is the same whatever ``num_workers`` is. Rounded up, so an
+    epoch draws at least as many samples as the data set holds.
+
+    >>> batches_per_epoch(40, 8, 1), batches_per_epoch(41, 8, 1), batches_per_epoch(18, 4, 2)
+    (5, 6, 3)
+    """
+    return max(1, math.ceil(samples / (batch_size * world)))
+
+
+def worker_batches(epoch_batches: int, slot: int, workers: int) -> int:
+    """The share of worker slot ``slot`` (of ``workers``) in an epoch of ``epoch_batches`` batches.
+
+    The DataLoader takes batch ``i`` from worker ``i % workers`` (round robin), so slot ``w``
+    delivers the batches ``w, w + workers, ...`` below ``epoch_batches``: ``base + (w < remainder)``.
+    The shares sum to ``epoch_batches``, and a resumed epoch (whose first worker plays the slot of
+    the next batch) keeps the same assignment.
+
+    >>> [worker_batches(5, w, 2) for w in range(2)], [worker_batches(5, w, 3) for w in range(3)]
+    ([3, 2], [2, 2, 1])
+    """
+    return len(range(slot, epoch_batches, workers))
+
+
 @dataclass(frozen=True)
 class StreamLimits:
     """What one stream will read and how much failure it takes before giving up (see the module doc)."""
@@ -122,7 +159,7 @@ class ShardStream(IterableDataset):
         frames: FrameSampling,
         batch_size: int,
         train: bool,
-        batches_per_worker: int | None = None,
+        epoch_batches: int | None = None,
         shuffle_buffer: int = 0,
         seed: int = 0,
         limits: StreamLimits | None = None,
@@ -131,7 +168,7 @@ class ShardStream(IterableDataset):
         self.frames = frames
         self.batch_size = batch_size
         self.train = train
-        self.batches_per_worker = batches_per_worker
+        self.epoch_batches = epoch_batches  # training batches per rank per epoch (None: no limit)
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.limits = limits or StreamLimits()
@@ -219,7 +256,8 @@ class ShardStream(IterableDataset):
         slot, slots = rank * nworkers + wid, world * nworkers
         start = self.resume_raw[wid] if wid < len(self.resume_raw) else 0
         emitted = len(range(wid, self.resume_trained, nworkers))
-        if self.batches_per_worker is not None and emitted >= self.batches_per_worker:
+        quota = worker_batches(self.epoch_batches, wid, nworkers) if self.epoch_batches is not None else None
+        if quota is not None and emitted >= quota:
             return
         # Skips are counted on the batch being assembled when they were read (on its first sample).
         # An evaluation batch is held until the next good sample or the end of the stream, so the
@@ -243,7 +281,7 @@ class ShardStream(IterableDataset):
                 continue
             yield batch
             batch, emitted = [], emitted + 1
-            if self.batches_per_worker is not None and emitted >= self.batches_per_worker:
+            if quota is not None and emitted >= quota:
                 return
         if self.train:
             return
@@ -340,6 +378,49 @@ class EvalStream(ShardStream):
         return itertools.islice(self._set_items(), slot, None, slots)
 
 
+class QuestionStream(ShardStream):
+    """The questions of ``p2r predict`` (:mod:`p2r.data.questions`), each once across ranks and
+    workers, in batches of ``batch_size`` per worker.
+
+    Nothing is skipped: a question whose video or image cannot be read or decoded becomes a
+    :class:`Sample` without a clip that carries the error, so that every question gets its line in
+    predictions.jsonl. ``workers`` (the DataLoader's ``num_workers``) makes the batch count known
+    (:meth:`__len__`), so the progress bar shows the share done and the time left.
+    """
+
+    def __init__(self, questions: list[Question], frames: FrameSampling, batch_size: int, workers: int,
+                 limits: StreamLimits | None = None) -> None:
+        super().__init__([], frames, batch_size, train=False, limits=limits)
+        self.questions = questions
+        self.workers = workers
+
+    def _raw_samples(self, slot: int, slots: int) -> Iterator[Question]:
+        return itertools.islice(self.questions, slot, None, slots)
+
+    def _decode(self, item: Question, skips: SkipLog) -> Sample:
+        try:
+            return Sample(item.record, load_media(item, self.frames, self.limits.max_media_bytes), question=item)
+        except Exception as err:  # whatever one question's media do, it costs that question's answer only
+            message = str(err)[:500] if isinstance(err, MediaError) else f"{item.media}: {type(err).__name__}: {str(err)[:500]}"
+            log.warning("question at line %d: %s", item.line, message)
+            return Sample(item.record, None, question=item, error=message)
+
+    def __len__(self) -> int:
+        rank, world = _rank_and_world()
+        return question_batches(len(self.questions), self.batch_size, rank, world, max(1, self.workers))
+
+
+def question_batches(questions: int, batch_size: int, rank: int, world: int, workers: int) -> int:
+    """Batches rank ``rank`` yields for ``questions`` items dealt round robin over ``world x workers``
+    slots (slot ``rank x workers + w``), each worker batching its own items.
+
+    >>> question_batches(7, 2, 0, 1, 1), question_batches(7, 2, 0, 1, 2), question_batches(7, 2, 1, 2, 2)
+    (4, 4, 2)
+    """
+    slots = world * workers
+    return sum(math.ceil(len(range(rank * workers + w, questions, slots)) / batch_size) for w in range(workers))
+
+
 class VideoDataModule(L.LightningDataModule):
     """Streams WebDataset shards of video/image + JSON records for fit, validate, test and predict."""
 
@@ -362,13 +443,17 @@ class VideoDataModule(L.LightningDataModule):
         record_limits: RecordLimits | None = None,
         max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES,
         max_unusable_in_a_row: int = 1000,
+        predict_file: str | None = None,
+        predict_video: str | None = None,
+        predict_question: str | None = None,
+        predict_options: list[str] | None = None,
     ) -> None:
         """
         Args:
             train_shards: Training shards: a path, glob (data/train-*.tar), brace pattern
                 (data/train-{000000..000009}.tar) or URL; several joined by "::".
             val_shards: Validation shards (used by fit's validation loop).
-            test_shards: Test shards (used by ``p2r test`` and ``predict``).
+            test_shards: Test shards (used by ``p2r test``, and by ``predict`` without predict_file).
             batch_size: Samples per batch per rank for training (prompts per step for PA-GRPO).
             eval_batch_size: Samples per batch for validation/test (default: batch_size).
             num_workers: DataLoader worker processes per rank that decode video.
@@ -390,6 +475,13 @@ class VideoDataModule(L.LightningDataModule):
                 are skipped unread and counted.
             max_unusable_in_a_row: Training stops with an error after this many unusable samples or
                 shards in a row (0: never; resampled shards with no usable sample would loop forever).
+            predict_file: Questions for ``p2r predict``: a JSON Lines file, one {"video": path or URL,
+                "question": ..., "options": [...]} per line (p2r/data/questions.py). When set (or
+                predict_video), predict answers these instead of the test sets.
+            predict_video: One video (or image) for ``p2r predict``, with predict_question: the
+                command-line form of a one-line predict_file (a path relative to the working directory).
+            predict_question: The question about predict_video.
+            predict_options: Answer options of predict_question (makes it multiple choice).
         """
         super().__init__()
         _check_at_least(batch_size=batch_size, max_media_bytes=max_media_bytes, minimum=1,
@@ -411,6 +503,11 @@ class VideoDataModule(L.LightningDataModule):
         self.val_sets = val_sets
         self.media_root = media_root
         self.limits = StreamLimits(record_limits or RecordLimits(), max_media_bytes, max_unusable_in_a_row)
+        self.predict_file = predict_file
+        self.predict_video = predict_video
+        self.predict_question = predict_question
+        self.predict_options = predict_options
+        self._questions: list[Question] | None = None  # read and checked by setup("predict")
         self._train_plan: tuple[list[str], int] | None = None  # (shard URLs, samples per epoch), from setup
         self._restored_position: dict[str, Any] | None = None  # the training stream's position in a resumed checkpoint
 
@@ -426,8 +523,23 @@ class VideoDataModule(L.LightningDataModule):
                 self._eval_sets("val")
         elif stage == "validate":
             self._eval_sets("val")
+        elif stage == "predict" and self._asks_questions():
+            self._questions = self._read_questions()
         else:
             self._eval_sets("test")
+
+    def _asks_questions(self) -> bool:
+        return any(v is not None for v in (self.predict_file, self.predict_video, self.predict_question, self.predict_options))
+
+    def _read_questions(self) -> list[Question]:
+        """The questions of ``predict_file`` or of the ``predict_video`` form, checked (errors name file:line)."""
+        if self.predict_file is not None:
+            if any(v is not None for v in (self.predict_video, self.predict_question, self.predict_options)):
+                raise ValueError("data.predict_file and data.predict_video/predict_question/predict_options are both set: use one")
+            return read_questions(self.predict_file, self.limits.record)
+        if self.predict_video is None or self.predict_question is None:
+            raise ValueError("data.predict_video and data.predict_question go together (or give data.predict_file)")
+        return [command_line_question(self.predict_video, self.predict_question, self.predict_options, self.limits.record)]
 
     def _plan_training(self) -> tuple[list[str], int]:
         urls = _expand(self.train_shards, "train_shards")
@@ -451,13 +563,11 @@ class VideoDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         urls, total = self._train_plan or self._plan_training()
-        workers = max(1, self.num_workers)
-        per_worker = max(1, math.ceil(total / (self._world() * workers * self.batch_size)))
         stream = SizedShardStream(
-            urls, self.train_frames, self.batch_size, train=True, batches_per_worker=per_worker,
+            urls, self.train_frames, self.batch_size, train=True,
+            epoch_batches=batches_per_epoch(total, self.batch_size, self._world()),
             shuffle_buffer=self.shuffle_buffer, seed=self.seed, limits=self.limits,
         )
-        stream.length = per_worker * workers
         self._train_loader = ResumableLoader(
             stream, trainer_epoch=self._trainer_epoch, num_workers=self.num_workers,
             prefetch_factor=2 if self.num_workers > 0 else None,
@@ -522,16 +632,18 @@ class VideoDataModule(L.LightningDataModule):
         return self._eval_loader(self._eval_sets("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self._eval_sets("test"))
+        """The questions of ``predict_file`` / ``predict_video`` when given, else the test sets."""
+        if not self._asks_questions():
+            return self._eval_loader(self._eval_sets("test"))
+        questions = self._questions if self._questions is not None else self._read_questions()
+        return self._plain_loader(QuestionStream(questions, self.eval_frames, self.eval_batch_size, self.num_workers, self.limits))
 
 
 class SizedShardStream(ShardStream):
     """A training stream with a known number of batches per rank (for progress bars and schedules)."""
 
-    length: int = 0
-
     def __len__(self) -> int:
-        return self.length
+        return self.epoch_batches or 0
 
 
 class EpochBatch(list):

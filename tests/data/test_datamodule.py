@@ -39,11 +39,11 @@ def split_ids(root: Path, split: str) -> list[str]:
     return [r["id"] for r in json.loads((root / f"{split}.json").read_text())]
 
 
-@pytest.mark.parametrize(("world", "workers", "per_rank"), [(1, 0, 5), (2, 0, 3), (2, 2, 4)])
+@pytest.mark.parametrize(("world", "workers", "per_rank"), [(1, 0, 5), (2, 0, 3), (2, 2, 3)])
 def test_train_loader_gives_every_rank_the_same_number_of_full_batches(
     synthetic_root, split_sizes, monkeypatch, world, workers, per_rank
 ):
-    # 18 samples in shards of 5, 5, 5, 3; batch 4: ceil(18 / (world x max(1, workers) x 4)) per worker.
+    # 18 samples in shards of 5, 5, 5, 3; batch 4: ceil(18 / (world x 4)) per rank, whatever the workers.
     pattern = str(synthetic_root / "shards" / "train-*.tar")
     seen = []
     for rank in range(world):
@@ -56,6 +56,29 @@ def test_train_loader_gives_every_rank_the_same_number_of_full_batches(
         seen.append(ids_of(batches))
     if world == 2:
         assert seen[0] != seen[1]  # ranks draw different shard orders
+
+
+@pytest.mark.parametrize(("samples", "world", "per_rank"), [(40, 1, 5), (41, 1, 6), (40, 2, 3)])
+def test_an_epoch_has_the_same_number_of_batches_whatever_the_worker_count(synthetic_root, monkeypatch, samples, world, per_rank):
+    """40 samples at batch 8 are 5 batches with 0, 1, 2 or 3 workers (per-worker rounding made 6 of
+    them with 2 workers): the epoch is rounded once per rank and its batches shared among the workers."""
+    pattern = str(synthetic_root / "shards" / "train-*.tar")
+    counts = []
+    for workers in (0, 1, 2, 3):
+        dm = make_dm(monkeypatch, 0, world, train_shards=pattern, batch_size=8, num_workers=workers, epoch_samples=samples)
+        loader = dm.train_dataloader()
+        counts.append((len(loader), sum(1 for _ in loader)))
+    assert counts == [(per_rank, per_rank)] * 4
+
+
+def test_worker_shares_follow_the_loaders_round_robin():
+    """Batch i comes from worker i % workers: its shares are the counts of each residue below the epoch length."""
+    for batches in range(1, 12):
+        for workers in range(1, 5):
+            shares = [datamodule.worker_batches(batches, w, workers) for w in range(workers)]
+            assert sum(shares) == batches
+            assert shares == [sum(1 for i in range(batches) if i % workers == w) for w in range(workers)]
+    assert [datamodule.batches_per_epoch(n, 8, 1) for n in (1, 8, 9, 40, 41)] == [1, 1, 2, 5, 6]
 
 
 def test_shuffled_training_order_is_reproducible_from_the_seed(synthetic_root, monkeypatch):
