@@ -102,6 +102,13 @@ def decode_sample(raw: dict[str, Any], frames: FrameSampling, limits: RecordLimi
     raise MediaError(f"{where}: no {record.data_type} bytes in the sample (keys: {sorted(k for k in raw if not k.startswith('__'))})")
 
 
+def _counts(data: dict[str, Any]) -> str:
+    """``"3 shards, 1,200 samples"`` from a :meth:`VideoDataModule._train_data`, or ``"not counted"``."""
+    if "shards" not in data:
+        return "not counted"
+    return f"{data['shards']:,} shards, {data['samples']:,} samples"
+
+
 def _check_at_least(minimum: int, **settings: int) -> None:
     for name, value in settings.items():
         if value < minimum:
@@ -577,12 +584,31 @@ class VideoDataModule(L.LightningDataModule):
         return self._train_loader
 
     def state_dict(self) -> dict[str, Any]:
-        """What checkpoints keep of the data module: the training stream's position (see ResumableLoader)."""
+        """What checkpoints keep of the data module: the training stream's position (see
+        ResumableLoader) and which data it is a position in (:meth:`_train_data`)."""
         loader = getattr(self, "_train_loader", None)
         position = loader.position() if loader is not None else self._restored_position
-        return {"train_position": position} if position is not None else {}
+        state: dict[str, Any] = {"train_position": position} if position is not None else {}
+        if self.train_shards:
+            state["train_data"] = self._train_data()
+        return state
+
+    def _train_data(self) -> dict[str, Any]:
+        """The training data as configured: the shard pattern and, once planned, the shard and sample counts."""
+        data: dict[str, Any] = {"train_shards": self.train_shards}
+        if self._train_plan is not None:
+            data.update(shards=len(self._train_plan[0]), samples=self._train_plan[1])
+        return data
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        trained_on, now = state_dict.get("train_data"), self._train_data() if self.train_shards else None
+        if trained_on is not None and now is not None and any(
+                trained_on.get(k) != now.get(k) for k in ("train_shards", "shards", "samples") if k in trained_on and k in now):
+            # The restored position (epoch, batches done, items each worker read) counts in the old data.
+            log.warning("resuming a run trained on data.train_shards=%r (%s) with data.train_shards=%r (%s): the "
+                        "restored data position refers to the old data, so this epoch's order and length are not "
+                        "the old run's; ignore this if the same shards only moved",
+                        trained_on["train_shards"], _counts(trained_on), now["train_shards"], _counts(now))
         self._restored_position = state_dict.get("train_position")
         loader = getattr(self, "_train_loader", None)
         if loader is not None and self._restored_position is not None:

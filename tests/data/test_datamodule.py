@@ -278,3 +278,23 @@ def test_eval_loader_counts_are_exact_per_benchmark(synthetic_root, monkeypatch,
     dm = make_dm(monkeypatch, test_sets=sets, eval_batch_size=5)
     counts = Counter(s.benchmark for b in dm.test_dataloader() for s in b)
     assert counts == {"a": split_sizes["n_val"], "b": split_sizes["n_test"]}
+
+
+def test_resuming_on_other_training_data_warns_naming_both(synthetic_root, monkeypatch, caplog):
+    """A checkpoint's data position counts in its own shards: resuming it on others says so, naming both."""
+    every = str(synthetic_root / "shards" / "train-*.tar")
+    some = str(synthetic_root / "shards" / "train-00000[01].tar")
+    trained = make_dm(monkeypatch, train_shards=every, batch_size=4)
+    trained.setup("fit")
+    state = trained.state_dict()
+    assert state["train_data"] == {"train_shards": every, "shards": 4, "samples": 18}
+    for pattern, warned in ((every, False), (some, True)):
+        resumed = make_dm(monkeypatch, train_shards=pattern, batch_size=4)
+        resumed.setup("fit")
+        caplog.clear()
+        resumed.load_state_dict(state)
+        text = caplog.text
+        assert ("resuming a run trained on" in text) is warned
+        if warned:
+            assert f"data.train_shards={every!r} (4 shards, 18 samples)" in text
+            assert f"data.train_shards={some!r} (2 shards, 10 samples)" in text
