@@ -116,14 +116,34 @@ class LineProgressBar(ProgressBar):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._report(trainer, pl_module, "train", trainer.global_step, self._train_total, force=True)
 
-    # Evaluation stages count the batches of each dataloader (each benchmark of a test run).
+    # Evaluation stages count the batches of each dataloader (each benchmark of a test run), timed
+    # from the start of their first batch (from its end, a one-batch pass would report an absurd rate).
+    @staticmethod
+    def _eval_name(stage: str, counts: list[float], dataloader_idx: int) -> str:
+        return f"{stage} set {dataloader_idx + 1}/{len(counts)}" if len(counts) > 1 else stage
+
+    def _begin_eval(self, stage: str, counts: list[float], batch_idx: int, dataloader_idx: int) -> None:
+        if batch_idx == 0:
+            self._begin(self._eval_name(stage, counts, dataloader_idx))
+
     def _report_eval(self, trainer: Trainer, pl_module: LightningModule, stage: str, counts: list[float],
                      batch_idx: int, dataloader_idx: int) -> None:
-        name = f"{stage} set {dataloader_idx + 1}/{len(counts)}" if len(counts) > 1 else stage
-        if batch_idx == 0:
-            self._begin(name)
         total = float(counts[dataloader_idx])
-        self._report(trainer, pl_module, name, batch_idx + 1, total, force=batch_idx + 1 == total)
+        self._report(trainer, pl_module, self._eval_name(stage, counts, dataloader_idx), batch_idx + 1, total,
+                     force=batch_idx + 1 == total)
+
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._begin_eval("validate", trainer.num_val_batches, batch_idx, dataloader_idx)
+
+    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._begin_eval("test", trainer.num_test_batches, batch_idx, dataloader_idx)
+
+    def on_predict_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        self._begin_eval("predict", trainer.num_predict_batches, batch_idx, dataloader_idx)
 
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:

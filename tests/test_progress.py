@@ -116,6 +116,21 @@ def test_each_test_set_has_its_own_lines(capsys):
     assert lines == ["test set 1/2 batch 1/2 (50%)", "test set 1/2 batch 2/2 (100%)", "test set 2/2 batch 1/1 (100%)"]
 
 
+def test_a_one_batch_pass_is_timed_from_the_start_of_its_batch(capsys, monkeypatch):
+    """Timed from the end of the first batch, a one-batch pass reported "85055 batches/s"."""
+    class Slow(Linear):
+        def test_step(self, batch, batch_idx, dataloader_idx=0):
+            clock[0] += 2.0  # the batch takes 2 s on the bar's clock
+            return super().test_step(batch, batch_idx, dataloader_idx)
+
+    clock = [100.0]
+    monkeypatch.setattr("p2r.progress.time.monotonic", lambda: clock[0])
+    trainer = Trainer(callbacks=[LineProgressBar(0.0)], logger=False, enable_model_summary=False, accelerator="cpu")
+    trainer.test(Slow(), DataLoader(TensorDataset(torch.randn(2, 2)), batch_size=2))
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("test")]
+    assert line.startswith("test batch 1/1 (100%) | 0.50 batches/s | 2s elapsed")
+
+
 @pytest.mark.parametrize("tty, bars", [(False, (LineProgressBar,)), (True, (RichProgressBar, TQDMProgressBar))])
 def test_the_cli_prints_lines_when_stderr_is_a_file(tty, bars):
     """The real CLI on the shipped SFT config: a log file gets LineProgressBar, a terminal Lightning's bar."""
