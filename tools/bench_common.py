@@ -1,5 +1,6 @@
 """What the benchmark tools share: their parser and the arguments that size a timed step, wall time
-with the device synchronised, and the process's memory.
+with the device synchronised, the summary of repeated timings (median, range, count), and the
+process's memory.
 
 Imported by ``tools/bench_*.py``, which run as scripts (so ``tools/`` is on ``sys.path``). It needs
 torch and the standard library only, like ``tools/bench_gpu.py`` on a GPU machine.
@@ -11,8 +12,9 @@ import argparse
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -50,14 +52,48 @@ def timed(fn: Callable[[], object], device: torch.device | str | None = None) ->
     return time.perf_counter() - start
 
 
-def median_seconds(methods: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Warm-up time and median time of each method, the methods alternating run by run."""
-    warmup = {name: timed(fn) for name, fn in methods.items()}
+class Timing(NamedTuple):
+    """Repeated timings of one thing: their median, range and count.
+
+    Headlines and ratios use the median: one slow run (a busy machine, a one-off set-up) drags a
+    mean of a few runs far off (a 26 s round once turned 4.65x into 5.14x), a median barely moves.
+    The range and the count say how much the figure can be trusted.
+
+    >>> t = Timing.of([1.3, 1.1, 9.0, 1.2])  # one outlier: the mean would be 3.15
+    >>> t.median, t.low, t.high, t.n
+    (1.25, 1.1, 9.0, 4)
+    >>> print(t)
+    1.250 s (1.100-9.000, n=4)
+    >>> print(Timing.of([0.5]))
+    0.500 s (n=1)
+    """
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, seconds: Iterable[float]) -> Timing:
+        """The summary of the seconds of every run (at least one)."""
+        runs = list(seconds)
+        return cls(statistics.median(runs), min(runs), max(runs), len(runs))
+
+    def __str__(self) -> str:
+        spread = f"{self.low:.3f}-{self.high:.3f}, " if self.n > 1 else ""
+        return f"{self.median:.3f} s ({spread}n={self.n})"
+
+
+def interleaved_timings(methods: dict[str, Callable[[], object]], repeats: int,
+                        device: torch.device | str | None = None) -> tuple[dict[str, float], dict[str, Timing]]:
+    """Warm-up seconds and the :class:`Timing` of ``repeats`` runs of each method, the methods
+    alternating run by run so that a load on the machine slows each alike."""
+    warmup = {name: timed(fn, device) for name, fn in methods.items()}
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
         for name, fn in methods.items():
-            times[name].append(timed(fn))
-    return warmup, {name: statistics.median(t) for name, t in times.items()}
+            times[name].append(timed(fn, device))
+    return warmup, {name: Timing.of(t) for name, t in times.items()}
 
 
 def peak_rss_mib() -> float:

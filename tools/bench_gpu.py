@@ -23,12 +23,15 @@ Sections, each in its own process (its peak memory is its own; a failure stops o
           the bandwidth floor = bytes of the weights one decode step reads (decoder layers, final
           norm, lm_head; not the vision tower, not the embedding table) / the device's measured
           copy bandwidth (2 x buffer bytes / time of a device-to-device copy). The KV cache a step
-          also reads is printed beside it. Prefill = a rollout of 1 token (no decode step), best of 3.
+          also reads is printed beside it. Prefill = a rollout of 1 token (no decode step), 3 runs;
+          the rollout 1 run (3 on the tiny model); both printed as median (min-max, n), the other
+          figures computed from those medians.
           On the tiny model a decode step is as short as the timing noise (the figures can even
           come out negative): there the row shows that the path runs, not its speed.
   sft     Qwen2.5-VL-3B, float32 master weights, bf16 autocast, gradient checkpointing, AdamW: one
           sample of 16 frames at 448x224 (the paper's 128x28x28 pixels: 1,024 vision tokens) and a
-          ~512-token target, loss as SFTModule computes it. Tokens/s and MFU = model FLOPs / step
+          ~512-token target, loss as SFTModule computes it. Step time: median (min-max, n) of
+          ``--steps`` steps after a warm-up. Tokens/s and MFU = model FLOPs / median step
           time / peak. Model FLOPs = 6 x (language matmul weights x tokens + vision matmul weights x
           patches) + 6 x layers x tokens^2 x hidden (causal attention, forward + backward);
           checkpointing's recompute is not counted (the usual MFU convention). Peak: the dense
@@ -37,9 +40,11 @@ Sections, each in its own process (its peak memory is its own; a failure stops o
           G = 8 x 768 tokens, shared prompt, beta 0.04, process_mean, one update (no old-policy pass),
           float32 master weights + bf16 autocast, gradient checkpointing, a float32 frozen reference
           copy as PAGRPOModule makes it, the fastest engine this build has: phase split and peak GPU
-          memory, beside p2r.memory_plan's estimate for the same shape on one GPU.
+          memory, beside p2r.memory_plan's estimate for the same shape on one GPU; one timed step
+          after a warm-up step.
   fsdp1   configs/strategy/fsdp.yaml (FSDPStrategy, bf16-mixed) on one GPU through the Lightning
-          Trainer and SFTModule (3B): two steps run, the loss is finite, the weights moved. CUDA only.
+          Trainer and SFTModule (3B): two steps run, the loss is finite, the weights moved; the time
+          printed is the last step's (the first holds the set-up). CUDA only.
   fsdp2   configs/strategy/fsdp2.yaml (FSDP2Strategy, bf16 param_dtype) likewise (gloo on a CPU).
 The training sections use 3B: 7B full fine-tuning with float32 master weights and Adam takes 16
 bytes per parameter (133 GB) before activations, more than one GPU; sharded it fits (the plan).
@@ -65,7 +70,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench_common import bench_parser, peak_rss_mib, synchronize, timed
+from bench_common import Timing, bench_parser, peak_rss_mib, synchronize, timed
 from bench_step import StepSettings, fixed_length, one_step, rollout_engines
 
 from p2r.algorithms.rollout import generate_groups
@@ -124,7 +129,8 @@ def peak_bytes(device: torch.device) -> tuple[int, str]:
 
 
 def repeated(device: torch.device, fn, times: int = 10, rounds: int = 3) -> float:
-    """Seconds per call of ``fn``: ``times`` calls per timing (launch and sync costs spread thin), best of ``rounds``."""
+    """Seconds per call of ``fn``: ``times`` calls per timing (launch and sync costs spread thin), best of ``rounds``:
+    this measures what the device can do (bandwidth, matmul rate), which noise only ever lowers."""
     fn()  # warm-up
     return min(timed(lambda: [fn() for _ in range(times)], device) for _ in range(rounds)) / times
 
@@ -214,11 +220,12 @@ def section_decode(args) -> dict:
                   kv_bytes_per_step=g * (prompt_tokens + t / 2) * kv_per_token, engines={})
     for engine in rollout_engines():
         rollout(engine, t)  # warm-up: compilation, CUDA graph capture, allocator
-        # Best of 3 (of 3 full rollouts too on the tiny model, where noise is as large as the decode):
+        # Medians of 3 (of 3 full rollouts too on the tiny model, where noise is as large as the decode):
         # a 1-token rollout is the prompt's prefill and the first token, no decode step.
-        prefill = min(timed(lambda: rollout(engine, 1), device) for _ in range(3))
+        prefill_runs = [timed(lambda: rollout(engine, 1), device) for _ in range(3)]
         out = []
-        total = min(timed(lambda: out.append(rollout(engine, t)), device) for _ in range(3 if args.tiny else 1))
+        total_runs = [timed(lambda: out.append(rollout(engine, t)), device) for _ in range(3 if args.tiny else 1)]
+        prefill, total = Timing.of(prefill_runs).median, Timing.of(total_runs).median
         lengths = {len(ids) for ids in out[0].completion_ids}
         if lengths != {t}:
             result["ok"] = False
@@ -228,7 +235,8 @@ def section_decode(args) -> dict:
         if ratio < 0.9 and not args.tiny:  # faster than reading the weights once per step: timing or floor is wrong
             result["ok"] = False
             result.setdefault("problems", []).append(f"{engine}: {ratio:.2f}x the bandwidth floor is not physical")
-        result["engines"][engine] = dict(prefill_s=prefill, total_s=total, step_ms=step_ms, tokens_per_s=g * t / total, floor_ratio=ratio)
+        result["engines"][engine] = dict(prefill_runs=prefill_runs, total_runs=total_runs, step_ms=step_ms,
+                                         tokens_per_s=g * t / total, floor_ratio=ratio)
     return result
 
 
@@ -276,7 +284,8 @@ def section_sft(args) -> dict:
 
     step()  # warm-up
     sample = weight_sample(backbone.model)
-    seconds = sum(timed(step, device) for _ in range(args.steps)) / args.steps
+    step_runs = [timed(step, device) for _ in range(args.steps)]
+    seconds = Timing.of(step_runs).median
     tokens = int(batch["attention_mask"].sum())
     patches = int(batch["video_grid_thw"].prod(-1).sum())
     peak, kind = peak_flops(device)
@@ -285,7 +294,7 @@ def section_sft(args) -> dict:
     problems = [m for m, bad in (("loss not finite", not all(math.isfinite(x) for x in losses)),
                                  (f"only {moved:.1%} of the sampled float32 weights moved", moved < 0.5)) if bad]
     return dict(ok=not problems, problems=problems, architecture="tiny" if args.tiny else args.train_arch, tokens=tokens,
-                step_s=seconds, tokens_per_s=tokens / seconds, mfu=flops / seconds / peak, peak_kind=kind, peak_flops=peak,
+                step_runs=step_runs, tokens_per_s=tokens / seconds, mfu=flops / seconds / peak, peak_kind=kind, peak_flops=peak,
                 loss=losses[-1], moved=moved, memory=peak_bytes(device))
 
 
@@ -434,24 +443,27 @@ def render(results: dict[str, dict], header: str) -> tuple[list[str], bool]:
                          f"{r['group']} sequences x {r['new_tokens']} new tokens; floor {floor_ms:.2f} ms/step = "
                          f"{_gb(r['weight_bytes'])} of weights per step / {_gb(r['bandwidth'])}/s measured copy "
                          f"bandwidth (+ {_gb(r['kv_bytes_per_step'])} of KV cache per step on average)")
-            lines.append(f"{'':<9}{'engine':<10}{'prefill':>10}{'ms/step':>10}{'tokens/s':>11}{'x floor':>9}")
+            lines.append(f"{'':<9}{'engine':<10}{'prefill':>28}{'rollout':>28}{'ms/step':>10}{'tokens/s':>11}{'x floor':>9}"
+                         "   (times: median (min-max, n); the rest from the medians)")
             for engine, e in r["engines"].items():
-                lines.append(f"{'':<9}{engine:<10}{e['prefill_s']:>8.3f} s{e['step_ms']:>10.2f}{e['tokens_per_s']:>11.1f}{e['floor_ratio']:>9.2f}")
+                prefill, total = Timing.of(e["prefill_runs"]), Timing.of(e["total_runs"])
+                lines.append(f"{'':<9}{engine:<10}{prefill!s:>28}{total!s:>28}{e['step_ms']:>10.2f}{e['tokens_per_s']:>11.1f}"
+                             f"{e['floor_ratio']:>9.2f}")
         elif name == "sft":
             lines.append(f"{name:<8} {r['architecture']}, float32 master + bf16 autocast, checkpointing: 1 x {r['tokens']:,} tokens: "
-                         f"{r['step_s']:.3f} s/step, {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.3g} % "
+                         f"{Timing.of(r['step_runs'])} per step, {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.3g} % "
                          f"(of {r['peak_flops'] / 1e12:.0f} TFLOP/s, {r['peak_kind']}); loss {r['loss']:.3f}, "
                          f"{100 * r['moved']:.0f} % of sampled weights moved; peak {_gib(r['memory'][0])} ({r['memory'][1]})")
         elif name == "pagrpo":
             phases = " | ".join(f"{k} {v:.3f} s" for k, v in r["times"].items())
             lines.append(f"{name:<8} {r['architecture']}, 1 prompt of {r['prompt_tokens']:,} tokens x G {r['group']} x {r['new_tokens']}, "
                          f"shared prompt, {r['engine']} rollout, float32 master + bf16 autocast, checkpointing:")
-            lines.append(f"{'':<9}{phases} | whole step {sum(r['times'].values()):.3f} s")
+            lines.append(f"{'':<9}one timed step (n=1): {phases} | whole step {sum(r['times'].values()):.3f} s")
             lines.append(f"{'':<9}peak {_gib(r['memory'][0])} ({r['memory'][1]}); memory plan {_gib(r['plan_peak'])} "
                          f"(estimate; its exact part {_gib(r['plan_persistent'])}); loss {r['loss']:.5f}")
         else:
             lines.append(f"{name:<8} {r['overlay']} ({r['strategy']}, {r['precision']}), {r['architecture']}: {r['steps']} steps ran, "
-                         f"loss {r['loss']:.3f}, {r['step_s']:.3f} s/step, {100 * r['moved']:.0f} % of sampled weights moved, "
+                         f"loss {r['loss']:.3f}, last step {r['step_s']:.3f} s (n=1), {100 * r['moved']:.0f} % of sampled weights moved, "
                          f"peak {_gib(r['memory'][0])} ({r['memory'][1]})")
     failed = [name for name, r in results.items() if not r.get("ok")]
     lines.append(f"FAILED: {', '.join(failed)}" if failed else f"all {len(results)} sections passed")

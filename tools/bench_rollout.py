@@ -11,10 +11,10 @@ settings, in one run:
   (a)   the prompt G times in the batch, one ``generate`` (TRL's and Video-R1's way);
   (b)   ``generate(num_return_sequences=G)``: video encoded once, prompt prefilled G times.
 Every method generates exactly ``--new-tokens`` tokens per sample (end tokens are ignored), so
-the work compared is the same. Prints the median time of ``--repeats`` runs after one warm-up
-(the compiled engine compiles during its warm-up: that time is printed apart), the ratio of the
-two engines, and as its last line ``speedup: <x>``, ours with PA-GRPO's default engine
-(``rollout.engine``) against (a).
+the work compared is the same. Prints each method's median time over ``--repeats`` runs after one
+warm-up, with its range and the number of runs (the compiled engine compiles during its warm-up:
+that time is printed apart), the ratio of the two engines, and as its last line ``speedup: <x>``,
+ours with PA-GRPO's default engine (``rollout.engine``) against (a); every ratio is one of medians.
 """
 
 from __future__ import annotations
@@ -22,18 +22,37 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench_common import add_step_shape, bench_parser, median_seconds
+from bench_common import Timing, add_step_shape, bench_parser, interleaved_timings
 
 from p2r.algorithms.rollout import generate_groups
 from p2r.algorithms.settings import RolloutSettings
 from p2r.backbones import TinyQwen25VL
 from p2r.data.video import Clip
 
+EAGER, COMPILED = "ours, eager decoding", "ours, compiled decoding"
+WAY_A, WAY_B = "(a) prompt repeated G times in the batch", "(b) generate(num_return_sequences=G)"
+
+
+def report(timings: dict[str, Timing], compiling_s: float, default: str) -> list[str]:
+    """The lines after the header: one row per method (median, range, runs), then the ratios, all of
+    medians (one slow run must not move a headline), ``speedup: <x>`` (ours with the ``default``
+    engine against (a)) last."""
+    base = timings[COMPILED if default == "compiled" else EAGER].median
+    runs = timings[COMPILED].n
+    lines = [f"{'method':<44} {'per group: median (min-max, n)':<30} ratio of medians"]
+    lines += [f"{name:<44} {str(t):<30} {t.median / base:5.2f}x ours ({default})" for name, t in timings.items()]
+    return lines + [
+        f"compiled decoding: first rollout {compiling_s:.1f} s (compiling included), then {timings[COMPILED]} per group",
+        f"compiled vs eager: {timings[EAGER].median / timings[COMPILED].median:.2f}x (ratio of medians over {runs} runs)",
+        f"speedup over (b): {timings[WAY_B].median / base:.2f}",
+        f"speedup: {timings[WAY_A].median / base:.2f}",
+    ]
+
 
 def main() -> None:
     parser = bench_parser(__doc__)
     add_step_shape(parser, new_tokens=64)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median, range and count reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -73,23 +92,13 @@ def main() -> None:
     params = sum(p.numel() for p in backbone.model.parameters()) / 1e6
     print(f"model: Qwen2.5-VL from config, {params:.1f}M parameters, {device}, {torch.get_num_threads()} threads")
     print(f"prompt: {single['input_ids'].shape[1]} tokens ({vision_tokens} vision tokens); G = {g}; {n} new tokens each")
-    eager, compiled = "ours, eager decoding", "ours, compiled decoding"
-    way_a, way_b = "(a) prompt repeated G times in the batch", "(b) generate(num_return_sequences=G)"
-    warmup, timings = median_seconds({
-        eager: ours("eager"),
-        compiled: ours("compiled"),
-        way_a: repeated_batch,
-        way_b: num_return_sequences,
-    }, args.repeats)
-    default = RolloutSettings.engine
-    base = timings[compiled if default == "compiled" else eager]
-    for name, seconds in timings.items():
-        print(f"{name:<44} {seconds:8.3f} s per group   {seconds / base:5.2f}x ours ({default})")
-    print(f"compiled decoding: first rollout {warmup[compiled]:.1f} s (compiling included), "
-          f"then {timings[compiled]:.3f} s per group")
-    print(f"compiled vs eager: {timings[eager] / timings[compiled]:.2f}x")
-    print(f"speedup over (b): {timings[way_b] / base:.2f}")
-    print(f"speedup: {timings[way_a] / base:.2f}")
+    warmup, timings = interleaved_timings({
+        EAGER: ours("eager"),
+        COMPILED: ours("compiled"),
+        WAY_A: repeated_batch,
+        WAY_B: num_return_sequences,
+    }, args.repeats, device)
+    print("\n".join(report(timings, warmup[COMPILED], RolloutSettings.engine)))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ those of the prompt and video tokens.
 
 Each setting runs in its own process, which reports the peak memory its pass adds to what it held
 just before (CUDA: torch.cuda.max_memory_allocated; CPU: peak resident memory, reset through
-/proc/self/clear_refs, Linux only), the median time over ``--repeats`` passes after a warm-up,
+/proc/self/clear_refs, Linux only; the highest of ``--repeats`` passes after a warm-up), the time
+of every pass, printed as "median s (min-max, n=passes)" with the time ratio a ratio of medians,
 and the loss, which must agree between the two.
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench_common import bench_parser, resident_mib, timed
+from bench_common import Timing, bench_parser, resident_mib, timed
 
 from p2r.algorithms.rollout import LOGPROB_CHUNK_TOKENS
 from p2r.algorithms.sft import IGNORE_INDEX, chunked_lm_loss, masked_lm_loss
@@ -88,7 +88,7 @@ def child(method: str, length: int, args: argparse.Namespace) -> dict:
     for _ in range(args.repeats):
         seconds.append(timed(lambda: peaks.append(peak_of(run, device)), device))
         losses.append(peaks[-1][1])
-    return {"peak_mib": max(p for p, _ in peaks), "seconds": statistics.median(seconds), "loss": losses[-1]}
+    return {"peak_mib": max(p for p, _ in peaks), "seconds": seconds, "loss": losses[-1]}
 
 
 def measure(method: str, length: int, args: argparse.Namespace) -> dict:
@@ -100,13 +100,15 @@ def measure(method: str, length: int, args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[tuple[int, dict, dict]], chunk: int) -> list[str]:
-    """The Markdown table of (answer tokens, plain result, chunked result) rows, ratios plain / chunked."""
+    """The Markdown table of (answer tokens, plain result, chunked result) rows, ratios plain / chunked;
+    times as median (min-max, n) of every pass's seconds, the time ratio one of medians."""
     lines = [f"| answer tokens | peak, full logits | peak, chunks of {chunk} | memory ratio | time, full logits "
-             f"| time, chunks of {chunk} | time ratio |",
+             f"| time, chunks of {chunk} | time ratio (medians) |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for length, a, b in rows:
+        ta, tb = Timing.of(a["seconds"]), Timing.of(b["seconds"])
         lines.append(f"| {length:,} | {a['peak_mib']:,.0f} MiB | {b['peak_mib']:,.0f} MiB | {a['peak_mib'] / b['peak_mib']:.1f}x "
-                     f"| {a['seconds']:.2f} s | {b['seconds']:.2f} s | {a['seconds'] / b['seconds']:.2f}x |")
+                     f"| {ta} | {tb} | {ta.median / tb.median:.2f}x |")
     return lines
 
 
@@ -118,7 +120,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, help="hidden width H (default: 3584 on cuda, 512 on cpu)")
     parser.add_argument("--vocab", type=int, default=151936, help="vocabulary size V (Qwen2.5-VL-7B's: 151,936)")
     parser.add_argument("--chunk", type=int, default=LOGPROB_CHUNK_TOKENS, help="answer tokens per chunk (SFTModule's default)")
-    parser.add_argument("--repeats", type=int, default=3, help="measured passes per setting (median time, highest peak)")
+    parser.add_argument("--repeats", type=int, default=3, help="measured passes per setting (median and range of time, highest peak)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,7 +134,7 @@ def main() -> None:
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {args.threads} thread(s)"
     print(f"SFT loss head: Linear({args.hidden}, {args.vocab}) in bfloat16, batch 1, forward + backward; {where}; "
-          f"median of {args.repeats}")
+          f"{args.repeats} measured passes per setting: time median (min-max, n), highest peak")
     rows = []
     for length in args.lengths:
         plain, chunked = (measure(method, length, args) for method in METHODS)

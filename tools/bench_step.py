@@ -23,8 +23,10 @@ numbers. Each run is its own process, so its peak memory is its own: on CUDA
 ``torch.cuda.max_memory_allocated`` over the timed step; on CPU the peak resident set size of
 the process (``resource.getrusage``, ru_maxrss: Python, torch and the model included, so the
 figure before the step is printed too). The loss and gradient norm of both paths are printed as
-a check that they computed the same step. The last line is ``speedup: <x>``, per-sample time /
-shared time for the whole step.
+a check that they computed the same step. Every time is the median over ``--rounds`` with its
+range and count, "median s (min-max, n=rounds)", every ratio a ratio of medians (one slow round
+must not move a headline, as a mean lets it). The last line is ``speedup: <x>``: the per-sample
+path's median whole-step time / the shared path's.
 
 ``--trl`` adds TRL 1.16's ``GRPOTrainer`` (transformers ``generate``, no vLLM) on the same step:
 the same model weights (saved to a temporary folder, which TRL loads twice: policy and
@@ -35,7 +37,8 @@ image, which gives the same number of vision tokens (a video's 2 frames share on
 an image fills both). The loss is the per-sequence mean on both sides (TRL ``loss_type="grpo"``,
 p2r ``sequence_mean``) and neither runs an old-policy pass. Rewards are seeded random numbers.
 ``--rounds`` repeats every run in alternating order (p2r, TRL, TRL, p2r, ...) so that a loaded
-machine slows both alike; each row is the mean over rounds, with every round's time listed.
+machine slows both alike; each row is the median over rounds with its range and count, every
+round's time listed beside it, and the "vs TRL" ratios are ratios of medians.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench_common import add_step_shape, bench_parser, peak_rss_mib, synchronize
+from bench_common import Timing, add_step_shape, bench_parser, peak_rss_mib, synchronize
 
 from p2r.algorithms.pagrpo import micro_batches, micro_weight
 from p2r.algorithms.policy_loss import AGGREGATION_MODES, pagrpo_loss
@@ -355,6 +358,41 @@ def step_seconds(result: dict) -> float:
     return result["step_s"] if "step_s" in result else sum(result["times"].values())
 
 
+def report(runs: dict[str, list[dict]]) -> list[str]:
+    """The lines after the header, from every round's result of each path: per phase and for the whole
+    step the median (min-max, n) of both paths and the ratio of medians; each path's loss, gradient
+    norm and highest peak memory; with a "trl" path its table and ratios; ``speedup: <x>`` last."""
+    rounds = len(runs["shared"])
+    step = {p: Timing.of(step_seconds(x) for x in results) for p, results in runs.items()}
+    lines = [f"median (min-max, n) over {rounds} round(s); ratios of medians",
+             f"{'phase':<26}{'per-sample':>30}{'shared':>30}{'ratio':>9}"]
+    for phase in PHASES:
+        a, b = (Timing.of(x["times"].get(phase, 0.0) for x in runs[p]) for p in PATHS)
+        lines.append(f"{phase:<26}{a!s:>30}{b!s:>30}{a.median / b.median:>8.2f}x" if b.median
+                     else f"{phase:<26}{'not run':>30}{'not run':>30}")
+    ratio = step["per-sample"].median / step["shared"].median
+    lines.append(f"{'whole step':<26}{step['per-sample']!s:>30}{step['shared']!s:>30}{ratio:>8.2f}x")
+    for p in PATHS:
+        r = runs[p][-1]
+        mem = max(x["memory"]["peak_mib"] for x in runs[p])
+        extra = f" (before the step {r['memory']['before_mib']:.0f} MiB)" if "before_mib" in r["memory"] else ""
+        lines.append(f"{p:<11} loss {r['loss']:.6f}  grad norm {r['grad_norm']:.6f}  peak memory {mem:.0f} MiB{extra} "
+                     f"[{r['memory']['kind']}; highest of {rounds} round(s)]")
+    if "trl" in runs:
+        trl = runs["trl"]
+        lines.append(f"TRL 1.16 GRPOTrainer (transformers generate; every second frame as an image: {trl[0]['vision_tokens']} "
+                     "vision tokens), same model, question, G, completion length, beta and per-sequence loss:")
+        lines.append(f"{'run':<16}{'whole step':>30}{'generation':>30}{'peak memory':>14}   rounds")
+        for p, label in (("shared", "p2r shared"), ("per-sample", "p2r per-sample"), ("trl", "TRL")):
+            gen = Timing.of(x["generate_s"] if p == "trl" else x["times"]["rollout"] for x in runs[p])
+            mem = max(x["memory"]["peak_mib"] for x in runs[p])
+            each = ", ".join(f"{step_seconds(x):.2f}" for x in runs[p])
+            lines.append(f"{label:<16}{step[p]!s:>30}{gen!s:>30}{mem:>10.0f} MiB   {each} s")
+        lines.append(f"vs TRL: {step['trl'].median / step['shared'].median:.2f}x faster (shared prompt), "
+                     f"{step['trl'].median / step['per-sample'].median:.2f}x (per-sample); ratios of medians over {rounds} rounds")
+    return lines + [f"speedup: {ratio:.2f}"]
+
+
 def main() -> None:
     parser = bench_parser(__doc__)
     add_step_shape(parser, new_tokens=128)
@@ -372,7 +410,8 @@ def main() -> None:
                         help="loss aggregation (--trl uses sequence_mean, TRL's loss_type='grpo')")
     parser.add_argument("--no-old-policy", action="store_true", help="skip the old-policy pass (PAGRPOModule at num_iterations 1)")
     parser.add_argument("--trl", action="store_true", help="also time TRL 1.16's GRPOTrainer on the same step (needs trl: the bench extra)")
-    parser.add_argument("--rounds", type=int, default=None, help="runs per path in alternating order (default 1; 2 with --trl)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="runs per path in alternating order (default 1; 2 with --trl); medians and ranges over them")
     parser.add_argument("--engine", default=RolloutSettings.engine, choices=rollout_engines(),
                         help="rollout decode engine (default: p2r's, model.init_args.rollout.engine)")
     parser.add_argument("--warmup", type=int, default=None,
@@ -397,7 +436,6 @@ def main() -> None:
     for r in range(rounds):
         for path in paths if r % 2 == 0 else reversed(paths):
             runs[path].append(run_round(path))
-    mean = {p: sum(step_seconds(x) for x in runs[p]) / rounds for p in paths}
     first = runs["shared"][0]
     print(f"model: Qwen2.5-VL from config, {first['params_m']:.1f}M parameters (hidden {args.hidden}, {args.layers} layers), "
           f"{first['device']} {args.dtype} {args.attn}, {first['threads']} threads, "
@@ -405,28 +443,7 @@ def main() -> None:
     print(f"step: {args.prompts} prompt(s) of {first['prompt_tokens']} tokens ({first['vision_tokens']} vision) x G = "
           f"{args.group_size}, {args.new_tokens} new tokens each, micro-batch {args.micro_batch} rows, loss {args.loss}, "
           f"{args.engine} decoding, warm-up steps {args.warmup}, rounds {rounds}")
-    print(f"{'phase':<26}{'per-sample':>12}{'shared':>12}{'ratio':>9}")
-    for phase in PHASES:
-        a, b = (sum(x["times"].get(phase, 0.0) for x in runs[p]) / rounds for p in PATHS)
-        print(f"{phase:<26}{a:>10.3f} s{b:>10.3f} s{a / b:>8.2f}x" if b else f"{phase:<26}{'not run':>12}{'not run':>12}")
-    print(f"{'whole step':<26}{mean['per-sample']:>10.3f} s{mean['shared']:>10.3f} s{mean['per-sample'] / mean['shared']:>8.2f}x")
-    for p in PATHS:
-        r = runs[p][-1]
-        mem = max(x["memory"]["peak_mib"] for x in runs[p])
-        extra = f" (before the step {r['memory']['before_mib']:.0f} MiB)" if "before_mib" in r["memory"] else ""
-        print(f"{p:<11} loss {r['loss']:.6f}  grad norm {r['grad_norm']:.6f}  peak memory {mem:.0f} MiB{extra} [{r['memory']['kind']}]")
-    if args.trl:
-        trl = runs["trl"]
-        print(f"TRL 1.16 GRPOTrainer (transformers generate; every second frame as an image: {trl[0]['vision_tokens']} vision tokens), "
-              "same model, question, G, completion length, beta and per-sequence loss:")
-        print(f"{'run':<16}{'whole step':>12}{'generation':>12}{'peak memory':>14}   rounds")
-        for p, label in (("shared", "p2r shared"), ("per-sample", "p2r per-sample"), ("trl", "TRL")):
-            gen = sum(x["generate_s"] if p == "trl" else x["times"]["rollout"] for x in runs[p]) / rounds
-            mem = max(x["memory"]["peak_mib"] for x in runs[p])
-            each = ", ".join(f"{step_seconds(x):.2f}" for x in runs[p])
-            print(f"{label:<16}{mean[p]:>10.3f} s{gen:>10.3f} s{mem:>10.0f} MiB   {each} s")
-        print(f"vs TRL: {mean['trl'] / mean['shared']:.2f}x faster (shared prompt), {mean['trl'] / mean['per-sample']:.2f}x (per-sample)")
-    print(f"speedup: {mean['per-sample'] / mean['shared']:.2f}")
+    print("\n".join(report(runs)))
 
 
 if __name__ == "__main__":

@@ -98,18 +98,23 @@ def test_cpu_tiny_run_prints_every_section_and_exits_zero(tiny_run):
     out = proc.stdout
     lines = out.strip().splitlines()
     assert lines[0].startswith("bench_gpu: CPU") and lines[-1] == "all 5 sections passed"
-    # decode: the eager row has prefill, ms/step, tokens/s and the ratio to the bandwidth floor
-    # (on the tiny model a decode step is within the timing noise: ms/step may even come out negative)
-    assert re.search(r"^\s+eager\s+[\d.]+ s\s+-?[\d.]+\s+[\d.]+\s+-?[\d.]+$", out, re.M), out
+    # decode: the eager row has prefill and rollout times as median (min-max, n=3), then ms/step,
+    # tokens/s and the ratio to the bandwidth floor from the medians (on the tiny model a decode
+    # step is within the timing noise: ms/step may even come out negative)
+    timing = r"[\d.]+ s \([\d.]+-[\d.]+, n=3\)"
+    assert re.search(rf"^\s+eager\s+{timing}\s+{timing}\s+-?[\d.]+\s+[\d.]+\s+-?[\d.]+$", out, re.M), out
     assert "8 sequences x 16 new tokens; floor" in out, out
     compiled = re.search(r"^\s+compiled\s+(.*)$", out, re.M).group(1)
-    assert re.fullmatch(r"[\d.]+ s\s+-?[\d.]+\s+[\d.]+\s+-?[\d.]+", compiled), out
-    assert re.search(r"^sft .* tokens/s, MFU [\d.e+-]+ % .*(9\d|100) % of sampled weights moved", out, re.M), out
+    assert re.fullmatch(rf"{timing}\s+{timing}\s+-?[\d.]+\s+[\d.]+\s+-?[\d.]+", compiled), out
+    assert re.search(r"^sft .*: [\d.]+ s \([\d.]+-[\d.]+, n=2\) per step, [\d,]+ tokens/s, MFU [\d.e+-]+ % "
+                     r".*(9\d|100) % of sampled weights moved", out, re.M), out
     assert re.search(r"^pagrpo .*G 8 x 16, shared prompt", out, re.M), out
-    assert re.search(r"rollout [\d.]+ s \| reference log-probs [\d.]+ s \| policy forward\+backward [\d.]+ s \| optimizer step [\d.]+ s \| whole step", out), out
+    assert re.search(r"one timed step \(n=1\): rollout [\d.]+ s \| reference log-probs [\d.]+ s \| "
+                     r"policy forward\+backward [\d.]+ s \| optimizer step [\d.]+ s \| whole step", out), out
     assert re.search(r"memory plan [\d.]+ [MG]iB \(estimate", out), out
     assert "fsdp1    skipped: configs/strategy/fsdp.yaml needs CUDA" in out, out
-    assert re.search(r"^fsdp2 .*FSDP2Strategy.*: 2 steps ran, loss [\d.]+, .*(9\d|100) % of sampled weights moved", out, re.M), out
+    assert re.search(r"^fsdp2 .*FSDP2Strategy.*: 2 steps ran, loss [\d.]+, last step [\d.]+ s \(n=1\), "
+                     r"(9\d|100) % of sampled weights moved", out, re.M), out
 
 
 def _closure(roots) -> set[str]:
