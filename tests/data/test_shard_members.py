@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import tracemalloc
 from pathlib import Path
 
@@ -14,17 +13,13 @@ import pytest
 
 from p2r.data.shard_reader import TarMember, Unusable, media_bytes, shard_items
 from p2r.data.video import FrameSampling, MediaError, decode_image, decode_video
+from test_datamodule import write_tar  # tests/data is on sys.path (pytest rootdir import)
 
 FRAMES = FrameSampling(fps=2.0, min_frames=4, max_frames=4, max_pixels=64 * 64)
 
 
 def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    return Path(write_tar(path, members))
 
 
 def record(key: str) -> bytes:
