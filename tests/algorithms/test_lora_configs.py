@@ -75,10 +75,10 @@ def test_pagrpo_with_the_overlay_starts_from_a_full_sft_checkpoint(full_sft, kin
     sft = torch.load(work / "runs/sft/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     cli = main(["fit", "--config", f"{ROOT}/configs/pagrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml", *overlay(kind),
                 *SIZES, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=2",
-                "--model.init_args.rollout.max_completion_length=10", VARIED_REWARD])
+                "--model.init_args.rollout.max_completion_length=10", VARIED_REWARD, f"--trainer.default_root_dir=runs/pagrpo_{kind}"])
     module = cli.model
     assert module.reference.model is None  # the reference is the adapters switched off
-    rows = list(csv.DictReader(open(next((work / "runs/pagrpo/logs").glob("version_*/metrics.csv")))))
+    rows = list(csv.DictReader(open(next((work / f"runs/pagrpo_{kind}/logs").glob("version_*/metrics.csv")))))
     kl = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
     assert kl and kl[0] == pytest.approx(0.0, abs=1e-6)
 
@@ -108,7 +108,7 @@ def test_pagrpo_after_a_lora_sft_starts_from_the_merged_sft_model(full_sft, monk
     main(["fit", "--config", f"{ROOT}/configs/sft.yaml", "--config", f"{ROOT}/configs/tiny.yaml", *overlay("lora"),
           *SIZES, *data, "--trainer.max_steps=2", "--trainer.default_root_dir=runs/sft_lora", "--trainer.logger=false",
           "--trainer.callbacks=[{\"class_path\": \"lightning.pytorch.callbacks.ModelCheckpoint\", "
-          "\"init_args\": {\"dirpath\": \"runs/sft_lora/checkpoints\", \"save_last\": true}}]"])
+          "\"init_args\": {\"save_last\": true}}]"])  # no LearningRateMonitor: it needs a logger
     ckpt = torch.load(work / "runs/sft_lora/checkpoints/last.ckpt", weights_only=True)
     stored = ckpt["p2r_backbone"]["lora"]
     assert stored["r"] == 4 and stored["alpha"] == 128  # the overlay's alpha, the test's rank
@@ -121,9 +121,10 @@ def test_pagrpo_after_a_lora_sft_starts_from_the_merged_sft_model(full_sft, monk
     cli = main(["fit", "--config", f"{ROOT}/configs/pagrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml", *overlay("lora"),
                 *SIZES, *data, "--trainer.max_steps=1", "--model.init_args.rollout.group_size=2",
                 "--model.init_args.rollout.max_completion_length=8", VARIED_REWARD,
-                "--model.init_args.backbone.init_args.weights_from=runs/sft_lora/checkpoints/last.ckpt"])
+                "--model.init_args.backbone.init_args.weights_from=runs/sft_lora/checkpoints/last.ckpt",
+                "--trainer.default_root_dir=runs/pagrpo_after_lora_sft"])
     base_q = cli.model.backbone.model.get_base_model().model.language_model.layers[0].self_attn.q_proj.base_layer.weight
     torch.testing.assert_close(base_q.detach().cpu(), merged_q, atol=1e-6, rtol=0)
-    newest = max((work / "runs/pagrpo/logs").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    newest = next((work / "runs/pagrpo_after_lora_sft/logs").glob("version_*/metrics.csv"))
     kl = [float(r["train/kl"]) for r in csv.DictReader(open(newest)) if r.get("train/kl")]
     assert kl == [pytest.approx(0.0, abs=1e-6)]

@@ -205,8 +205,8 @@ def test_reference_equals_the_starting_policy(tiny_sft, monkeypatch):
     monkeypatch.chdir(work)
     cli = main(["fit", "--config", f"{ROOT}/configs/pagrpo.yaml", "--config", f"{ROOT}/configs/tiny.yaml",
                 *SMALL, *data, "--trainer.max_steps=1", "--model.init_args.rollout.group_size=2",
-                "--model.init_args.rollout.max_completion_length=8"])
-    rows = _metrics(next(iter(sorted((work / "runs/pagrpo/logs").glob("version_*/metrics.csv"))[-1:])))
+                "--model.init_args.rollout.max_completion_length=8", "--trainer.default_root_dir=runs/pagrpo_reference"])
+    rows = _metrics(next((work / "runs/pagrpo_reference/logs").glob("version_*/metrics.csv")))
     kl = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
     assert kl and kl[0] == pytest.approx(0.0, abs=1e-6)
     ref = cli.model.reference.model
@@ -242,8 +242,8 @@ def test_shared_prompt_and_per_sample_passes_give_the_same_step(tiny_sft, monkey
               *SMALL, *data, "--trainer.max_steps=2", "--model.init_args.rollout.group_size=3",
               "--model.init_args.rollout.max_completion_length=10", "--model.init_args.micro_batch_size=3",
               "--model.init_args.num_iterations=2", "--model.init_args.lr=1e-3", f"--model.init_args.shared_prompt={shared}",
-              "--trainer.callbacks+=varied_rewards.TokenSumReward"])
-        rows = _metrics(sorted((work / "runs/pagrpo/logs").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)[-1])
+              "--trainer.callbacks+=varied_rewards.TokenSumReward", f"--trainer.default_root_dir=runs/pagrpo_shared_{shared}"])
+        rows = _metrics(next((work / f"runs/pagrpo_shared_{shared}/logs").glob("version_*/metrics.csv")))
         logged[shared] = {k: float(v) for r in rows for k, v in r.items() if v and k.startswith("train/") and k != "train/lr"}
     assert logged["true"].keys() == logged["false"].keys() and "train/loss" in logged["true"]
     # The second update saw a policy that had moved (measured: ratio_max 1.056, KL 1e-3): the loss read the log-probs.
