@@ -29,6 +29,7 @@ set it came from) and ``sample.record.id`` (unique within that set), to route an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 
@@ -38,6 +39,26 @@ class Generation(NamedTuple):
     max_new_tokens: int
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+
+
+def generate_by_setting(settings: list[Generation | None], generate: Callable[[list[int], dict[str, Any]], list[str]]) -> list[str]:
+    """Outputs in input order, where inputs asking for different decoding settings are generated in
+    separate calls: ``generate(indexes, kwargs)`` answers the inputs at ``indexes``, with ``kwargs``
+    ``{}`` for None (the module's own settings) or ``{"generation": setting}``. One call per
+    setting, in first-seen order.
+
+    >>> calls = []
+    >>> generate_by_setting([None, Generation(8), None], lambda i, kw: calls.append((i, kw)) or [f"out{j}" for j in i])
+    ['out0', 'out1', 'out2']
+    >>> calls
+    [([0, 2], {}), ([1], {'generation': Generation(max_new_tokens=8, temperature=0.0, top_p=1.0)})]
+    """
+    outputs = [""] * len(settings)
+    for setting in dict.fromkeys(settings):
+        index = [i for i, x in enumerate(settings) if x == setting]
+        for i, text in zip(index, generate(index, {} if setting is None else {"generation": setting})):
+            outputs[i] = text
+    return outputs
 
 
 class Scored(NamedTuple):

@@ -49,7 +49,7 @@ from typing import Any
 import lightning as L
 from tqdm import tqdm
 
-from callbacks.evaluation.adapter import BenchmarkAdapter
+from callbacks.evaluation.adapter import BenchmarkAdapter, generate_by_setting
 from callbacks.evaluation.analysis import Analysis, Item, reading_of
 from callbacks.evaluation.metric import BenchmarkScores, Key
 from callbacks.evaluation.report import (
@@ -318,14 +318,8 @@ class BenchmarkEvaluation(L.Callback):
         """Outputs in sample order; samples whose adapters prescribe different decoding settings are
         generated in separate calls (``generation=None``: the module's own settings)."""
         settings = [a.generation(s) if hasattr(a, "generation") else None for a, s in zip(adapters, samples)]
-        outputs: list[str] = [""] * len(samples)
-        for setting in dict.fromkeys(settings):
-            index = [i for i, x in enumerate(settings) if x == setting]
-            kwargs = {} if setting is None else {"generation": setting}
-            texts = pl_module.generate_answers([samples[i] for i in index], [prompts[i] for i in index], **kwargs)
-            for i, text in zip(index, texts):
-                outputs[i] = text
-        return outputs
+        return generate_by_setting(settings, lambda index, kwargs: pl_module.generate_answers(
+            [samples[i] for i in index], [prompts[i] for i in index], **kwargs))
 
     def _aggregate(self, benchmark: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """The adapter's figure from its predictions lines, else the mean over metric families."""

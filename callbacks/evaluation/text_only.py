@@ -36,7 +36,7 @@ import string
 from typing import Any
 
 from callbacks.chat_client import ChatModel
-from callbacks.evaluation.adapter import Generation
+from callbacks.evaluation.adapter import Generation, generate_by_setting
 from callbacks.evaluation.analysis import Figure, Item, mean_se, reading_of
 from callbacks.evaluation.report import as_percent
 from callbacks.segments import split_segments
@@ -74,13 +74,8 @@ class ModuleTextAnswerer:
         if hook is None:
             raise TypeError(f"ModuleTextAnswerer needs the module's generate_text(prompts, generation=None) hook, which "
                             f"{type(pl_module).__name__} lacks; configure an OpenAIChatAnswerer instead")
-        replies: list[Reply] = [(None, "not asked")] * len(prompts)
-        for setting in dict.fromkeys(generations):  # one call per decoding setting, in first-seen order
-            index = [i for i, g in enumerate(generations) if g == setting]
-            kwargs = {} if setting is None else {"generation": setting}
-            for i, text in zip(index, hook([prompts[i] for i in index], **kwargs)):
-                replies[i] = (text, None)
-        return replies
+        texts = generate_by_setting(generations, lambda index, kwargs: hook([prompts[i] for i in index], **kwargs))
+        return [(text, None) for text in texts]
 
 
 class OpenAIChatAnswerer(ChatModel):
