@@ -43,6 +43,7 @@ A file that no decoder can read raises :class:`MediaError` naming the sample and
 from __future__ import annotations
 
 import bisect
+import contextlib
 import io
 import logging
 import math
@@ -51,10 +52,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 from PIL import Image
+
+from p2r.data.shard_reader import TarMember
 
 log = logging.getLogger(__name__)
 
@@ -489,24 +492,19 @@ def _warn_once(name: str, notes: list[str]) -> None:
             log.warning("%s: %s", name, note)
 
 
-def _source(data: Any, decoder: str) -> Any:
+def _source(data: bytes | str | Path | TarMember, decoder: str) -> BinaryIO | str:
     """What ``decoder`` reads ``data`` from: bytes through a BytesIO (which shares the buffer, no copy;
     each decoder gets its own read position), a path as text, and a shard member
     (:class:`p2r.data.shard_reader.TarMember`) in place for PyAV, whole for decord (which reads
     whole anyway)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         return io.BytesIO(data)
-    if _is_member(data):
+    if isinstance(data, TarMember):
         return data.open() if decoder == "pyav" else io.BytesIO(data.bytes())
     return str(data)
 
 
-def _is_member(data: Any) -> bool:
-    """Whether ``data`` is a shard member left in its file (duck-typed: video.py never imports the reader)."""
-    return hasattr(data, "open") and hasattr(data, "bytes")
-
-
-def decode_video(data: bytes | str | Path | Any, cfg: FrameSampling, name: str = "video") -> Clip:
+def decode_video(data: bytes | str | Path | TarMember, cfg: FrameSampling, name: str = "video") -> Clip:
     """Decode a video from bytes, a path or a shard member, sample its frames by time and resize them.
 
     The decoders in ``cfg.decoders`` are tried in order; a file found broken (:class:`BrokenMedia`:
@@ -534,12 +532,16 @@ def decode_video(data: bytes | str | Path | Any, cfg: FrameSampling, name: str =
     raise MediaError(f"{name}: cannot decode video: {reasons[0] if reasons else 'no decoder configured'}")
 
 
-def decode_image(data: bytes | str | Any, cfg: FrameSampling, name: str = "image") -> Clip:
+def decode_image(data: bytes | str | TarMember, cfg: FrameSampling, name: str = "image") -> Clip:
     """Decode an image (bytes, a path or a shard member) into a one-frame clip, resized to the pixel budget."""
     try:
-        source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data.open() if _is_member(data) else data
-        with Image.open(source) as img:
-            frame = np.asarray(img.convert("RGB"))
+        with contextlib.ExitStack() as stack:  # closes a shard member's file (PIL leaves a given file open)
+            if isinstance(data, TarMember):
+                source = stack.enter_context(data.open())
+            else:
+                source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+            with Image.open(source) as img:
+                frame = np.asarray(img.convert("RGB"))
     except Exception as err:  # PIL raises UnidentifiedImageError, OSError, ...
         raise MediaError(f"{name}: cannot decode image ({type(err).__name__}: {str(err)[:200]})") from err
     return Clip(resize_frames(frame[None], cfg), fps=1.0, frame_indices=[0], total_frames=1, is_image=True)
